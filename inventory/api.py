@@ -1,0 +1,548 @@
+"""HTTP API: the only module that knows HTTP. Handlers are thin: check the token, parse,
+call the service, encode. Every error leaves through :func:`error_response` in the
+spec's shape ``{"error": {"code", "message", "details"}}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from .domain import (
+    Contention,
+    InventoryError,
+    NotFound,
+    RequestedLine,
+    Reservation,
+    ReservationStatus,
+    StockLevel,
+    Unavailable,
+    ValidationFailed,
+    Warehouse,
+    WarehouseStatus,
+    is_product_id,
+    is_warehouse_id,
+)
+from .schemas import (
+    AdjustmentIn,
+    ErrorBody,
+    ErrorOut,
+    ExtendIn,
+    LevelOut,
+    MovementOut,
+    MovementsOut,
+    ProductStockOut,
+    ReservationLineOut,
+    ReservationOut,
+    ReserveIn,
+    SetQuantityIn,
+    StockListOut,
+    WarehouseIn,
+    WarehouseOut,
+    WarehousesOut,
+    decode,
+)
+from .service import Idempotency, InventoryService, Replay
+from .store import body_hash
+
+__all__ = [
+    "MAX_BODY",
+    "Auth",
+    "Forbidden",
+    "MethodNotAllowed",
+    "PayloadTooLarge",
+    "RouteDoc",
+    "Unauthorized",
+    "api_routes",
+    "bearer",
+    "error_response",
+    "json_response",
+    "status_for",
+]
+
+MAX_BODY = 64 * 1024
+MAX_STOCK_QUERY = 500
+MAX_PAGE = 1000
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+class Unauthorized(InventoryError):
+    code = "unauthorized"
+
+
+class Forbidden(InventoryError):
+    code = "forbidden"
+
+
+class PayloadTooLarge(InventoryError):
+    code = "payload_too_large"
+
+
+class MethodNotAllowed(InventoryError):
+    code = "method_not_allowed"
+
+
+_STATUS = {
+    "validation_error": 422,
+    "invalid_json": 400,
+    "payload_too_large": 413,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
+    "insufficient_stock": 409,
+    "version_conflict": 409,
+    "warehouse_unavailable": 409,
+    "invalid_state": 409,
+    "conflict": 409,
+    "idempotency_key_reused": 422,
+    "contention": 503,
+    "unavailable": 503,
+}
+
+
+def status_for(exc: InventoryError) -> int:
+    return _STATUS.get(exc.code, 500)
+
+
+def json_response(
+    payload: Any, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        msgspec.json.encode(payload), status_code, headers, media_type="application/json"
+    )
+
+
+def _error_bytes(exc: InventoryError) -> bytes:
+    return msgspec.json.encode(ErrorOut(ErrorBody(exc.code, exc.message, exc.details)))
+
+
+def error_response(exc: InventoryError) -> Response:
+    headers = {}
+    if isinstance(exc, Contention | Unavailable):
+        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return Response(_error_bytes(exc), status_for(exc), headers, media_type="application/json")
+
+
+# --- authentication -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """Bearer tokens with scopes; empty ``tokens`` means authentication is off.
+
+    Tokens are kept only as SHA-256 digests and compared with :func:`hmac.compare_digest`
+    against every configured digest, so timing says nothing about which one is close.
+    """
+
+    tokens: dict[str, frozenset[str]]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens)
+
+    def scopes_for(self, token: str | None) -> tuple[str, frozenset[str]] | None:
+        if token is None:
+            return None
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        found = None
+        for known, scopes in self.tokens.items():
+            if hmac.compare_digest(known, digest):
+                found = (known, scopes)
+        return found
+
+    def check(self, token: str | None, scope: str) -> str:
+        """The caller's identity (token digest; ``""`` when auth is off) or an error."""
+        if not self.enabled:
+            return ""
+        match = self.scopes_for(token)
+        if match is None:
+            raise Unauthorized("a valid bearer token is required")
+        if scope not in match[1]:
+            raise Forbidden(f"this token lacks the {scope!r} scope")
+        return match[0]
+
+
+def bearer(headers: Any) -> str | None:
+    value: str | None = headers.get("authorization")
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip() or None
+    return None
+
+
+# --- request helpers ------------------------------------------------------------------
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refusing more than :data:`MAX_BODY` bytes without reading them all."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+        raise PayloadTooLarge(f"the body exceeds {MAX_BODY} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise PayloadTooLarge(f"the body exceeds {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _product_id(request: Request) -> str:
+    value: str = request.path_params["product_id"]
+    if not is_product_id(value):
+        raise ValidationFailed(
+            "product_id must be 1-128 of [A-Za-z0-9._:-]", {"field": "product_id"}
+        )
+    return value
+
+
+def _warehouse_id(request: Request) -> str:
+    value: str = request.path_params["warehouse_id"]
+    if not is_warehouse_id(value):
+        raise ValidationFailed(
+            "warehouse_id must be 1-64 of [A-Za-z0-9._-]", {"field": "warehouse_id"}
+        )
+    return value
+
+
+def _reservation_id(request: Request) -> UUID:
+    try:
+        return UUID(request.path_params["reservation_id"])
+    except ValueError:
+        raise ValidationFailed("reservation id must be a UUID", {"field": "id"}) from None
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not re.fullmatch(r"-?\d{1,19}", raw) or not lo <= int(raw) <= hi:
+        raise ValidationFailed(f"{name} must be an integer from {lo} to {hi}", {"field": name})
+    return int(raw)
+
+
+# --- presentation ---------------------------------------------------------------------
+
+
+def warehouse_out(w: Warehouse) -> WarehouseOut:
+    return WarehouseOut(w.id, w.name, w.location, w.status.value)
+
+
+def level_out(lv: StockLevel) -> LevelOut:
+    return LevelOut(
+        lv.warehouse_id, lv.quantity, lv.reserved, lv.available, lv.version, lv.updated_at
+    )
+
+
+def product_stock(
+    product_id: str, levels: list[StockLevel], warehouses: dict[str, Warehouse]
+) -> ProductStockOut:
+    return ProductStockOut(
+        product_id,
+        sum(lv.quantity for lv in levels),
+        sum(lv.reserved for lv in levels),
+        sum(lv.available for lv in levels),
+        sum(lv.available for lv in levels if warehouses[lv.warehouse_id].can_allocate),
+        [level_out(lv) for lv in levels],
+    )
+
+
+def reservation_out(r: Reservation) -> ReservationOut:
+    return ReservationOut(
+        r.id,
+        r.status.value,
+        [ReservationLineOut(x.product_id, x.warehouse_id, x.quantity) for x in r.lines],
+        r.reference,
+        r.created_at,
+        r.expires_at,
+    )
+
+
+# --- handlers -------------------------------------------------------------------------
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Handlers:
+    """The route handlers, bound to one authenticator and the process's service.
+
+    The service is looked up per request: routes are built before the lifespan has
+    opened the database pool the service needs.
+    """
+
+    def __init__(self, get_service: Callable[[], InventoryService], auth: Auth) -> None:
+        self._get_service = get_service
+        self.auth = auth
+
+    @property
+    def service(self) -> InventoryService:
+        return self._get_service()
+
+    def _identity(self, request: Request, scope: str) -> str:
+        return self.auth.check(bearer(request.headers), scope)
+
+    async def put_warehouse(self, request: Request) -> Response:
+        self._identity(request, "admin")
+        warehouse_id = _warehouse_id(request)
+        body, _ = decode(await read_body(request), WarehouseIn)
+        warehouse, created = await self.service.put_warehouse(
+            Warehouse(warehouse_id, body.name, body.location, WarehouseStatus(body.status))
+        )
+        return json_response(warehouse_out(warehouse), 201 if created else 200)
+
+    async def list_warehouses(self, request: Request) -> Response:
+        self._identity(request, "read")
+        found = await self.service.list_warehouses()
+        return json_response(WarehousesOut([warehouse_out(w) for w in found]))
+
+    async def get_warehouse(self, request: Request) -> Response:
+        self._identity(request, "read")
+        return json_response(
+            warehouse_out(await self.service.get_warehouse(_warehouse_id(request)))
+        )
+
+    async def product_stock(self, request: Request) -> Response:
+        self._identity(request, "read")
+        product_id = _product_id(request)
+        levels, warehouses = await self.service.stock([product_id])
+        if not levels:
+            raise NotFound(f"product {product_id} has no stock", {"product_id": product_id})
+        return json_response(product_stock(product_id, levels, warehouses))
+
+    async def stock_list(self, request: Request) -> Response:
+        self._identity(request, "read")
+        raw = request.query_params.get("product_ids", "")
+        ids = list(dict.fromkeys(x for x in raw.split(",") if x))
+        if not ids:
+            raise ValidationFailed("product_ids is required", {"field": "product_ids"})
+        if len(ids) > MAX_STOCK_QUERY:
+            raise ValidationFailed(
+                f"at most {MAX_STOCK_QUERY} product_ids", {"field": "product_ids"}
+            )
+        bad = [x for x in ids if not is_product_id(x)]
+        if bad:
+            raise ValidationFailed(f"invalid product id {bad[0][:140]!r}", {"field": "product_ids"})
+        levels, warehouses = await self.service.stock(ids)
+        by_product: dict[str, list[StockLevel]] = {}
+        for lv in levels:
+            by_product.setdefault(lv.product_id, []).append(lv)
+        return json_response(
+            StockListOut(
+                [product_stock(p, by_product[p], warehouses) for p in ids if p in by_product],
+                [p for p in ids if p not in by_product],
+            )
+        )
+
+    async def adjust(self, request: Request) -> Response:
+        self._identity(request, "admin")
+        product_id, warehouse_id = _product_id(request), _warehouse_id(request)
+        body, _ = decode(await read_body(request), AdjustmentIn)
+        if body.delta == 0:
+            raise ValidationFailed("delta must not be 0", {"field": "delta"})
+        level = await self.service.change_stock(
+            product_id, warehouse_id, delta=body.delta, reason=body.reason,
+            expected_version=body.expected_version,
+        )  # fmt: skip
+        return json_response(level_out(level))
+
+    async def set_quantity(self, request: Request) -> Response:
+        self._identity(request, "admin")
+        product_id, warehouse_id = _product_id(request), _warehouse_id(request)
+        body, _ = decode(await read_body(request), SetQuantityIn)
+        level = await self.service.change_stock(
+            product_id, warehouse_id, quantity=body.quantity, reason=body.reason,
+            expected_version=body.expected_version,
+        )  # fmt: skip
+        return json_response(level_out(level))
+
+    async def movements(self, request: Request) -> Response:
+        self._identity(request, "read")
+        product_id = _product_id(request)
+        after = _int_param(request, "after", 0, 0, 2**63 - 1)
+        limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
+        page = await self.service.movements(product_id, after, limit)
+        items = [MovementOut(**m) for m in page]
+        next_after = items[-1].id if len(items) == limit else None
+        return json_response(MovementsOut(items, next_after))
+
+    async def reserve(self, request: Request) -> Response:
+        identity = self._identity(request, "reserve")
+        key = request.headers.get("idempotency-key")
+        if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
+            raise ValidationFailed(
+                "Idempotency-Key must be 1-255 printable ASCII characters",
+                {"field": "Idempotency-Key"},
+            )
+        body, raw = decode(await read_body(request), ReserveIn)
+        idempotency = None
+        if key is not None:
+            idempotency = Idempotency(identity, key, body_hash(raw), _render_reservation)
+        lines = [RequestedLine(x.product_id, x.quantity, x.warehouse_id) for x in body.lines]
+        result = await self.service.reserve(lines, body.ttl_seconds, body.reference, idempotency)
+        if isinstance(result, Replay):
+            return Response(result.body, result.status_code, media_type="application/json")
+        return json_response(reservation_out(result), 201)
+
+    async def get_reservation(self, request: Request) -> Response:
+        self._identity(request, "read")
+        return json_response(
+            reservation_out(await self.service.get_reservation(_reservation_id(request)))
+        )
+
+    async def commit(self, request: Request) -> Response:
+        return await self._finish(request, ReservationStatus.COMMITTED)
+
+    async def release(self, request: Request) -> Response:
+        return await self._finish(request, ReservationStatus.RELEASED)
+
+    async def _finish(self, request: Request, target: ReservationStatus) -> Response:
+        self._identity(request, "reserve")
+        reservation_id = _reservation_id(request)
+        return json_response(reservation_out(await self.service.finish(reservation_id, target)))
+
+    async def extend(self, request: Request) -> Response:
+        self._identity(request, "reserve")
+        reservation_id = _reservation_id(request)
+        body, _ = decode(await read_body(request), ExtendIn)
+        return json_response(
+            reservation_out(await self.service.extend(reservation_id, body.ttl_seconds))
+        )
+
+
+def _render_reservation(outcome: Reservation | InventoryError) -> tuple[int, bytes]:
+    if isinstance(outcome, InventoryError):
+        return status_for(outcome), _error_bytes(outcome)
+    return 201, msgspec.json.encode(reservation_out(outcome))
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDoc:
+    """What OpenAPI says about a route: its request schema, answer schema and scope."""
+
+    summary: str
+    scope: str
+    request: type | None = None
+    response: type | None = None
+    status: int = 200
+
+
+def api_routes(
+    get_service: Callable[[], InventoryService], auth: Auth
+) -> tuple[list[BaseRoute], dict[str, dict[str, RouteDoc]]]:
+    """The ``/v1`` routes and their documentation (for :mod:`inventory.openapi`)."""
+    h = Handlers(get_service, auth)
+    table: list[tuple[str, str, Handler, RouteDoc]] = [
+        (
+            "/v1/warehouses",
+            "GET",
+            h.list_warehouses,
+            RouteDoc("List warehouses", "read", None, WarehousesOut),
+        ),
+        (
+            "/v1/warehouses/{warehouse_id}",
+            "GET",
+            h.get_warehouse,
+            RouteDoc("Read a warehouse", "read", None, WarehouseOut),
+        ),
+        (
+            "/v1/warehouses/{warehouse_id}",
+            "PUT",
+            h.put_warehouse,
+            RouteDoc("Create or update a warehouse", "admin", WarehouseIn, WarehouseOut),
+        ),
+        (
+            "/v1/stock",
+            "GET",
+            h.stock_list,
+            RouteDoc("Stock of up to 500 products", "read", None, StockListOut),
+        ),
+        (
+            "/v1/products/{product_id}/stock",
+            "GET",
+            h.product_stock,
+            RouteDoc("Stock of one product", "read", None, ProductStockOut),
+        ),
+        (
+            "/v1/products/{product_id}/stock/{warehouse_id}/adjustments",
+            "POST",
+            h.adjust,
+            RouteDoc("Receive or remove stock", "admin", AdjustmentIn, LevelOut),
+        ),
+        (
+            "/v1/products/{product_id}/stock/{warehouse_id}",
+            "PUT",
+            h.set_quantity,
+            RouteDoc("Set on-hand (cycle count)", "admin", SetQuantityIn, LevelOut),
+        ),
+        (
+            "/v1/products/{product_id}/movements",
+            "GET",
+            h.movements,
+            RouteDoc("Movement ledger of a product", "read", None, MovementsOut),
+        ),
+        (
+            "/v1/reservations",
+            "POST",
+            h.reserve,
+            RouteDoc(
+                "Reserve stock (all lines or none)", "reserve", ReserveIn, ReservationOut, 201
+            ),
+        ),
+        (
+            "/v1/reservations/{reservation_id}",
+            "GET",
+            h.get_reservation,
+            RouteDoc("Read a reservation", "read", None, ReservationOut),
+        ),
+        (
+            "/v1/reservations/{reservation_id}/commit",
+            "POST",
+            h.commit,
+            RouteDoc("Commit a reservation", "reserve", None, ReservationOut),
+        ),
+        (
+            "/v1/reservations/{reservation_id}/release",
+            "POST",
+            h.release,
+            RouteDoc("Release a reservation", "reserve", None, ReservationOut),
+        ),
+        (
+            "/v1/reservations/{reservation_id}/extend",
+            "POST",
+            h.extend,
+            RouteDoc("Extend a reservation", "reserve", ExtendIn, ReservationOut),
+        ),
+    ]
+    by_path: dict[str, dict[str, Handler]] = {}
+    docs: dict[str, dict[str, RouteDoc]] = {}
+    for path, method, handler, doc in table:
+        by_path.setdefault(path, {})[method] = handler
+        docs.setdefault(path, {})[method.lower()] = doc
+    routes: list[BaseRoute] = [
+        Route(path, _dispatch(methods), methods=list(methods)) for path, methods in by_path.items()
+    ]
+    return routes, docs
+
+
+def _dispatch(methods: dict[str, Handler]) -> Handler:
+    async def endpoint(request: Request) -> Response:
+        handler = methods.get("GET" if request.method == "HEAD" else request.method)
+        if handler is None:
+            raise HTTPException(405)
+        return await handler(request)
+
+    return endpoint

@@ -1,0 +1,221 @@
+"""App factory: wires settings, the store, Redis, the service, realtime and routes.
+
+One :func:`create_app` per server process. Its lifespan opens the PostgreSQL pool and
+the Redis client, starts the expiry sweeper (and the realtime relay and hub), and closes
+them all in reverse order on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
+from .config import Settings
+from .domain import InventoryError, NotFound, Unavailable
+from .openapi import openapi_document
+from .service import InventoryService, RetryPolicy
+from .store import connect
+
+__all__ = ["RequestIdMiddleware", "app_from_env", "create_app"]
+
+log = logging.getLogger("inventory.app")
+
+
+class RequestIdMiddleware:
+    """Echo the client's ``X-Request-ID`` (or a new one) on every HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value[:128]
+                break
+        if not request_id or not request_id.isascii():
+            request_id = uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+async def _inventory_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, InventoryError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no route for {request.url.path}"))
+    return json_response(
+        {"error": {"code": "http_error", "message": str(exc.detail), "details": None}},
+        exc.status_code,
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return json_response(
+        {"error": {"code": "internal_error", "message": "internal server error", "details": None}},
+        500,
+    )
+
+
+class Runtime:
+    """The per-process resources the lifespan opens; handlers reach them through it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis: aioredis.Redis | None = None
+        self.service: InventoryService | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def get_service(self) -> InventoryService:
+        if self.service is None:
+            raise Unavailable("the server is starting")
+        return self.service
+
+
+def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
+    from locks import LockError, LockNotAcquired, acquire_many
+
+    from .domain import Contention
+
+    @contextlib.asynccontextmanager
+    async def lock_products(products: Sequence[str]) -> AsyncIterator[None]:
+        keys = [f"{settings.redis_prefix}:lock:{p}" for p in products]
+        try:
+            async with acquire_many(redis, keys, ttl=settings.lock_ttl, timeout=settings.lock_wait):
+                yield
+        except LockNotAcquired:
+            raise Contention("timed out waiting for the product lock; retry", 1.0) from None
+        except (LockError, OSError, aioredis.RedisError) as exc:
+            raise Unavailable(f"lock service unavailable: {type(exc).__name__}") from None
+
+    return lock_products
+
+
+def create_app(settings: Settings) -> Starlette:
+    runtime = Runtime(settings)
+    auth = Auth(settings.tokens)
+
+    routes, docs = api_routes(runtime.get_service, auth)
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        if not settings.ready_public:
+            auth.check(bearer(request.headers), "read")
+        checks = {"postgres": False, "redis": False}
+        service = runtime.service
+        if service is not None:
+            with contextlib.suppress(InventoryError, OSError):
+                await asyncio.wait_for(service.store.ping(), 2)
+                checks["postgres"] = True
+        if runtime.redis is not None:
+            with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(runtime.redis.ping(), 2)
+                checks["redis"] = True
+        ok = all(checks.values())
+        return json_response(
+            {"status": "ready" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+        )
+
+    document = openapi_document(docs)
+
+    async def openapi(request: Request) -> Response:
+        return json_response(document)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        assert settings.database_url is not None
+        assert settings.redis_url is not None
+        store = await connect(
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            timeout=settings.db_timeout,
+        )
+        runtime.redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
+        )
+        lock_products = None
+        if settings.reserve_strategy == "lock":
+            lock_products = _lock_factory(runtime.redis, settings)
+        service = InventoryService(
+            store,
+            retry=RetryPolicy(
+                attempts=settings.retry_attempts,
+                base_delay=settings.retry_base_delay,
+                max_delay=settings.retry_max_delay,
+                deadline=settings.retry_deadline,
+            ),
+            lock_products=lock_products,
+        )
+        runtime.service = service
+        runtime.tasks.append(
+            asyncio.create_task(
+                service.run_sweeper(
+                    settings.sweep_interval, settings.sweep_batch, settings.idempotency_ttl_hours
+                ),
+                name="expiry-sweeper",
+            )
+        )
+        try:
+            yield
+        finally:
+            for task in runtime.tasks:
+                task.cancel()
+            await asyncio.gather(*runtime.tasks, return_exceptions=True)
+            await runtime.redis.aclose()
+            await store.close()
+
+    all_routes: list[BaseRoute] = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        *routes,
+    ]
+    app = Starlette(
+        routes=all_routes,
+        lifespan=lifespan,
+        exception_handlers={
+            InventoryError: _inventory_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+    )
+    app.add_middleware(RequestIdMiddleware)
+    app.state.runtime = runtime
+    return app
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for worker processes: settings come from the environment."""
+    return create_app(Settings.from_env())

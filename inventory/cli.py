@@ -1,0 +1,194 @@
+"""The ``inventory`` console script.
+
+Every command has ``--help``. Failures a user can cause (a bad option, an unreachable
+server, a port in use) end with one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .config import ConfigError, Settings, default_data_dir
+from .domain import InventoryError
+from .embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
+
+__all__ = ["main"]
+
+log = logging.getLogger("inventory")
+
+
+class CliError(Exception):
+    """A failure reported as one line and exit status 1."""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def servers(settings: Settings, *, redis: bool = True) -> Iterator[Settings]:
+    """Settings with URLs for both servers, starting embedded ones for those not given.
+
+    Embedded servers started here are stopped on exit (a PostgreSQL that was already
+    running on the data directory, e.g. under ``inventory serve``, is reused and left
+    alone).
+    """
+    pg = vk = None
+    try:
+        if settings.database_url is None:
+            pg = EmbeddedPostgres(settings.data_dir / "postgres")
+            settings = settings.with_overrides(database_url=pg.start())
+            log.info("embedded PostgreSQL at %s (data in %s)", pg.url, pg.pgdata)
+        if redis and settings.redis_url is None:
+            vk = EmbeddedValkey(settings.data_dir / "valkey")
+            settings = settings.with_overrides(redis_url=vk.start())
+            log.info("embedded Valkey at %s", vk.url)
+        yield settings
+    finally:
+        if vk is not None:
+            vk.stop()
+        if pg is not None:
+            pg.stop()
+
+
+def _migrate(url: str) -> list[str]:
+    from .store import migrate
+
+    return asyncio.run(migrate(url))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env().with_overrides(
+        host=args.host, port=args.port, workers=args.workers, data_dir=args.data_dir
+    )
+    if not settings.tokens and not _is_loopback(settings.host):
+        raise CliError(
+            f"refusing to listen on {settings.host} without authentication: "
+            "set INVENTORY_TOKENS or bind to 127.0.0.1"
+        )
+    import uvicorn
+
+    with servers(settings) as settings:
+        applied = _migrate(settings.database_url or "")
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+        if not settings.tokens:
+            log.warning("no INVENTORY_TOKENS: the API is unauthenticated (loopback only)")
+        os.environ.update(settings.to_env())
+        uvicorn.run(
+            "inventory.app:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            loop="uvloop",
+            http="httptools",
+            ws="websockets-sansio",
+            ws_max_size=64 * 1024,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=10,
+            access_log=False,
+        )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = Settings.from_env().with_overrides(data_dir=args.data_dir)
+    with servers(settings, redis=False) as settings:
+        applied = _migrate(settings.database_url or "")
+    print(f"applied: {', '.join(applied)}" if applied else "the schema is up to date")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_check
+
+    settings = Settings.from_env().with_overrides(data_dir=args.data_dir)
+    with servers(settings, redis=False) as settings:
+        ok = asyncio.run(run_check(settings.database_url or "", sys.stdout))
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inventory",
+        description="High-concurrency, real-time inventory server. With no "
+        "INVENTORY_DATABASE_URL / INVENTORY_REDIS_URL, embedded PostgreSQL and Valkey "
+        f"are started under the data directory (default {default_data_dir()}).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def data_dir_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            help="where embedded servers keep their data "
+            "(env INVENTORY_DATA_DIR; default %(default)s)",
+            default=None,
+        )
+
+    serve = sub.add_parser(
+        "serve", help="run the server", description="Run the HTTP and WebSocket server."
+    )
+    serve.add_argument("--host", help="address to bind (env INVENTORY_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (env INVENTORY_PORT; default 8000)")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes (env INVENTORY_WORKERS; default 1)"
+    )
+    data_dir_option(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser(
+        "migrate", help="apply database migrations and exit", description="Apply migrations."
+    )
+    data_dir_option(migrate)
+    migrate.set_defaults(func=cmd_migrate)
+
+    check = sub.add_parser(
+        "check",
+        help="verify the stock invariants; exit 1 on a violation",
+        description="Verify: 0 <= reserved <= quantity; reserved equals the active "
+        "reservation lines; the ledger replays to every row; versions are contiguous.",
+    )
+    data_dir_option(check)
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if getattr(args, "port", None) is not None and not 0 <= args.port <= 65535:
+        parser.error("--port must be between 0 and 65535")
+    if getattr(args, "workers", None) is not None and not 1 <= args.workers <= 64:
+        parser.error("--workers must be between 1 and 64")
+    try:
+        code: int = args.func(args)
+        return code
+    except (CliError, ConfigError, EmbeddedError, InventoryError, OSError) as exc:
+        print(f"inventory: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

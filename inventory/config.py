@@ -1,0 +1,182 @@
+"""Settings: one frozen object built from the environment, overridden by CLI options.
+
+Every variable is documented in the README's configuration table. Invalid values raise
+:class:`ConfigError` with a one-line message (the CLI prints it and exits non-zero).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+__all__ = ["SCOPES", "ConfigError", "Settings", "default_data_dir"]
+
+SCOPES = ("read", "reserve", "admin")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed."""
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/inventory`` (default ``~/.local/share/inventory``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "inventory"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def parse_tokens(raw: str) -> dict[str, frozenset[str]]:
+    """Parse ``INVENTORY_TOKENS``: a JSON object token -> list of scopes.
+
+    Keys are stored as SHA-256 hex digests (``sha256:<hex>`` keys are taken as given), so
+    the running process never keeps a plain token. ``admin`` implies the other scopes.
+    """
+    try:
+        data: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ConfigError("INVENTORY_TOKENS must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise ConfigError("INVENTORY_TOKENS must be a JSON object of token -> [scopes]")
+    tokens: dict[str, frozenset[str]] = {}
+    for key, scopes in data.items():
+        if not key or not isinstance(scopes, list) or not all(s in SCOPES for s in scopes):
+            raise ConfigError(
+                f"INVENTORY_TOKENS: each token needs a list of scopes from {', '.join(SCOPES)}"
+            )
+        if key.startswith("sha256:"):
+            digest = key[len("sha256:") :].lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError("INVENTORY_TOKENS: a sha256: key needs 64 hex digits")
+        else:
+            digest = hashlib.sha256(key.encode()).hexdigest()
+        granted = set(scopes)
+        if "admin" in granted:
+            granted.update(SCOPES)
+        tokens[digest] = frozenset(granted)
+    return tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a server process needs; picklable so uvicorn workers can rebuild it."""
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    reserve_strategy: str = "optimistic"
+    tokens: dict[str, frozenset[str]] = field(default_factory=dict)
+    metrics_public: bool = True
+    ready_public: bool = True
+    redis_prefix: str = "inventory"
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+    db_timeout: float = 5.0
+    retry_attempts: int = 8
+    retry_base_delay: float = 0.002
+    retry_max_delay: float = 0.1
+    retry_deadline: float = 2.0
+    lock_ttl: float = 10.0
+    lock_wait: float = 2.0
+    sweep_interval: float = 0.25
+    sweep_batch: int = 200
+    idempotency_ttl_hours: int = 48
+    relay_poll_interval: float = 0.01
+    log_level: str = "info"
+
+    @property
+    def embedded(self) -> bool:
+        """True when at least one of the two servers must be started locally."""
+        return self.database_url is None or self.redis_url is None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        strategy = env.get("INVENTORY_RESERVE_STRATEGY", "optimistic") or "optimistic"
+        if strategy not in ("optimistic", "lock"):
+            raise ConfigError(
+                f"INVENTORY_RESERVE_STRATEGY must be 'optimistic' or 'lock', got {strategy!r}"
+            )
+        tokens_raw = env.get("INVENTORY_TOKENS", "").strip()
+        return cls(
+            database_url=env.get("INVENTORY_DATABASE_URL") or None,
+            redis_url=env.get("INVENTORY_REDIS_URL") or None,
+            data_dir=Path(env["INVENTORY_DATA_DIR"]).expanduser()
+            if env.get("INVENTORY_DATA_DIR")
+            else default_data_dir(),
+            host=env.get("INVENTORY_HOST", "127.0.0.1") or "127.0.0.1",
+            port=_int(env, "INVENTORY_PORT", 8000, 0, 65535),
+            workers=_int(env, "INVENTORY_WORKERS", 1, 1, 64),
+            reserve_strategy=strategy,
+            tokens=parse_tokens(tokens_raw) if tokens_raw else {},
+            metrics_public=_bool(env, "INVENTORY_METRICS_PUBLIC", True),
+            ready_public=_bool(env, "INVENTORY_READY_PUBLIC", True),
+            redis_prefix=env.get("INVENTORY_REDIS_PREFIX", "inventory") or "inventory",
+            db_pool_min=_int(env, "INVENTORY_DB_POOL_MIN", 2, 1, 100),
+            db_pool_max=_int(env, "INVENTORY_DB_POOL_MAX", 10, 1, 200),
+            db_timeout=_float(env, "INVENTORY_DB_TIMEOUT", 5.0, 0.1, 300),
+            retry_attempts=_int(env, "INVENTORY_RETRY_ATTEMPTS", 8, 1, 100),
+            retry_deadline=_float(env, "INVENTORY_RETRY_DEADLINE", 2.0, 0.01, 60),
+            lock_ttl=_float(env, "INVENTORY_LOCK_TTL", 10.0, 0.1, 3600),
+            lock_wait=_float(env, "INVENTORY_LOCK_WAIT", 2.0, 0.0, 60),
+            sweep_interval=_float(env, "INVENTORY_SWEEP_INTERVAL", 0.25, 0.01, 60),
+            log_level=(env.get("INVENTORY_LOG_LEVEL", "info") or "info").lower(),
+        )
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """Apply CLI options that were given (None means 'not given')."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that make a worker process rebuild these settings' server URLs."""
+        env = {"INVENTORY_DATA_DIR": str(self.data_dir)}
+        if self.database_url:
+            env["INVENTORY_DATABASE_URL"] = self.database_url
+        if self.redis_url:
+            env["INVENTORY_REDIS_URL"] = self.redis_url
+        env["INVENTORY_RESERVE_STRATEGY"] = self.reserve_strategy
+        return env

@@ -1,0 +1,215 @@
+"""Request and response schemas: they validate bodies, encode answers and make OpenAPI.
+
+msgspec is used because one declaration gives strict validation (no ``"1"`` for 1, no
+floats for integers, unknown fields refused), fast JSON encoding and a JSON Schema for
+``/openapi.json``, so documentation cannot drift from what is enforced.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
+from uuid import UUID
+
+import msgspec
+from msgspec import Meta, Struct
+
+from .domain import (
+    MAX_LINES,
+    MAX_QUANTITY,
+    MAX_TTL_SECONDS,
+    MIN_TTL_SECONDS,
+    PRODUCT_ID_RE,
+    WAREHOUSE_ID_RE,
+    InventoryError,
+    ValidationFailed,
+)
+
+__all__ = [
+    "AdjustmentIn",
+    "ErrorOut",
+    "ExtendIn",
+    "LevelOut",
+    "MovementOut",
+    "MovementsOut",
+    "ProductStockOut",
+    "ReservationLineOut",
+    "ReservationOut",
+    "ReserveIn",
+    "ReserveLineIn",
+    "SetQuantityIn",
+    "StockListOut",
+    "WarehouseIn",
+    "WarehouseOut",
+    "WarehousesOut",
+    "decode",
+]
+
+MAX_STOCK = 1_000_000_000  # on-hand bound per row; keeps every sum far inside bigint
+
+ProductId = Annotated[str, Meta(pattern=f"^{PRODUCT_ID_RE.pattern}$")]
+WarehouseId = Annotated[str, Meta(pattern=f"^{WAREHOUSE_ID_RE.pattern}$")]
+Text = Annotated[str, Meta(max_length=500)]
+Version = Annotated[int, Meta(ge=0, le=2**62)]
+
+
+class _In(Struct, forbid_unknown_fields=True):
+    """Base of request bodies: unknown fields are a 422, never silently dropped."""
+
+
+class WarehouseIn(_In):
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    status: Literal["active", "inactive", "maintenance"]
+    location: Text | None = None
+
+
+class AdjustmentIn(_In):
+    delta: Annotated[int, Meta(ge=-MAX_STOCK, le=MAX_STOCK)]
+    reason: Text | None = None
+    expected_version: Version | None = None
+
+
+class SetQuantityIn(_In):
+    quantity: Annotated[int, Meta(ge=0, le=MAX_STOCK)]
+    reason: Text | None = None
+    expected_version: Version | None = None
+
+
+class ReserveLineIn(_In):
+    product_id: ProductId
+    quantity: Annotated[int, Meta(ge=1, le=MAX_QUANTITY)]
+    warehouse_id: WarehouseId | None = None
+
+
+class ReserveIn(_In):
+    lines: Annotated[list[ReserveLineIn], Meta(min_length=1, max_length=MAX_LINES)]
+    ttl_seconds: Annotated[int, Meta(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)] = 900
+    reference: Annotated[str, Meta(max_length=255)] | None = None
+
+
+class ExtendIn(_In):
+    ttl_seconds: Annotated[int, Meta(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)]
+
+
+# --- responses ------------------------------------------------------------------------
+
+
+class WarehouseOut(Struct):
+    id: str
+    name: str
+    location: str | None
+    status: str
+
+
+class WarehousesOut(Struct):
+    warehouses: list[WarehouseOut]
+
+
+class LevelOut(Struct):
+    warehouse_id: str
+    quantity: int
+    reserved: int
+    available: int
+    version: int
+    updated_at: datetime | None
+
+
+class ProductStockOut(Struct):
+    product_id: str
+    quantity: int
+    reserved: int
+    available: int
+    reservable: int
+    levels: list[LevelOut]
+
+
+class StockListOut(Struct):
+    products: list[ProductStockOut]
+    missing: list[str]
+
+
+class MovementOut(Struct):
+    id: int
+    product_id: str
+    warehouse_id: str
+    kind: str
+    quantity_delta: int
+    reserved_delta: int
+    quantity: int
+    reserved: int
+    version: int
+    reservation_id: UUID | None
+    reason: str | None
+    created_at: datetime
+
+
+class MovementsOut(Struct):
+    movements: list[MovementOut]
+    next_after: int | None
+
+
+class ReservationLineOut(Struct):
+    product_id: str
+    warehouse_id: str
+    quantity: int
+
+
+class ReservationOut(Struct):
+    id: UUID
+    status: str
+    lines: list[ReservationLineOut]
+    reference: str | None
+    created_at: datetime
+    expires_at: datetime
+
+
+class ErrorBody(Struct):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorOut(Struct):
+    error: ErrorBody
+
+
+T = TypeVar("T")
+
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_FIELD = re.compile(r"field `([^`]+)`")
+
+
+class InvalidJson(InventoryError):
+    """The body is not JSON at all."""
+
+    code = "invalid_json"
+
+
+def decode(body: bytes, kind: type[T]) -> tuple[T, Any]:
+    """Parse and validate a body; returns the typed value and the plain parsed JSON.
+
+    Parsing first and converting second keeps the two failures apart: broken JSON is a
+    400 ``invalid_json``, valid JSON of the wrong shape a 422 naming the field.
+    """
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ValidationFailed(str(exc), {"field": _field(str(exc))}) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
+    try:
+        return msgspec.convert(raw, kind), raw
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        raise ValidationFailed(message, {"field": _field(message)}) from None
+
+
+def _field(message: str) -> str | None:
+    """The field a msgspec message is about: ``lines[0].quantity``, ``reserved``, ..."""
+    at = _AT.search(message)
+    path = at.group(1) if at else ""
+    named = _FIELD.search(message)
+    if named:
+        return f"{path}.{named.group(1)}" if path else named.group(1)
+    return path or None

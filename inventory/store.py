@@ -1,0 +1,564 @@
+"""PostgreSQL store: the only module with SQL (with :mod:`inventory.store_feed`).
+
+Returns domain objects and raises domain errors: asyncpg's exceptions never leave this
+module. Connection failures become :class:`~inventory.domain.Unavailable` (503), a lost
+version check becomes :class:`VersionMiss` (the service retries it), constraint
+violations that the domain should have prevented become :class:`StoreIntegrityError`.
+
+Every write of stock rows goes through :meth:`Store.apply_deltas`: one statement that
+updates the rows (optionally version-checked) and appends their ledger rows, so a stock
+change and its movement can never be apart. Rows of one transaction are locked in
+(product, warehouse) order first, so multi-row writes never deadlock each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import orjson
+
+from .domain import (
+    InventoryError,
+    Movement,
+    MovementKind,
+    NotFound,
+    Reservation,
+    ReservationLine,
+    ReservationStatus,
+    StockLevel,
+    Unavailable,
+    Warehouse,
+    WarehouseStatus,
+)
+from .migrate import apply_migrations
+
+__all__ = [
+    "IdempotencyRecord",
+    "Store",
+    "StoreIntegrityError",
+    "VersionMiss",
+    "body_hash",
+    "connect",
+    "migrate",
+]
+
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+Row = asyncpg.Record
+
+
+class VersionMiss(Exception):
+    """A version-checked update found a newer row: the caller re-reads and retries."""
+
+
+class StoreIntegrityError(InventoryError):
+    """The database refused a write that the domain should have refused first."""
+
+    code = "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    body_hash: bytes
+    status_code: int | None
+    response: bytes | None
+
+
+def body_hash(body: Any) -> bytes:
+    """SHA-256 of the canonical JSON of a parsed body (key order and spacing ignored)."""
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
+
+
+@contextlib.contextmanager
+def _translated() -> Any:
+    try:
+        yield
+    except _CONNECTION_ERRORS as exc:
+        raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+    except (asyncpg.CheckViolationError, asyncpg.UniqueViolationError) as exc:
+        raise StoreIntegrityError(f"the database refused the write: {exc}") from exc
+    except asyncpg.DeadlockDetectedError as exc:  # pragma: no cover - rows are locked in order
+        raise VersionMiss() from exc
+
+
+def _level(r: Row) -> StockLevel:
+    return StockLevel(
+        r["product_id"], r["warehouse_id"], r["quantity"], r["reserved"], r["version"],
+        r["updated_at"],
+    )  # fmt: skip
+
+
+def _warehouse(r: Row) -> Warehouse:
+    return Warehouse(r["id"], r["name"], r["location"], WarehouseStatus(r["status"]))
+
+
+def _reservation(r: Row, lines: Iterable[Row | Mapping[str, Any]]) -> Reservation:
+    return Reservation(
+        r["id"],
+        ReservationStatus(r["status"]),
+        tuple(ReservationLine(x["product_id"], x["warehouse_id"], x["quantity"]) for x in lines),
+        r["reference"],
+        r["created_at"],
+        r["expires_at"],
+    )
+
+
+_LEVEL_COLS = "product_id, warehouse_id, quantity, reserved, version, updated_at"
+
+_LOCK_ROWS = """
+SELECT 1 FROM stock_levels
+WHERE (product_id, warehouse_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+ORDER BY product_id, warehouse_id
+FOR UPDATE
+"""
+
+# One statement: update rows (version-checked where a version is given) and append one
+# ledger row per updated row. Returns the rows after the change.
+_APPLY = f"""
+WITH d AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+        AS d(product_id, warehouse_id, q, r, v)
+), u AS (
+    UPDATE stock_levels s
+    SET quantity = s.quantity + d.q, reserved = s.reserved + d.r,
+        version = s.version + 1, updated_at = now()
+    FROM d
+    WHERE s.product_id = d.product_id AND s.warehouse_id = d.warehouse_id
+      AND (d.v IS NULL OR s.version = d.v)
+    RETURNING s.product_id, s.warehouse_id, s.quantity, s.reserved, s.version, s.updated_at,
+              d.q, d.r
+), m AS (
+    INSERT INTO movements (product_id, warehouse_id, kind, quantity_delta, reserved_delta,
+                           quantity, reserved, version, reservation_id, reason)
+    SELECT product_id, warehouse_id, $6, q, r, quantity, reserved, version, $7, $8 FROM u
+)
+SELECT {_LEVEL_COLS} FROM u
+"""
+
+_INSERT_LEVEL = f"""
+WITH i AS (
+    INSERT INTO stock_levels (product_id, warehouse_id, quantity, reserved, version)
+    VALUES ($1, $2, $3, 0, 1)
+    ON CONFLICT DO NOTHING
+    RETURNING {_LEVEL_COLS}
+), m AS (
+    INSERT INTO movements (product_id, warehouse_id, kind, quantity_delta, reserved_delta,
+                           quantity, reserved, version, reason)
+    SELECT product_id, warehouse_id, 'adjusted', quantity, 0, quantity, 0, 1, $4 FROM i
+)
+SELECT {_LEVEL_COLS} FROM i
+"""
+
+_INSERT_RESERVATION = """
+WITH r AS (
+    INSERT INTO reservations (id, status, reference, expires_at)
+    VALUES ($1, 'active', $2, now() + make_interval(secs => $3))
+    RETURNING id, status, reference, created_at, expires_at
+), l AS (
+    INSERT INTO reservation_lines (reservation_id, line_no, product_id, warehouse_id, quantity)
+    SELECT $1, n, p, w, q
+    FROM unnest($4::text[], $5::text[], $6::bigint[]) WITH ORDINALITY AS t(p, w, q, n)
+)
+SELECT * FROM r
+"""
+
+
+class Store:
+    """Data access over an asyncpg pool. Methods taking ``conn`` run inside the caller's
+    transaction (see :meth:`transaction`); the others use a pooled connection."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Conn]:
+        with _translated():
+            async with self.pool.acquire() as conn, conn.transaction():
+                yield conn
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        with _translated():
+            async with self.pool.acquire() as conn:
+                yield conn
+
+    async def ping(self) -> None:
+        async with self.connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # --- warehouses ----------------------------------------------------------------
+
+    async def put_warehouse(self, wh: Warehouse) -> tuple[Warehouse, bool]:
+        """Create or update; returns the stored warehouse and whether it was created."""
+        async with self.connection() as conn:
+            row = await conn.fetchrow(
+                """INSERT INTO warehouses (id, name, location, status) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (id) DO UPDATE
+                   SET name = $2, location = $3, status = $4, updated_at = now()
+                   RETURNING id, name, location, status, (xmax = 0) AS created""",
+                wh.id,
+                wh.name,
+                wh.location,
+                wh.status.value,
+            )
+        assert row is not None
+        return _warehouse(row), bool(row["created"])
+
+    async def get_warehouse(self, warehouse_id: str) -> Warehouse:
+        async with self.connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT id, name, location, status FROM warehouses WHERE id = $1", warehouse_id
+            )
+        if row is None:
+            raise NotFound(f"warehouse {warehouse_id} not found", {"warehouse_id": warehouse_id})
+        return _warehouse(row)
+
+    async def list_warehouses(self) -> list[Warehouse]:
+        async with self.connection() as conn:
+            rows = await conn.fetch("SELECT id, name, location, status FROM warehouses ORDER BY id")
+        return [_warehouse(r) for r in rows]
+
+    async def warehouses(self, conn: Conn, ids: Iterable[str]) -> dict[str, Warehouse]:
+        rows = await conn.fetch(
+            "SELECT id, name, location, status FROM warehouses WHERE id = ANY($1::text[])",
+            list(set(ids)),
+        )
+        return {r["id"]: _warehouse(r) for r in rows}
+
+    # --- stock ---------------------------------------------------------------------
+
+    async def levels(
+        self, product_ids: Sequence[str], conn: Conn | None = None
+    ) -> tuple[list[StockLevel], dict[str, Warehouse]]:
+        """Every stock row of the products, ordered, and the warehouses they are in."""
+        sql = f"""SELECT s.{_LEVEL_COLS.replace(", ", ", s.")},
+                         w.id, w.name, w.location, w.status
+                  FROM stock_levels s JOIN warehouses w ON w.id = s.warehouse_id
+                  WHERE s.product_id = ANY($1::text[])
+                  ORDER BY s.product_id, s.warehouse_id"""
+        if conn is None:
+            async with self.connection() as c:
+                rows = await c.fetch(sql, list(product_ids))
+        else:
+            rows = await conn.fetch(sql, list(product_ids))
+        return [_level(r) for r in rows], {r["id"]: _warehouse(r) for r in rows}
+
+    async def lock_level(self, conn: Conn, product_id: str, warehouse_id: str) -> StockLevel:
+        """The row FOR UPDATE, or an empty (version 0) level when it does not exist."""
+        row = await conn.fetchrow(
+            f"""SELECT {_LEVEL_COLS} FROM stock_levels
+                WHERE product_id = $1 AND warehouse_id = $2 FOR UPDATE""",
+            product_id,
+            warehouse_id,
+        )
+        return _level(row) if row else StockLevel(product_id, warehouse_id)
+
+    async def insert_level(self, conn: Conn, movement: Movement) -> StockLevel | None:
+        """Create a row from its first movement; None when another transaction won."""
+        row = await conn.fetchrow(
+            _INSERT_LEVEL,
+            movement.product_id,
+            movement.warehouse_id,
+            movement.quantity,
+            movement.reason,
+        )
+        return _level(row) if row else None
+
+    async def apply_deltas(
+        self,
+        conn: Conn,
+        kind: MovementKind,
+        deltas: Mapping[tuple[str, str], tuple[int, int, int | None]],
+        reservation_id: UUID | None = None,
+        reason: str | None = None,
+    ) -> list[StockLevel]:
+        """Apply ``{(product, warehouse): (quantity_delta, reserved_delta, version)}``.
+
+        ``version`` None updates unconditionally (relative updates under the row lock);
+        otherwise the row must still have that version, else :class:`VersionMiss`.
+        """
+        keys = sorted(deltas)
+        products = [k[0] for k in keys]
+        warehouses = [k[1] for k in keys]
+        if len(keys) > 1:
+            await conn.execute(_LOCK_ROWS, products, warehouses)
+        rows = await conn.fetch(
+            _APPLY,
+            products,
+            warehouses,
+            [deltas[k][0] for k in keys],
+            [deltas[k][1] for k in keys],
+            [deltas[k][2] for k in keys],
+            kind.value,
+            reservation_id,
+            reason,
+        )
+        if len(rows) != len(keys):
+            raise VersionMiss()
+        return [_level(r) for r in rows]
+
+    async def movements(
+        self, product_id: str, after: int, limit: int
+    ) -> list[dict[str, Any]] | None:
+        """Ledger page of a product, oldest first; None when the product has no stock row."""
+        async with self.connection() as conn:
+            exists = await conn.fetchval(
+                "SELECT 1 FROM stock_levels WHERE product_id = $1 LIMIT 1", product_id
+            )
+            if not exists:
+                return None
+            rows = await conn.fetch(
+                """SELECT id, product_id, warehouse_id, kind, quantity_delta, reserved_delta,
+                          quantity, reserved, version, reservation_id, reason, created_at
+                   FROM movements WHERE product_id = $1 AND id > $2 ORDER BY id LIMIT $3""",
+                product_id,
+                after,
+                limit,
+            )
+        return [dict(r) for r in rows]
+
+    # --- reservations --------------------------------------------------------------
+
+    async def insert_reservation(
+        self,
+        conn: Conn,
+        reservation_id: UUID,
+        lines: Sequence[ReservationLine],
+        ttl_seconds: int,
+        reference: str | None,
+    ) -> Reservation:
+        row = await conn.fetchrow(
+            _INSERT_RESERVATION,
+            reservation_id,
+            reference,
+            float(ttl_seconds),
+            [x.product_id for x in lines],
+            [x.warehouse_id for x in lines],
+            [x.quantity for x in lines],
+        )
+        assert row is not None
+        return _reservation(row, [_line(x) for x in lines])
+
+    async def get_reservation(
+        self, reservation_id: UUID, conn: Conn | None = None, *, for_update: bool = False
+    ) -> tuple[Reservation, datetime]:
+        """The reservation and the database clock (``now``) read with it."""
+        sql = """SELECT id, status, reference, created_at, expires_at, clock_timestamp() AS now
+                 FROM reservations WHERE id = $1""" + (" FOR UPDATE" if for_update else "")
+        lines_sql = """SELECT product_id, warehouse_id, quantity FROM reservation_lines
+                       WHERE reservation_id = $1 ORDER BY line_no"""
+        if conn is None:
+            async with self.connection() as c:
+                row = await c.fetchrow(sql, reservation_id)
+                lines = await c.fetch(lines_sql, reservation_id) if row else []
+        else:
+            row = await conn.fetchrow(sql, reservation_id)
+            lines = await conn.fetch(lines_sql, reservation_id) if row else []
+        if row is None:
+            raise NotFound(f"reservation {reservation_id} not found", {"id": str(reservation_id)})
+        return _reservation(row, lines), row["now"]
+
+    async def update_reservation(self, conn: Conn, reservation: Reservation) -> None:
+        await conn.execute(
+            "UPDATE reservations SET status = $2, expires_at = $3, updated_at = now() "
+            "WHERE id = $1",
+            reservation.id,
+            reservation.status.value,
+            reservation.expires_at,
+        )
+
+    async def due_reservations(self, limit: int) -> list[UUID]:
+        """Active reservations past their deadline, oldest first."""
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                """SELECT id FROM reservations
+                   WHERE status = 'active' AND expires_at <= clock_timestamp()
+                   ORDER BY expires_at LIMIT $1""",
+                limit,
+            )
+        return [r["id"] for r in rows]
+
+    async def lock_due_reservation(self, conn: Conn, reservation_id: UUID) -> bool:
+        """Lock a due active reservation unless another sweeper already holds it."""
+        got = await conn.fetchval(
+            """SELECT 1 FROM reservations
+               WHERE id = $1 AND status = 'active' AND expires_at <= clock_timestamp()
+               FOR UPDATE SKIP LOCKED""",
+            reservation_id,
+        )
+        return got is not None
+
+    async def next_expiry(self) -> datetime | None:
+        async with self.connection() as conn:
+            value: datetime | None = await conn.fetchval(
+                "SELECT min(expires_at) FROM reservations WHERE status = 'active'"
+            )
+        return value
+
+    # --- idempotency ---------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, conn: Conn, scope: str, key: str, digest: bytes
+    ) -> IdempotencyRecord | None:
+        """Claim ``key`` in this transaction; the stored record when someone already has.
+
+        A concurrent claimer waits on the primary key until the first transaction ends,
+        then sees its stored answer (or claims the key if that transaction rolled back).
+        """
+        claimed = await conn.fetchval(
+            """INSERT INTO idempotency_keys (scope, key, body_hash) VALUES ($1, $2, $3)
+               ON CONFLICT DO NOTHING RETURNING 1""",
+            scope,
+            key,
+            digest,
+        )
+        if claimed:
+            return None
+        row = await conn.fetchrow(
+            """SELECT body_hash, status_code, response FROM idempotency_keys
+               WHERE scope = $1 AND key = $2""",
+            scope,
+            key,
+        )
+        assert row is not None
+        return IdempotencyRecord(bytes(row["body_hash"]), row["status_code"], row["response"])
+
+    async def store_idempotent_response(
+        self, conn: Conn, scope: str, key: str, status_code: int, response: bytes
+    ) -> None:
+        await conn.execute(
+            """UPDATE idempotency_keys SET status_code = $3, response = $4
+               WHERE scope = $1 AND key = $2""",
+            scope,
+            key,
+            status_code,
+            response,
+        )
+
+    async def purge_idempotency_keys(self, older_than_hours: int) -> int:
+        async with self.connection() as conn:
+            done = await conn.execute(
+                """DELETE FROM idempotency_keys
+                   WHERE created_at < now() - make_interval(hours => $1)""",
+                older_than_hours,
+            )
+        return int(done.split()[-1])
+
+
+def _line(x: ReservationLine) -> dict[str, Any]:
+    return {"product_id": x.product_id, "warehouse_id": x.warehouse_id, "quantity": x.quantity}
+
+
+async def connect(url: str, *, min_size: int, max_size: int, timeout: float) -> Store:
+    """Open a pool; ``timeout`` bounds connecting and every command."""
+    with _translated():
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            command_timeout=timeout,
+            max_inactive_connection_lifetime=60,
+        )
+    return Store(pool)
+
+
+async def migrate(url: str) -> list[str]:
+    """Apply missing migrations on a one-off connection."""
+    with _translated():
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return await apply_migrations(conn)
+        finally:
+            await conn.close()
+
+
+# --- invariants (``inventory check``) ----------------------------------------------------
+
+INVARIANTS: dict[str, str] = {
+    "0 <= reserved <= quantity on every row": """
+        SELECT product_id, warehouse_id, quantity, reserved FROM stock_levels
+        WHERE reserved < 0 OR reserved > quantity OR quantity < 0""",
+    "reserved equals the sum of active reservation lines": """
+        WITH active AS (
+            SELECT l.product_id, l.warehouse_id, sum(l.quantity) AS held
+            FROM reservation_lines l JOIN reservations r ON r.id = l.reservation_id
+            WHERE r.status = 'active' GROUP BY 1, 2)
+        SELECT coalesce(s.product_id, a.product_id) AS product_id,
+               coalesce(s.warehouse_id, a.warehouse_id) AS warehouse_id,
+               s.reserved, a.held
+        FROM stock_levels s FULL JOIN active a USING (product_id, warehouse_id)
+        WHERE coalesce(s.reserved, 0) <> coalesce(a.held, 0)""",
+    "the ledger replays to quantity, reserved and version": """
+        WITH replay AS (
+            SELECT product_id, warehouse_id, sum(quantity_delta) AS quantity,
+                   sum(reserved_delta) AS reserved, count(*) AS changes,
+                   max(version) AS version
+            FROM movements GROUP BY 1, 2)
+        SELECT coalesce(s.product_id, r.product_id) AS product_id,
+               coalesce(s.warehouse_id, r.warehouse_id) AS warehouse_id,
+               s.quantity, r.quantity AS replayed_quantity, s.reserved,
+               r.reserved AS replayed_reserved, s.version, r.changes
+        FROM stock_levels s FULL JOIN replay r USING (product_id, warehouse_id)
+        WHERE s.quantity IS DISTINCT FROM r.quantity OR s.reserved IS DISTINCT FROM r.reserved
+           OR s.version IS DISTINCT FROM r.changes OR s.version IS DISTINCT FROM r.version""",
+    "versions are contiguous and each ledger row records its running state": """
+        SELECT product_id, warehouse_id, version, quantity, running_quantity
+        FROM (SELECT product_id, warehouse_id, version, quantity, reserved,
+                     row_number() OVER w AS n,
+                     sum(quantity_delta) OVER w AS running_quantity,
+                     sum(reserved_delta) OVER w AS running_reserved
+              FROM movements
+              WINDOW w AS (PARTITION BY product_id, warehouse_id ORDER BY version, id)) m
+        WHERE version <> n OR quantity <> running_quantity OR reserved <> running_reserved""",
+    "reservation lines match their ledger rows": """
+        WITH lines AS (
+            SELECT reservation_id, product_id, warehouse_id, sum(quantity) AS quantity
+            FROM reservation_lines GROUP BY 1, 2, 3),
+        booked AS (
+            SELECT reservation_id, product_id, warehouse_id, sum(reserved_delta) AS quantity
+            FROM movements WHERE kind = 'reserved' GROUP BY 1, 2, 3)
+        SELECT reservation_id, product_id, warehouse_id, l.quantity, b.quantity AS booked
+        FROM lines l FULL JOIN booked b USING (reservation_id, product_id, warehouse_id)
+        WHERE l.quantity IS DISTINCT FROM b.quantity""",
+}
+
+
+async def invariant_violations(conn: Conn, limit: int = 20) -> dict[str, list[dict[str, Any]]]:
+    """Each invariant's name and up to ``limit`` offending rows (empty when it holds).
+
+    Runs in one REPEATABLE READ transaction so all checks see the same snapshot.
+    """
+    found: dict[str, list[dict[str, Any]]] = {}
+    with _translated():
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            for name, sql in INVARIANTS.items():
+                rows = await conn.fetch(f"SELECT * FROM ({sql}) v LIMIT {int(limit)}")
+                found[name] = [dict(r) for r in rows]
+    return found
+
+
+async def connect_one(url: str, timeout: float = 10) -> Conn:
+    with _translated():
+        conn: Conn = await asyncpg.connect(url, timeout=timeout)
+    return conn

@@ -1,0 +1,267 @@
+"""Shared fixtures: real PostgreSQL and Redis, a fresh database per session, the app.
+
+Servers: ``INVENTORY_DATABASE_URL`` / ``INVENTORY_REDIS_URL`` when set, otherwise an
+embedded PostgreSQL and Valkey started in a temporary directory for the session. Each
+session works in its own new database (random name, dropped at the end) and its own
+Redis key/channel prefix, so runs never see each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+
+from inventory.app import create_app
+from inventory.config import Settings
+from inventory.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
+from inventory.store import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(PostgreSQL admin URL, Redis URL) of real servers for this session."""
+    pg_url = os.environ.get("INVENTORY_DATABASE_URL")
+    redis_url = os.environ.get("INVENTORY_REDIS_URL")
+    base = tmp_path_factory.mktemp("servers")
+    pg = vk = None
+    try:
+        if not pg_url:
+            pg = EmbeddedPostgres(base / "postgres")
+            pg_url = pg.start()
+        if not redis_url:
+            vk = EmbeddedValkey(base / "valkey")
+            redis_url = vk.start()
+        yield pg_url, redis_url
+    finally:
+        if vk is not None:
+            vk.stop()
+        if pg is not None:
+            pg.stop()
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_urls: tuple[str, str]) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test session."""
+    admin_url = server_urls[0]
+    name = f"inventory_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_database(admin_url, name)
+    await migrate(url)
+    yield url
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(server_urls: tuple[str, str]) -> str:
+    return server_urls[1]
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> str:
+    return f"inventory-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+async def db_pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=5)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str, redis_prefix: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        sweep_interval=0.1,
+    )
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings) -> AsyncIterator[Any]:
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture(scope="session")
+async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process ASGI client of the app (lifespan already running)."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+# --- factories ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def new_id() -> Callable[[str], str]:
+    """Unique ids, so tests sharing the session database never collide."""
+
+    def make(prefix: str = "p") -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+    return make
+
+
+@pytest.fixture
+def make_warehouse(
+    client: httpx.AsyncClient, new_id: Callable[[str], str]
+) -> Callable[..., Awaitable[str]]:
+    async def make(status: str = "active", warehouse_id: str | None = None) -> str:
+        wid = warehouse_id or new_id("wh")
+        r = await client.put(f"/v1/warehouses/{wid}", json={"name": wid, "status": status})
+        assert r.status_code in (200, 201), r.text
+        return wid
+
+    return make
+
+
+@pytest.fixture
+def make_stock(
+    client: httpx.AsyncClient,
+    new_id: Callable[[str], str],
+    make_warehouse: Callable[..., Awaitable[str]],
+) -> Callable[..., Awaitable[tuple[str, list[str]]]]:
+    """``await make_stock(10, 5)``: a new product with 10 and 5 units in two new
+    warehouses; returns (product_id, [warehouse ids])."""
+
+    async def make(*quantities: int, product_id: str | None = None) -> tuple[str, list[str]]:
+        pid = product_id or new_id("sku")
+        whs = []
+        for qty in quantities:
+            wid = await make_warehouse()
+            r = await client.put(f"/v1/products/{pid}/stock/{wid}", json={"quantity": qty})
+            assert r.status_code == 200, r.text
+            whs.append(wid)
+        return pid, whs
+
+    return make
+
+
+# --- real server processes ------------------------------------------------------------
+
+
+@dataclass
+class ServerProcess:
+    """``inventory serve`` running as a subprocess on a free port."""
+
+    port: int
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/ws"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "inventory.cli", "serve", "--port", str(self.port)],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base_url}/ready", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"server not ready in {timeout}s: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup at all, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 15) -> int | None:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+ServerFactory = Callable[..., Awaitable[ServerProcess]]
+
+
+@pytest.fixture
+async def server_factory(
+    database_url: str, redis_url: str, redis_prefix: str
+) -> AsyncIterator[ServerFactory]:
+    """``await server_factory(env={...})`` starts a server; all are stopped at test end."""
+    started: list[ServerProcess] = []
+
+    async def start(env: dict[str, str] | None = None) -> ServerProcess:
+        full = {
+            **os.environ,
+            "INVENTORY_DATABASE_URL": database_url,
+            "INVENTORY_REDIS_URL": redis_url,
+            "INVENTORY_REDIS_PREFIX": redis_prefix,
+            "INVENTORY_SWEEP_INTERVAL": "0.1",
+            "INVENTORY_TOKENS": "",
+            **(env or {}),
+        }
+        server = ServerProcess(free_port(), full)
+        started.append(server)
+        await asyncio.to_thread(server.start)
+        return server
+
+    yield start
+    await asyncio.gather(*(asyncio.to_thread(s.stop) for s in started))
+    for s in started:
+        s.log.unlink(missing_ok=True)
