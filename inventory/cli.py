@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--data-dir",
             type=Path,
             help="where embedded servers keep their data "
-            "(env INVENTORY_DATA_DIR; default %(default)s)",
+            f"(env INVENTORY_DATA_DIR; default {default_data_dir()})",
             default=None,
         )
 
@@ -166,10 +166,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data_dir_option(check)
     check.set_defaults(func=cmd_check)
+
+    # These two parse their own options (their modules own them).
+    sub.add_parser(
+        "bench", help="run the end-to-end benchmark harness (see 'inventory bench --help')",
+        add_help=False,
+    )  # fmt: skip
+    sub.add_parser(
+        "demo", help="seed demo data and run a bounded shopper load against a running server",
+        add_help=False,
+    )  # fmt: skip
     return parser
 
 
+def _delegate(command: str, argv: Sequence[str]) -> int:
+    if command == "bench":
+        from bench.harness import main as bench_main
+
+        return bench_main(list(argv))
+    from .demo import main as demo_main
+
+    return demo_main(list(argv))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("bench", "demo"):
+        try:
+            return _delegate(argv[0], argv[1:])
+        except KeyboardInterrupt:
+            return 130
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
