@@ -12,14 +12,16 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import FileResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
@@ -32,6 +34,8 @@ from .store import connect
 __all__ = ["RequestIdMiddleware", "app_from_env", "create_app"]
 
 log = logging.getLogger("inventory.app")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 class RequestIdMiddleware:
@@ -196,7 +200,12 @@ def create_app(settings: Settings) -> Starlette:
             await runtime.redis.aclose()
             await store.close()
 
+    async def dashboard(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
+
     all_routes: list[BaseRoute] = [
+        Route("/", dashboard, methods=["GET"]),
+        Mount("/static", app=StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,14 @@ from .embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
 __all__ = ["main"]
 
 log = logging.getLogger("inventory")
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (after uvicorn's graceful shutdown)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 class CliError(Exception):
@@ -88,20 +97,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not settings.tokens:
             log.warning("no INVENTORY_TOKENS: the API is unauthenticated (loopback only)")
         os.environ.update(settings.to_env())
-        uvicorn.run(
-            "inventory.app:app_from_env",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            loop="uvloop",
-            http="httptools",
-            ws="websockets-sansio",
-            ws_max_size=64 * 1024,
-            log_level=settings.log_level,
-            timeout_graceful_shutdown=10,
-            access_log=False,
-        )
+        # uvicorn shuts down gracefully, then re-raises the signal it caught: make that
+        # an exception so the embedded servers are still stopped on the way out.
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        with contextlib.suppress(_Terminated):
+            uvicorn.run(
+                "inventory.app:app_from_env",
+                factory=True,
+                host=settings.host,
+                port=settings.port,
+                workers=settings.workers,
+                loop="uvloop",
+                http="httptools",
+                ws="websockets-sansio",
+                ws_max_size=64 * 1024,
+                log_level=settings.log_level,
+                timeout_graceful_shutdown=10,
+                access_log=False,
+            )
     return 0
 
 
