@@ -136,7 +136,7 @@ async def test_product_404_and_bulk_stock(
 async def test_reservable_counts_active_warehouses_only(
     client: httpx.AsyncClient, make_stock: Callable[..., Awaitable[tuple[str, list[str]]]]
 ) -> None:
-    pid, [w1, w2] = await make_stock(5, 7)
+    pid, [_, w2] = await make_stock(5, 7)
     await client.put(f"/v1/warehouses/{w2}", json={"name": w2, "status": "inactive"})
     body = (await client.get(f"/v1/products/{pid}/stock")).json()
     assert body["available"] == 12
