@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import metrics
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
@@ -113,10 +114,12 @@ def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
     @contextlib.asynccontextmanager
     async def lock_products(products: Sequence[str]) -> AsyncIterator[None]:
         keys = [f"{settings.redis_prefix}:lock:{p}" for p in products]
+        metrics.LOCK_WAITS.inc()
         try:
             async with acquire_many(redis, keys, ttl=settings.lock_ttl, timeout=settings.lock_wait):
                 yield
         except LockNotAcquired:
+            metrics.LOCK_TIMEOUTS.inc()
             raise Contention("timed out waiting for the product lock; retry", 1.0) from None
         except (LockError, OSError, aioredis.RedisError) as exc:
             raise Unavailable(f"lock service unavailable: {type(exc).__name__}") from None
@@ -200,6 +203,11 @@ def create_app(settings: Settings) -> Starlette:
             await runtime.redis.aclose()
             await store.close()
 
+    async def metrics_endpoint(request: Request) -> Response:
+        if not settings.metrics_public:
+            auth.check(bearer(request.headers), "read")
+        return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
+
     async def dashboard(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
 
@@ -208,6 +216,7 @@ def create_app(settings: Settings) -> Starlette:
         Mount("/static", app=StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *routes,
     ]
@@ -220,6 +229,7 @@ def create_app(settings: Settings) -> Starlette:
             Exception: _unexpected,
         },
     )
+    app.add_middleware(metrics.MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.state.runtime = runtime
     return app

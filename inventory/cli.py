@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -79,6 +82,15 @@ def _migrate(url: str) -> list[str]:
     return asyncio.run(migrate(url))
 
 
+def _metrics_dir() -> None:
+    """A fresh prometheus multiprocess directory for this run's worker processes."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    path = Path(tempfile.mkdtemp(prefix="inventory-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    atexit.register(shutil.rmtree, path, True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env().with_overrides(
         host=args.host, port=args.port, workers=args.workers, data_dir=args.data_dir
@@ -97,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not settings.tokens:
             log.warning("no INVENTORY_TOKENS: the API is unauthenticated (loopback only)")
         os.environ.update(settings.to_env())
+        _metrics_dir()
         # uvicorn shuts down gracefully, then re-raises the signal it caught: make that
         # an exception so the embedded servers are still stopped on the way out.
         signal.signal(signal.SIGTERM, _raise_terminated)

@@ -22,10 +22,11 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
 
+from . import metrics
 from .domain import (
     Allocation,
     Contention,
@@ -50,7 +51,6 @@ __all__ = [
     "InventoryService",
     "Replay",
     "RetryPolicy",
-    "ServiceStats",
 ]
 
 
@@ -65,22 +65,6 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
-
-
-@dataclass(slots=True)
-class ServiceStats:
-    """Counters for metrics; plain integers, incremented on the event loop."""
-
-    reservations: dict[str, int] = field(default_factory=dict)
-    version_conflicts: int = 0
-    retries: int = 0
-    lock_waits: int = 0
-    lock_timeouts: int = 0
-    expired: int = 0
-    sweeps: int = 0
-
-    def outcome(self, name: str) -> None:
-        self.reservations[name] = self.reservations.get(name, 0) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +108,6 @@ class InventoryService:
         self.retry = retry or RetryPolicy()
         self.lock_products = lock_products
         self.on_change = on_change or (lambda: None)
-        self.stats = ServiceStats()
 
     # --- warehouses and stock -------------------------------------------------------
 
@@ -217,9 +200,9 @@ class InventoryService:
                         lines, ttl_seconds, reference, idempotency
                     )
         except InventoryError as exc:
-            self.stats.outcome(exc.code)
+            metrics.RESERVATIONS.labels(exc.code).inc()
             raise
-        self.stats.outcome("replayed" if isinstance(result, Replay) else "reserved")
+        metrics.RESERVATIONS.labels("replayed" if isinstance(result, Replay) else "reserved").inc()
         return result
 
     async def _reserve_retrying(
@@ -234,11 +217,11 @@ class InventoryService:
             try:
                 return await self._reserve_once(lines, ttl_seconds, reference, idempotency)
             except VersionMiss:
-                self.stats.version_conflicts += 1
+                metrics.VERSION_CONFLICTS.inc()
             pause = self.retry.delay(attempt)
             if attempt + 1 == self.retry.attempts or time.monotonic() + pause > deadline:
                 break
-            self.stats.retries += 1
+            metrics.RETRIES.inc()
             await asyncio.sleep(pause)
         raise Contention("too many concurrent updates of the same stock; retry", 1.0)
 
@@ -367,8 +350,8 @@ class InventoryService:
                 reservation, now = await self.store.get_reservation(reservation_id, conn)
                 await self._finish_locked(conn, reservation, ReservationStatus.EXPIRED, now)
             expired += 1
-        self.stats.sweeps += 1
-        self.stats.expired += expired
+        metrics.SWEEPS.inc()
+        metrics.EXPIRED.inc(expired)
         if expired:
             self.on_change()
         return expired

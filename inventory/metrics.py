@@ -1,0 +1,127 @@
+"""Prometheus metrics, correct with several worker processes.
+
+``inventory serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory before the
+workers start, so every process writes its samples to memory-mapped files and ``/metrics``
+(answered by whichever worker gets the scrape) aggregates all of them. Without that
+variable (tests, embedding the app elsewhere) the default in-process registry is used.
+
+Labels are bounded: routes are templates (``/v1/reservations/{reservation_id}``), never
+raw paths, and outcomes are error codes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "EXPIRED",
+    "HTTP_LATENCY",
+    "HTTP_REQUESTS",
+    "LOCK_TIMEOUTS",
+    "LOCK_WAITS",
+    "REDIS_RECONNECTS",
+    "RESERVATIONS",
+    "RESYNCS",
+    "RETRIES",
+    "SWEEPS",
+    "VERSION_CONFLICTS",
+    "WS_CONFLATED",
+    "WS_CONNECTIONS",
+    "WS_DELIVERIES",
+    "WS_DROPPED",
+    "WS_SLOW_DISCONNECTS",
+    "WS_SUBSCRIPTIONS",
+    "MetricsMiddleware",
+    "render",
+]
+
+HTTP_REQUESTS = Counter(
+    "inventory_http_requests_total", "HTTP requests", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "inventory_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+RESERVATIONS = Counter(
+    "inventory_reservations_total", "Reservation requests by outcome", ["outcome"]
+)
+VERSION_CONFLICTS = Counter(
+    "inventory_version_conflicts_total", "Version-checked updates that lost a race"
+)
+RETRIES = Counter("inventory_reservation_retries_total", "Reservation attempts retried")
+LOCK_WAITS = Counter("inventory_lock_waits_total", "Product lock acquisitions attempted")
+LOCK_TIMEOUTS = Counter("inventory_lock_timeouts_total", "Product lock waits that ran out")
+SWEEPS = Counter("inventory_expiry_sweeps_total", "Expiry sweeper passes")
+EXPIRED = Counter("inventory_reservations_expired_total", "Reservations expired by the sweeper")
+WS_CONNECTIONS = Gauge(
+    "inventory_ws_connections", "Open WebSocket connections", multiprocess_mode="livesum"
+)
+WS_SUBSCRIPTIONS = Gauge(
+    "inventory_ws_subscriptions",
+    "Product subscriptions over all connections",
+    multiprocess_mode="livesum",
+)
+WS_DELIVERIES = Counter("inventory_ws_deliveries_total", "Stock messages written to clients")
+WS_CONFLATED = Counter(
+    "inventory_ws_conflated_total", "Stock messages replaced by a newer state before sending"
+)
+WS_DROPPED = Counter("inventory_ws_dropped_total", "Stale stock messages dropped")
+WS_SLOW_DISCONNECTS = Counter(
+    "inventory_ws_slow_disconnects_total", "Connections closed for not reading"
+)
+REDIS_RECONNECTS = Counter("inventory_redis_reconnects_total", "Pub/sub reconnects to Redis")
+RESYNCS = Counter("inventory_ws_resyncs_total", "Resyncs of subscribed products from PostgreSQL")
+
+
+def render() -> bytes:
+    """The exposition text: all worker processes in multiprocess mode, else this one."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)
+
+
+class MetricsMiddleware:
+    """Count and time HTTP requests by method, route template and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            HTTP_REQUESTS.labels(method, template, str(status)).inc()
+            HTTP_LATENCY.labels(method, template).observe(time.perf_counter() - start)
