@@ -34,6 +34,7 @@ from .domain import (
     is_product_id,
     is_warehouse_id,
 )
+from .idempotency import Idempotency, Replay
 from .schemas import (
     AdjustmentIn,
     ErrorBody,
@@ -53,7 +54,7 @@ from .schemas import (
     WarehousesOut,
     decode,
 )
-from .service import Idempotency, InventoryService, Replay
+from .service import InventoryService
 from .store import body_hash
 
 __all__ = [

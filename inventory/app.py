@@ -200,6 +200,7 @@ def create_app(settings: Settings) -> Starlette:
             for task in runtime.tasks:
                 task.cancel()
             await asyncio.gather(*runtime.tasks, return_exceptions=True)
+            await service.close()
             await runtime.redis.aclose()
             await store.close()
 

@@ -1,7 +1,9 @@
 """Use cases: warehouses, stock changes, reservations, expiry.
 
 Each use case is one database transaction through :class:`~inventory.store.Store`; the
-rules come from :mod:`inventory.domain`. Reservations use one of two strategies:
+rules come from :mod:`inventory.domain`. Single-line reservations are combined per
+product (:mod:`inventory.batch_reserve`: one locked transaction per batch, the hot-SKU
+fast path). Multi-line reservations use one of two strategies:
 
 ``optimistic`` (default)
     Read the rows, allocate in the domain, then write with ``... WHERE version = $v``.
@@ -30,7 +32,6 @@ from . import metrics
 from .domain import (
     Allocation,
     Contention,
-    IdempotencyKeyReused,
     InventoryError,
     Movement,
     MovementKind,
@@ -44,14 +45,11 @@ from .domain import (
     allocate,
     row_deltas,
 )
-from .store import Conn, IdempotencyRecord, Store, VersionMiss
+from .batch_reserve import BatchReserver, SingleLine
+from .idempotency import Idempotency, Replay, replay_stored
+from .store import Conn, Store, VersionMiss
 
-__all__ = [
-    "Idempotency",
-    "InventoryService",
-    "Replay",
-    "RetryPolicy",
-]
+__all__ = ["InventoryService", "RetryPolicy"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,31 +63,6 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
-
-
-@dataclass(frozen=True, slots=True)
-class Replay:
-    """A stored answer to a repeated ``Idempotency-Key``."""
-
-    status_code: int
-    body: bytes
-
-
-Render = Callable[[Reservation | InventoryError], tuple[int, bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class Idempotency:
-    """What the entry point knows about an ``Idempotency-Key`` request.
-
-    ``render`` turns the outcome into the exact answer to store, so a replay is
-    byte-for-byte the original without the service knowing about HTTP.
-    """
-
-    scope: str
-    key: str
-    digest: bytes
-    render: Render
 
 
 LockFactory = Callable[[Sequence[str]], contextlib.AbstractAsyncContextManager[Any]]
@@ -108,6 +81,13 @@ class InventoryService:
         self.retry = retry or RetryPolicy()
         self.lock_products = lock_products
         self.on_change = on_change or (lambda: None)
+        self.single_line = BatchReserver(
+            store, lock_products=lock_products, on_change=self.on_change
+        )
+
+    async def close(self) -> None:
+        """Stop the combining workers (at shutdown)."""
+        await self.single_line.combiner.close()
 
     # --- warehouses and stock -------------------------------------------------------
 
@@ -170,6 +150,7 @@ class InventoryService:
                     if created is None:  # another transaction created the row: redo
                         continue
                     result = created
+            self.single_line.forget(product_id)
             self.on_change()
             return result
         raise Contention("the stock row kept changing; retry")
@@ -192,7 +173,11 @@ class InventoryService:
         """Reserve every line or none (see :func:`~inventory.domain.allocate`)."""
         products = sorted({x.product_id for x in lines})
         try:
-            if self.lock_products is None:
+            if len(lines) == 1:
+                result = await self.single_line.reserve(
+                    SingleLine(lines[0], ttl_seconds, reference, idempotency)
+                )
+            elif self.lock_products is None:
                 result = await self._reserve_retrying(lines, ttl_seconds, reference, idempotency)
             else:
                 async with self.lock_products(products):
@@ -240,7 +225,7 @@ class InventoryService:
                     conn, idempotency.scope, idempotency.key, idempotency.digest
                 )
                 if stored is not None:
-                    return _replay(stored, idempotency)
+                    return replay_stored(stored, idempotency)
             try:
                 allocation = await self._allocate(conn, lines, levels, warehouses)
             except InventoryError as exc:
@@ -369,13 +354,3 @@ class InventoryService:
                 n = 0
             if n < batch:
                 await asyncio.sleep(interval)
-
-
-def _replay(stored: IdempotencyRecord, idempotency: Idempotency) -> Replay:
-    if stored.body_hash != idempotency.digest:
-        raise IdempotencyKeyReused(
-            "this Idempotency-Key was used with a different body", {"key": idempotency.key}
-        )
-    assert stored.status_code is not None
-    assert stored.response is not None
-    return Replay(stored.status_code, bytes(stored.response))

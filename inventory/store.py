@@ -180,6 +180,32 @@ SELECT * FROM r
 """
 
 
+_INSERT_BATCH = """
+WITH u AS (
+    UPDATE stock_levels s
+    SET reserved = s.reserved + d.r, version = s.version + d.n, updated_at = now()
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+        AS d(product_id, warehouse_id, r, n, v)
+    WHERE s.product_id = d.product_id AND s.warehouse_id = d.warehouse_id AND s.version = d.v
+    RETURNING 1
+), m AS (
+    INSERT INTO movements (product_id, warehouse_id, kind, quantity_delta, reserved_delta,
+                           quantity, reserved, version, reservation_id)
+    SELECT $20, w, 'reserved', 0, r, q, res, v, rid
+    FROM unnest($6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::uuid[])
+        AS m(w, r, q, res, v, rid)
+), r AS (
+    INSERT INTO reservations (id, status, reference, expires_at)
+    SELECT id, 'active', ref, now() + make_interval(secs => ttl)
+    FROM unnest($12::uuid[], $13::text[], $14::float8[]) AS r(id, ref, ttl)
+), l AS (
+    INSERT INTO reservation_lines (reservation_id, line_no, product_id, warehouse_id, quantity)
+    SELECT * FROM unnest($15::uuid[], $16::int[], $17::text[], $18::text[], $19::bigint[])
+)
+SELECT (SELECT count(*) FROM u) AS updated, now() AS now
+"""
+
+
 class Store:
     """Data access over an asyncpg pool. Methods taking ``conn`` run inside the caller's
     transaction (see :meth:`transaction`); the others use a pooled connection."""
@@ -316,6 +342,78 @@ class Store:
         if len(rows) != len(keys):
             raise VersionMiss()
         return [_level(r) for r in rows]
+
+    async def lock_product(
+        self, conn: Conn, product_id: str
+    ) -> tuple[list[StockLevel], dict[str, Warehouse]]:
+        """Every row of one product, locked (in warehouse order), with its warehouses."""
+        rows = await conn.fetch(
+            f"""SELECT s.{_LEVEL_COLS.replace(", ", ", s.")},
+                       w.id, w.name, w.location, w.status
+                FROM stock_levels s JOIN warehouses w ON w.id = s.warehouse_id
+                WHERE s.product_id = $1 ORDER BY s.warehouse_id FOR UPDATE OF s""",
+            product_id,
+        )
+        return [_level(r) for r in rows], {r["id"]: _warehouse(r) for r in rows}
+
+    async def insert_batch(
+        self,
+        conn: Conn,
+        rows: Sequence[tuple[StockLevel, StockLevel]],
+        movements: Sequence[Movement],
+        reservations: Sequence[tuple[UUID, str | None, int]],
+        lines: Sequence[tuple[UUID, int, ReservationLine]],
+    ) -> datetime:
+        """Write a combined batch of reservations in one statement.
+
+        ``rows`` are (locked state, state after the batch) pairs: each row is updated once
+        (version-checked against the locked state) while ``movements`` records every
+        individual change with its own version, exactly as if the reservations had been
+        applied one after another. Returns the transaction time (``created_at``).
+        """
+        before = [b for b, _ in rows]
+        result = await conn.fetchrow(
+            _INSERT_BATCH,
+            [b.product_id for b in before],
+            [b.warehouse_id for b in before],
+            [a.reserved - b.reserved for b, a in rows],
+            [a.version - b.version for b, a in rows],
+            [b.version for b in before],
+            [m.warehouse_id for m in movements],
+            [m.reserved_delta for m in movements],
+            [m.quantity for m in movements],
+            [m.reserved for m in movements],
+            [m.version for m in movements],
+            [m.reservation_id for m in movements],
+            [r[0] for r in reservations],
+            [r[1] for r in reservations],
+            [float(r[2]) for r in reservations],
+            [x[0] for x in lines],
+            [x[1] for x in lines],
+            [x[2].product_id for x in lines],
+            [x[2].warehouse_id for x in lines],
+            [x[2].quantity for x in lines],
+            before[0].product_id if before else "",
+        )
+        assert result is not None
+        if result["updated"] != len(rows):
+            raise VersionMiss()
+        now: datetime = result["now"]
+        return now
+
+    async def store_idempotent_responses(
+        self, conn: Conn, scope: str, answers: Mapping[str, tuple[int, bytes]]
+    ) -> None:
+        keys = list(answers)
+        await conn.execute(
+            """UPDATE idempotency_keys k SET status_code = a.status, response = a.body
+               FROM unnest($2::text[], $3::int[], $4::bytea[]) AS a(key, status, body)
+               WHERE k.scope = $1 AND k.key = a.key""",
+            scope,
+            keys,
+            [answers[k][0] for k in keys],
+            [answers[k][1] for k in keys],
+        )
 
     async def movements(
         self, product_id: str, after: int, limit: int

@@ -1,0 +1,262 @@
+"""The single-line reservation path: per-product request combining (the hot-SKU fast path).
+
+Every single-line reservation goes through a :class:`~inventory.combining.Combiner`
+keyed by product. A batch is one transaction: claim the members' idempotency keys, lock
+the product's rows (``FOR UPDATE``, warehouse order), allocate the members one after
+another in arrival order against the running state, then write all their reservations,
+lines and ledger rows with one statement that updates each touched row once. The ledger
+still gets one row per reservation per stock row, each with its own version, exactly as
+if the reservations had been applied one by one; the row's version moves by the number
+of changes. Members that no longer fit get ``insufficient_stock``; the others commit.
+
+Sold-out refusal: after a batch leaves a product with nothing reservable, unpinned
+requests without an ``Idempotency-Key`` are refused from memory for ``sold_out_ttl``
+seconds (default 0.2 s) instead of queueing behind the database. A restock through this
+process clears that at once; one through another process is seen after at most
+``sold_out_ttl``. A refusal is never an oversell, so the only cost of the shortcut is a
+bounded window in which fresh stock can be refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from .combining import Combiner
+from .domain import (
+    IdempotencyKeyReused,
+    InsufficientStock,
+    InventoryError,
+    Movement,
+    NotFound,
+    RequestedLine,
+    Reservation,
+    ReservationLine,
+    ReservationStatus,
+    StockLevel,
+    Warehouse,
+    allocate,
+)
+from .idempotency import Idempotency, Replay, replay_stored
+from .store import Conn, Store
+
+__all__ = ["BatchReserver", "SingleLine"]
+
+
+@dataclass(frozen=True, slots=True)
+class SingleLine:
+    """One single-line reservation request waiting for its batch."""
+
+    line: RequestedLine
+    ttl_seconds: int
+    reference: str | None
+    idempotency: Idempotency | None = None
+
+
+Outcome = Reservation | Replay | InventoryError
+
+
+class BatchReserver:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        lock_products: Callable[[Sequence[str]], contextlib.AbstractAsyncContextManager[Any]]
+        | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        sold_out_ttl: float = 0.2,
+        max_batch: int = 256,
+    ) -> None:
+        self.store = store
+        self._lock_products = lock_products
+        self._on_change = on_change
+        self._sold_out_ttl = sold_out_ttl
+        self._sold_out: dict[str, float] = {}
+        self.combiner: Combiner[str, SingleLine, Outcome] = Combiner(
+            self._run_batch, max_batch=max_batch
+        )
+
+    async def reserve(self, request: SingleLine) -> Outcome:
+        line = request.line
+        if request.idempotency is None and line.warehouse_id is None:
+            until = self._sold_out.get(line.product_id)
+            if until is not None and until > time.monotonic():
+                raise InsufficientStock(
+                    "not enough stock for every line",
+                    [{"product_id": line.product_id, "requested": line.quantity, "available": 0}],
+                )
+        return await self.combiner.submit(line.product_id, request)
+
+    def forget(self, product_id: str) -> None:
+        """Stock of the product changed here: stop refusing it from memory."""
+        self._sold_out.pop(product_id, None)
+
+    async def _run_batch(self, product_id: str, batch: Sequence[SingleLine]) -> list[Outcome]:
+        if self._lock_products is None:
+            results = await self._apply(product_id, batch)
+        else:
+            async with self._lock_products([product_id]):
+                results = await self._apply(product_id, batch)
+        if any(isinstance(r, Reservation) for r in results):
+            self._on_change()
+        return results
+
+    async def _apply(self, product_id: str, batch: Sequence[SingleLine]) -> list[Outcome]:
+        results: list[Outcome | None] = [None] * len(batch)
+        fresh: list[int] = []  # members whose key this batch claimed
+        duplicates: dict[int, int] = {}  # member -> earlier member with the same key
+        async with self.store.transaction() as conn:
+            live = await self._claim_keys(conn, batch, results, fresh, duplicates)
+            levels, warehouses = await self.store.lock_product(conn, product_id)
+            pinned = {batch[i].line.warehouse_id for i in live} - {None} - warehouses.keys()
+            if pinned:
+                found = await self.store.warehouses(conn, [w for w in pinned if w is not None])
+                warehouses = {**warehouses, **found}
+            current = {(lv.product_id, lv.warehouse_id): lv for lv in levels}
+            movements: list[Movement] = []
+            planned: list[tuple[int, UUID, tuple[ReservationLine, ...]]] = []
+            for i in live:
+                line = batch[i].line
+                try:
+                    if not levels:
+                        raise NotFound(
+                            f"product {product_id} has no stock", {"product_ids": [product_id]}
+                        )
+                    if line.warehouse_id is not None and line.warehouse_id not in warehouses:
+                        raise NotFound(
+                            f"warehouse {line.warehouse_id} not found",
+                            {"warehouse_id": line.warehouse_id},
+                        )
+                    allocation = allocate([line], current.values(), warehouses)
+                except InventoryError as exc:
+                    results[i] = exc
+                    continue
+                reservation_id = uuid.uuid4()
+                for part in allocation.lines:
+                    key = (part.product_id, part.warehouse_id)
+                    current[key], movement = current[key].reserve(part.quantity, reservation_id)
+                    movements.append(movement)
+                planned.append((i, reservation_id, allocation.lines))
+            if planned:
+                now = await self._write(conn, batch, levels, current, movements, planned)
+                for i, reservation_id, lines in planned:
+                    request = batch[i]
+                    results[i] = Reservation(
+                        reservation_id,
+                        ReservationStatus.ACTIVE,
+                        lines,
+                        request.reference,
+                        now,
+                        now + timedelta(seconds=request.ttl_seconds),
+                    )
+            await self._remember(conn, batch, results, fresh)
+        for i, first in duplicates.items():
+            results[i] = _mirror(batch[first], results[first], batch[i])
+        self._note_sold_out(product_id, current, warehouses)
+        done = [r for r in results if r is not None]
+        assert len(done) == len(batch), "every member gets exactly one answer"
+        return done
+
+    async def _claim_keys(
+        self,
+        conn: Conn,
+        batch: Sequence[SingleLine],
+        results: list[Outcome | None],
+        fresh: list[int],
+        duplicates: dict[int, int],
+    ) -> list[int]:
+        """Claim idempotency keys; returns the members still to allocate."""
+        live = []
+        seen: dict[tuple[str, str], int] = {}
+        for i, request in enumerate(batch):
+            idem = request.idempotency
+            if idem is None:
+                live.append(i)
+                continue
+            if (idem.scope, idem.key) in seen:
+                duplicates[i] = seen[(idem.scope, idem.key)]
+                continue
+            seen[(idem.scope, idem.key)] = i
+            stored = await self.store.claim_idempotency_key(conn, idem.scope, idem.key, idem.digest)
+            if stored is None:
+                fresh.append(i)
+                live.append(i)
+                continue
+            try:
+                results[i] = replay_stored(stored, idem)
+            except InventoryError as exc:
+                results[i] = exc
+        return live
+
+    async def _write(
+        self,
+        conn: Conn,
+        batch: Sequence[SingleLine],
+        levels: list[StockLevel],
+        current: dict[tuple[str, str], StockLevel],
+        movements: list[Movement],
+        planned: list[tuple[int, UUID, tuple[ReservationLine, ...]]],
+    ) -> datetime:
+        rows = [
+            (lv, current[(lv.product_id, lv.warehouse_id)])
+            for lv in levels
+            if current[(lv.product_id, lv.warehouse_id)] is not lv
+        ]
+        reservations = [(rid, batch[i].reference, batch[i].ttl_seconds) for i, rid, _ in planned]
+        lines = [
+            (rid, n, line) for _, rid, parts in planned for n, line in enumerate(parts, start=1)
+        ]
+        return await self.store.insert_batch(conn, rows, movements, reservations, lines)
+
+    async def _remember(
+        self,
+        conn: Conn,
+        batch: Sequence[SingleLine],
+        results: list[Outcome | None],
+        fresh: list[int],
+    ) -> None:
+        """Store the answers of newly claimed keys (201, 404 and 409: nothing else
+        reaches this point)."""
+        answers: dict[str, dict[str, tuple[int, bytes]]] = {}
+        for i in fresh:
+            idem, outcome = batch[i].idempotency, results[i]
+            assert idem is not None
+            assert isinstance(outcome, Reservation | InventoryError)
+            answers.setdefault(idem.scope, {})[idem.key] = idem.render(outcome)
+        for scope, by_key in answers.items():
+            await self.store.store_idempotent_responses(conn, scope, by_key)
+
+    def _note_sold_out(
+        self,
+        product_id: str,
+        current: dict[tuple[str, str], StockLevel],
+        warehouses: dict[str, Warehouse],
+    ) -> None:
+        reservable = sum(
+            lv.available for lv in current.values() if warehouses[lv.warehouse_id].can_allocate
+        )
+        if current and reservable == 0:
+            self._sold_out[product_id] = time.monotonic() + self._sold_out_ttl
+        else:
+            self._sold_out.pop(product_id, None)
+
+
+def _mirror(first: SingleLine, outcome: Outcome | None, request: SingleLine) -> Outcome:
+    """The answer to a repeat of a key already used earlier in the same batch."""
+    assert first.idempotency is not None
+    assert request.idempotency is not None
+    assert outcome is not None
+    if request.idempotency.digest != first.idempotency.digest:
+        return IdempotencyKeyReused(
+            "this Idempotency-Key was used with a different body",
+            {"key": request.idempotency.key},
+        )
+    if isinstance(outcome, Replay | IdempotencyKeyReused):
+        return outcome
+    return first.idempotency.replay(outcome)

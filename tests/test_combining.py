@@ -1,0 +1,161 @@
+"""Request combining: the pure Combiner, and the hot-SKU path against the real database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import httpx
+import pytest
+
+from inventory.check import check_database
+from inventory.combining import Combiner
+
+StockFactory = Callable[..., Awaitable[tuple[str, list[str]]]]
+
+
+async def test_batches_gather_what_arrives_while_one_is_in_flight() -> None:
+    gate = asyncio.Event()
+    seen: list[list[int]] = []
+
+    async def run(key: str, items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        if len(seen) == 1:
+            await gate.wait()
+        return [x * 10 for x in items]
+
+    combiner: Combiner[str, int, int] = Combiner(run)
+    first = asyncio.create_task(combiner.submit("k", 1))
+    while not seen:
+        await asyncio.sleep(0)
+    rest = [asyncio.create_task(combiner.submit("k", i)) for i in range(2, 6)]
+    await asyncio.sleep(0)
+    gate.set()
+    assert await first == 10
+    assert [await t for t in rest] == [20, 30, 40, 50]
+    assert seen == [[1], [2, 3, 4, 5]]
+
+
+async def test_cancelled_waiting_member_is_not_applied() -> None:
+    gate = asyncio.Event()
+    applied: list[int] = []
+
+    async def run(key: str, items: Sequence[int]) -> list[int]:
+        if not applied:
+            applied.extend(items)
+            await gate.wait()
+            return list(items)
+        applied.extend(items)
+        return list(items)
+
+    combiner: Combiner[str, int, int] = Combiner(run)
+    leader = asyncio.create_task(combiner.submit("k", 1))
+    while not applied:
+        await asyncio.sleep(0)
+    waiting = asyncio.create_task(combiner.submit("k", 2))
+    kept = asyncio.create_task(combiner.submit("k", 3))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    gate.set()
+    assert await leader == 1
+    assert await kept == 3
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert applied == [1, 3]
+
+
+async def test_batch_failure_fails_every_member() -> None:
+    async def run(key: str, items: Sequence[int]) -> list[int]:
+        raise RuntimeError("database went away")
+
+    combiner: Combiner[str, int, int] = Combiner(run)
+    results = await asyncio.gather(
+        *(combiner.submit("k", i) for i in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_per_item_errors_go_to_their_item() -> None:
+    async def run(key: str, items: Sequence[int]) -> list[int | BaseException]:
+        return [ValueError(x) if x % 2 else x for x in items]
+
+    combiner: Combiner[str, int, int] = Combiner(run)
+    results = await asyncio.gather(
+        *(combiner.submit("k", i) for i in range(4)), return_exceptions=True
+    )
+    assert results[0] == 0
+    assert results[2] == 2
+    assert isinstance(results[1], ValueError)
+    assert isinstance(results[3], ValueError)
+
+
+async def test_hot_sku_never_oversells(
+    app: Any, client: httpx.AsyncClient, make_stock: StockFactory, database_url: str
+) -> None:
+    combiner = app.state.runtime.service.single_line.combiner
+    batches_before, items_before = combiner.batches, combiner.items
+    pid, _ = await make_stock(60, 40)
+    body = {"lines": [{"product_id": pid, "quantity": 1}]}
+    answers = await asyncio.gather(*(client.post("/v1/reservations", json=body) for _ in range(300)))
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses.count(201) == 100
+    assert statuses.count(409) == 200
+    assert {r.json()["error"]["code"] for r in answers if r.status_code == 409} == {
+        "insufficient_stock"
+    }
+    stock = (await client.get(f"/v1/products/{pid}/stock")).json()
+    assert stock["reserved"] == 100
+    assert stock["available"] == 0
+    ids = {r.json()["id"] for r in answers if r.status_code == 201}
+    assert len(ids) == 100
+    moves = (await client.get(f"/v1/products/{pid}/movements?limit=1000")).json()["movements"]
+    reserved = [m for m in moves if m["kind"] == "reserved"]
+    assert {m["reservation_id"] for m in reserved} == ids
+    for wid in {m["warehouse_id"] for m in moves}:
+        versions = [m["version"] for m in moves if m["warehouse_id"] == wid]
+        assert versions == list(range(1, len(versions) + 1))
+    assert not any((await check_database(database_url)).values())
+    # Requests were really combined: fewer batches than requests.
+    assert combiner.batches - batches_before < (combiner.items - items_before) / 2
+
+
+async def test_idempotent_replays_inside_a_batch(
+    client: httpx.AsyncClient, make_stock: StockFactory, new_id: Callable[[str], str]
+) -> None:
+    pid, _ = await make_stock(50)
+    body: dict[str, Any] = {"lines": [{"product_id": pid, "quantity": 2}]}
+    key = new_id("key")
+    same = [client.post("/v1/reservations", json=body, headers={"Idempotency-Key": key})]
+    others = [client.post("/v1/reservations", json=body) for _ in range(5)]
+    repeats = [
+        client.post("/v1/reservations", json=body, headers={"Idempotency-Key": key})
+        for _ in range(10)
+    ]
+    other_body = {"lines": [{"product_id": pid, "quantity": 3}]}
+    mismatch = [
+        client.post("/v1/reservations", json=other_body, headers={"Idempotency-Key": key})
+    ]
+    answers = await asyncio.gather(*same, *others, *repeats, *mismatch)
+    keyed = [answers[0], *answers[6:16]]
+    assert {(r.status_code, r.content) for r in keyed} == {(201, answers[0].content)}
+    assert answers[-1].status_code == 422
+    assert answers[-1].json()["error"]["code"] == "idempotency_key_reused"
+    stock = (await client.get(f"/v1/products/{pid}/stock")).json()
+    assert stock["reserved"] == 2 * 6
+
+
+async def test_sold_out_is_refused_and_restock_reopens(
+    client: httpx.AsyncClient, make_stock: StockFactory
+) -> None:
+    pid, [wid] = await make_stock(1)
+    body = {"lines": [{"product_id": pid, "quantity": 1}]}
+    assert (await client.post("/v1/reservations", json=body)).status_code == 201
+    refused = await client.post("/v1/reservations", json=body)
+    assert refused.status_code == 409
+    assert refused.json()["error"]["details"] == [
+        {"product_id": pid, "requested": 1, "available": 0}
+    ]
+    r = await client.post(f"/v1/products/{pid}/stock/{wid}/adjustments", json={"delta": 1})
+    assert r.status_code == 200
+    assert (await client.post("/v1/reservations", json=body)).status_code == 201
