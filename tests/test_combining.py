@@ -16,19 +16,19 @@ StockFactory = Callable[..., Awaitable[tuple[str, list[str]]]]
 
 
 async def test_batches_gather_what_arrives_while_one_is_in_flight() -> None:
-    gate = asyncio.Event()
+    gate, started = asyncio.Event(), asyncio.Event()
     seen: list[list[int]] = []
 
     async def run(key: str, items: Sequence[int]) -> list[int]:
         seen.append(list(items))
         if len(seen) == 1:
+            started.set()
             await gate.wait()
         return [x * 10 for x in items]
 
     combiner: Combiner[str, int, int] = Combiner(run)
     first = asyncio.create_task(combiner.submit("k", 1))
-    while not seen:
-        await asyncio.sleep(0)
+    await started.wait()
     rest = [asyncio.create_task(combiner.submit("k", i)) for i in range(2, 6)]
     await asyncio.sleep(0)
     gate.set()
@@ -38,21 +38,20 @@ async def test_batches_gather_what_arrives_while_one_is_in_flight() -> None:
 
 
 async def test_cancelled_waiting_member_is_not_applied() -> None:
-    gate = asyncio.Event()
+    gate, started = asyncio.Event(), asyncio.Event()
     applied: list[int] = []
 
     async def run(key: str, items: Sequence[int]) -> list[int]:
-        if not applied:
-            applied.extend(items)
-            await gate.wait()
-            return list(items)
+        first_batch = not applied
         applied.extend(items)
+        if first_batch:
+            started.set()
+            await gate.wait()
         return list(items)
 
     combiner: Combiner[str, int, int] = Combiner(run)
     leader = asyncio.create_task(combiner.submit("k", 1))
-    while not applied:
-        await asyncio.sleep(0)
+    await started.wait()
     waiting = asyncio.create_task(combiner.submit("k", 2))
     kept = asyncio.create_task(combiner.submit("k", 3))
     await asyncio.sleep(0)
@@ -97,7 +96,9 @@ async def test_hot_sku_never_oversells(
     batches_before, items_before = combiner.batches, combiner.items
     pid, _ = await make_stock(60, 40)
     body = {"lines": [{"product_id": pid, "quantity": 1}]}
-    answers = await asyncio.gather(*(client.post("/v1/reservations", json=body) for _ in range(300)))
+    answers = await asyncio.gather(
+        *(client.post("/v1/reservations", json=body) for _ in range(300))
+    )
     statuses = sorted(r.status_code for r in answers)
     assert statuses.count(201) == 100
     assert statuses.count(409) == 200
@@ -133,9 +134,7 @@ async def test_idempotent_replays_inside_a_batch(
         for _ in range(10)
     ]
     other_body = {"lines": [{"product_id": pid, "quantity": 3}]}
-    mismatch = [
-        client.post("/v1/reservations", json=other_body, headers={"Idempotency-Key": key})
-    ]
+    mismatch = [client.post("/v1/reservations", json=other_body, headers={"Idempotency-Key": key})]
     answers = await asyncio.gather(*same, *others, *repeats, *mismatch)
     keyed = [answers[0], *answers[6:16]]
     assert {(r.status_code, r.content) for r in keyed} == {(201, answers[0].content)}
