@@ -28,6 +28,7 @@ from . import metrics
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
+from .logs import request_id_var
 from .openapi import openapi_document
 from .service import InventoryService, RetryPolicy
 from .store import connect
@@ -57,13 +58,17 @@ class RequestIdMiddleware:
         if not request_id or not request_id.isascii():
             request_id = uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
+        token = request_id_var.set(request_id.decode())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)
 
 
 async def _inventory_error(request: Request, exc: Exception) -> Response:

@@ -78,11 +78,11 @@ class BatchReserver:
         self._on_change = on_change
         self._sold_out_ttl = sold_out_ttl
         self._sold_out: dict[str, float] = {}
-        self.combiner: Combiner[str, SingleLine, Outcome] = Combiner(
+        self.combiner: Combiner[str, SingleLine, Reservation | Replay] = Combiner(
             self._run_batch, max_batch=max_batch
         )
 
-    async def reserve(self, request: SingleLine) -> Outcome:
+    async def reserve(self, request: SingleLine) -> Reservation | Replay:
         line = request.line
         if request.idempotency is None and line.warehouse_id is None:
             until = self._sold_out.get(line.product_id)

@@ -23,6 +23,7 @@ from pathlib import Path
 from .config import ConfigError, Settings, default_data_dir
 from .domain import InventoryError
 from .embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
+from .logs import configure_logging, default_format
 
 __all__ = ["main"]
 
@@ -224,10 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(default_format(), "debug" if args.verbose else "info")
     if getattr(args, "port", None) is not None and not 0 <= args.port <= 65535:
         parser.error("--port must be between 0 and 65535")
     if getattr(args, "workers", None) is not None and not 1 <= args.workers <= 64:

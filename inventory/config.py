@@ -15,9 +15,12 @@ from typing import Any
 
 import orjson
 
+from .logs import default_format as default_log_format
+
 __all__ = ["SCOPES", "ConfigError", "Settings", "default_data_dir"]
 
 SCOPES = ("read", "reserve", "admin")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
@@ -65,6 +68,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).lower()
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
 
 
 def parse_tokens(raw: str) -> dict[str, frozenset[str]]:
@@ -127,6 +137,7 @@ class Settings:
     idempotency_ttl_hours: int = 48
     relay_poll_interval: float = 0.01
     log_level: str = "info"
+    log_format: str = "json"
 
     @property
     def embedded(self) -> bool:
@@ -164,7 +175,8 @@ class Settings:
             lock_ttl=_float(env, "INVENTORY_LOCK_TTL", 10.0, 0.1, 3600),
             lock_wait=_float(env, "INVENTORY_LOCK_WAIT", 2.0, 0.0, 60),
             sweep_interval=_float(env, "INVENTORY_SWEEP_INTERVAL", 0.25, 0.01, 60),
-            log_level=(env.get("INVENTORY_LOG_LEVEL", "info") or "info").lower(),
+            log_level=_choice(env, "INVENTORY_LOG_LEVEL", "info", LOG_LEVELS),
+            log_format=_choice(env, "INVENTORY_LOG_FORMAT", default_log_format(), ("json", "text")),
         )
 
     def with_overrides(self, **overrides: Any) -> Settings:

@@ -1,0 +1,84 @@
+"""Structured logging on the standard library: one JSON object per line.
+
+Every record carries the request id of the HTTP request it was logged under (a
+context variable set by the request-id middleware). Nothing here ever logs a header or a
+token; configuration values with secrets are never passed to the logger.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+__all__ = ["JsonFormatter", "configure_logging", "request_id_var", "uvicorn_log_config"]
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "request_id", default=None
+)
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"ts", "level", "logger", "msg", "request_id"?, "exc"?, ...extra}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id:
+            entry["request_id"] = request_id
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def _formatter(fmt: str) -> dict[str, Any]:
+    if fmt == "json":
+        return {"()": JsonFormatter}
+    return {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+
+
+def uvicorn_log_config(fmt: str, level: str) -> dict[str, Any]:
+    """A ``logging.config`` dict for uvicorn (and our loggers) in worker processes."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": _formatter(fmt)},
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "formatter": "default",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["default"], "level": level.upper()},
+        "loggers": {
+            "uvicorn": {"level": level.upper()},
+            "uvicorn.error": {"level": level.upper()},
+            "uvicorn.access": {"level": "WARNING"},
+        },
+    }
+
+
+def configure_logging(fmt: str, level: str) -> None:
+    import logging.config
+
+    logging.config.dictConfig(uvicorn_log_config(fmt, level))
+
+
+def default_format() -> str:
+    """Readable text on a terminal, JSON lines otherwise."""
+    return "text" if sys.stderr.isatty() else "json"
