@@ -1,0 +1,125 @@
+"""Tokens and scopes: every route x no token / bad token / each scope."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from inventory.app import create_app
+from inventory.config import ConfigError, Settings, parse_tokens
+
+ADMIN = "admin-secret"
+TOKENS = {
+    "reader-secret": ["read"],
+    "reserver-secret": ["reserve"],
+    f"sha256:{hashlib.sha256(ADMIN.encode()).hexdigest()}": ["admin"],
+}
+BY_SCOPE = {"read": "reader-secret", "reserve": "reserver-secret", "admin": ADMIN}
+UUID0 = "00000000-0000-4000-8000-000000000000"
+
+# (method, path, body, scope the route needs)
+ROUTES: list[tuple[str, str, Any, str]] = [
+    ("GET", "/v1/warehouses", None, "read"),
+    ("GET", "/v1/warehouses/sec-wh", None, "read"),
+    ("PUT", "/v1/warehouses/sec-wh", {"name": "x", "status": "active"}, "admin"),
+    ("GET", "/v1/stock?product_ids=sec-p", None, "read"),
+    ("GET", "/v1/products/sec-p/stock", None, "read"),
+    ("POST", "/v1/products/sec-p/stock/sec-wh/adjustments", {"delta": 5}, "admin"),
+    ("PUT", "/v1/products/sec-p/stock/sec-wh", {"quantity": 5}, "admin"),
+    ("GET", "/v1/products/sec-p/movements", None, "read"),
+    ("POST", "/v1/reservations", {"lines": [{"product_id": "sec-p", "quantity": 1}]}, "reserve"),
+    ("GET", f"/v1/reservations/{UUID0}", None, "read"),
+    ("POST", f"/v1/reservations/{UUID0}/commit", None, "reserve"),
+    ("POST", f"/v1/reservations/{UUID0}/release", None, "reserve"),
+    ("POST", f"/v1/reservations/{UUID0}/extend", {"ttl_seconds": 60}, "reserve"),
+]
+
+
+@pytest.fixture(scope="module")
+async def secured(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(replace(settings, tokens=parse_tokens(orjson.dumps(TOKENS).decode())))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            yield c
+
+
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+@pytest.mark.parametrize(("method", "path", "body", "scope"), ROUTES)
+async def test_route_matrix(
+    secured: httpx.AsyncClient, method: str, path: str, body: Any, scope: str
+) -> None:
+    for token in (None, "wrong-token", "Bearer"):
+        r = await secured.request(method, path, json=body, headers=_auth(token))
+        assert r.status_code == 401, (token, r.text)
+        assert r.json()["error"]["code"] == "unauthorized"
+        assert r.headers["www-authenticate"] == "Bearer"
+    for granted, token in BY_SCOPE.items():
+        r = await secured.request(method, path, json=body, headers=_auth(token))
+        allowed = granted == scope or granted == "admin"
+        if allowed:
+            assert r.status_code not in (401, 403), (granted, r.text)
+        else:
+            assert r.status_code == 403, (granted, r.text)
+            assert r.json()["error"]["code"] == "forbidden"
+
+
+async def test_nothing_written_without_scope(secured: httpx.AsyncClient) -> None:
+    for token in (None, "wrong", "reader-secret", "reserver-secret"):
+        await secured.put(
+            "/v1/warehouses/never", json={"name": "n", "status": "active"}, headers=_auth(token)
+        )
+    r = await secured.get("/v1/warehouses/never", headers=_auth(ADMIN))
+    assert r.status_code == 404
+
+
+async def test_open_endpoints(secured: httpx.AsyncClient) -> None:
+    for path in ("/health", "/ready", "/openapi.json", "/metrics"):
+        r = await secured.get(path)
+        assert r.status_code == 200, path
+    r = await secured.get("/v1/warehouses")
+    assert r.status_code == 401
+    assert r.headers["x-request-id"]
+
+
+async def test_admin_token_works_end_to_end(secured: httpx.AsyncClient) -> None:
+    h = _auth(ADMIN)
+    assert (
+        await secured.put(
+            "/v1/warehouses/sec-wh", json={"name": "x", "status": "active"}, headers=h
+        )
+    ).status_code in (200, 201)
+    r = await secured.post(
+        "/v1/products/sec-ok/stock/sec-wh/adjustments", json={"delta": 2}, headers=h
+    )
+    assert r.status_code == 200
+    r = await secured.post(
+        "/v1/reservations",
+        json={"lines": [{"product_id": "sec-ok", "quantity": 1}]},
+        headers=_auth("reserver-secret"),
+    )
+    assert r.status_code == 201
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ['["a"]', '{"t": "read"}', '{"t": ["write"]}', '{"sha256:abc": ["read"]}', "not json"],
+)
+def test_bad_token_config(raw: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_tokens(raw)
+
+
+def test_tokens_are_stored_hashed() -> None:
+    parsed = parse_tokens('{"plain": ["reserve"], "boss": ["admin"]}')
+    assert "plain" not in parsed
+    assert parsed[hashlib.sha256(b"boss").hexdigest()] == {"read", "reserve", "admin"}
