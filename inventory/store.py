@@ -210,8 +210,9 @@ class Store:
     """Data access over an asyncpg pool. Methods taking ``conn`` run inside the caller's
     transaction (see :meth:`transaction`); the others use a pooled connection."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float = 5.0) -> None:
         self.pool = pool
+        self.acquire_timeout = acquire_timeout
 
     async def close(self) -> None:
         await self.pool.close()
@@ -219,13 +220,13 @@ class Store:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Conn]:
         with _translated():
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn, conn.transaction():
                 yield conn
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
         with _translated():
-            async with self.pool.acquire() as conn:
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
                 yield conn
 
     async def ping(self) -> None:
@@ -578,7 +579,7 @@ async def connect(url: str, *, min_size: int, max_size: int, timeout: float) -> 
             command_timeout=timeout,
             max_inactive_connection_lifetime=60,
         )
-    return Store(pool)
+    return Store(pool, acquire_timeout=timeout)
 
 
 async def migrate(url: str) -> list[str]:
