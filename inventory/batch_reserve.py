@@ -30,6 +30,7 @@ from uuid import UUID
 
 from .combining import Combiner
 from .domain import (
+    Contention,
     IdempotencyKeyReused,
     InsufficientStock,
     InventoryError,
@@ -44,7 +45,7 @@ from .domain import (
     allocate,
 )
 from .idempotency import Idempotency, Replay, replay_stored
-from .store import Conn, Store
+from .store import Conn, Store, VersionMiss
 
 __all__ = ["BatchReserver", "SingleLine"]
 
@@ -98,11 +99,14 @@ class BatchReserver:
         self._sold_out.pop(product_id, None)
 
     async def _run_batch(self, product_id: str, batch: Sequence[SingleLine]) -> list[Outcome]:
-        if self._lock_products is None:
-            results = await self._apply(product_id, batch)
-        else:
-            async with self._lock_products([product_id]):
+        try:
+            if self._lock_products is None:
                 results = await self._apply(product_id, batch)
+            else:
+                async with self._lock_products([product_id]):
+                    results = await self._apply(product_id, batch)
+        except VersionMiss:  # the rows are locked: only a bug or manual SQL gets here
+            raise Contention("the stock row changed under the batch; retry") from None
         if any(isinstance(r, Reservation) for r in results):
             self._on_change()
         return results
@@ -172,13 +176,15 @@ class BatchReserver:
         duplicates: dict[int, int],
     ) -> list[int]:
         """Claim idempotency keys; returns the members still to allocate."""
-        live = []
+        live = [i for i, request in enumerate(batch) if request.idempotency is None]
         seen: dict[tuple[str, str], int] = {}
-        for i, request in enumerate(batch):
-            idem = request.idempotency
-            if idem is None:
-                live.append(i)
-                continue
+        # Claim in key order: two batches sharing keys can then never deadlock.
+        keyed = sorted(
+            (r.idempotency.scope, r.idempotency.key, i, r.idempotency)
+            for i, r in enumerate(batch)
+            if r.idempotency is not None
+        )
+        for _, _, i, idem in keyed:
             if (idem.scope, idem.key) in seen:
                 duplicates[i] = seen[(idem.scope, idem.key)]
                 continue
@@ -192,7 +198,7 @@ class BatchReserver:
                 results[i] = replay_stored(stored, idem)
             except InventoryError as exc:
                 results[i] = exc
-        return live
+        return sorted(live)
 
     async def _write(
         self,

@@ -25,6 +25,7 @@ import asyncpg
 import orjson
 
 from .domain import (
+    Contention,
     InventoryError,
     Movement,
     MovementKind,
@@ -94,8 +95,10 @@ def _translated() -> Any:
         raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
     except (asyncpg.CheckViolationError, asyncpg.UniqueViolationError) as exc:
         raise StoreIntegrityError(f"the database refused the write: {exc}") from exc
-    except asyncpg.DeadlockDetectedError as exc:  # pragma: no cover - rows are locked in order
-        raise VersionMiss() from exc
+    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+        # Rows and keys are locked in a fixed order, so this should not happen; if it
+        # does, the transaction was rolled back and the client may simply retry.
+        raise Contention("the database aborted a conflicting transaction; retry") from exc
 
 
 def _level(r: Row) -> StockLevel:
