@@ -23,6 +23,11 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from realtime.hub import Hub
+from realtime.relay import Relay
+from realtime.ws import websocket_route
 
 from . import metrics
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
@@ -32,6 +37,7 @@ from .logs import request_id_var
 from .openapi import openapi_document
 from .service import InventoryService, RetryPolicy
 from .store import connect
+from .store_feed import PgLevelReader, PgOutbox
 
 __all__ = ["RequestIdMiddleware", "app_from_env", "create_app"]
 
@@ -103,12 +109,43 @@ class Runtime:
         self.settings = settings
         self.redis: aioredis.Redis | None = None
         self.service: InventoryService | None = None
+        self.hub: Hub | None = None
         self.tasks: list[asyncio.Task[Any]] = []
 
     def get_service(self) -> InventoryService:
         if self.service is None:
             raise Unavailable("the server is starting")
         return self.service
+
+    def get_hub(self) -> Hub:
+        assert self.hub is not None, "the hub starts with the lifespan"
+        return self.hub
+
+
+_HUB_COUNTERS = {
+    "deliveries": metrics.WS_DELIVERIES,
+    "conflated": metrics.WS_CONFLATED,
+    "stale": metrics.WS_DROPPED,
+    "overflows": metrics.WS_DROPPED,
+    "slow_disconnects": metrics.WS_SLOW_DISCONNECTS,
+    "redis_reconnects": metrics.REDIS_RECONNECTS,
+    "resyncs": metrics.RESYNCS,
+}
+
+
+async def _export_hub_stats(hub: Hub, interval: float = 1.0) -> None:
+    """Copy the hub's plain counters into Prometheus (multiprocess-safe) every second."""
+    seen = dict.fromkeys(_HUB_COUNTERS, 0)
+    while True:
+        stats = hub.stats
+        for name, counter in _HUB_COUNTERS.items():
+            value = getattr(stats, name)
+            if value > seen[name]:
+                counter.inc(value - seen[name])
+            seen[name] = value
+        metrics.WS_CONNECTIONS.set(stats.connections)
+        metrics.WS_SUBSCRIPTIONS.set(stats.subscriptions)
+        await asyncio.sleep(interval)
 
 
 def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
@@ -180,6 +217,15 @@ def create_app(settings: Settings) -> Starlette:
         lock_products = None
         if settings.reserve_strategy == "lock":
             lock_products = _lock_factory(runtime.redis, settings)
+        relay = Relay(
+            PgOutbox(store.pool),
+            runtime.redis,
+            prefix=settings.redis_prefix,
+            poll_interval=settings.relay_poll_interval,
+        )
+        hub = runtime.hub = Hub(
+            runtime.redis, PgLevelReader(store.pool), prefix=settings.redis_prefix
+        )
         service = InventoryService(
             store,
             retry=RetryPolicy(
@@ -189,8 +235,12 @@ def create_app(settings: Settings) -> Starlette:
                 deadline=settings.retry_deadline,
             ),
             lock_products=lock_products,
+            on_change=relay.wake,
         )
         runtime.service = service
+        await hub.start()
+        await relay.start()
+        runtime.tasks.append(asyncio.create_task(_export_hub_stats(hub), name="hub-metrics"))
         runtime.tasks.append(
             asyncio.create_task(
                 service.run_sweeper(
@@ -205,6 +255,8 @@ def create_app(settings: Settings) -> Starlette:
             for task in runtime.tasks:
                 task.cancel()
             await asyncio.gather(*runtime.tasks, return_exceptions=True)
+            await hub.stop()  # closes WebSockets with 1001
+            await relay.stop()
             await service.close()
             await runtime.redis.aclose()
             await store.close()
@@ -213,6 +265,15 @@ def create_app(settings: Settings) -> Starlette:
         if not settings.metrics_public:
             auth.check(bearer(request.headers), "read")
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
+
+    async def authenticate_ws(websocket: WebSocket) -> Response | None:
+        """Bearer header or ``token`` query parameter with the ``read`` scope."""
+        token = bearer(websocket.headers) or websocket.query_params.get("token")
+        try:
+            auth.check(token, "read")
+        except InventoryError as exc:
+            return error_response(exc)
+        return None
 
     async def dashboard(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
@@ -225,6 +286,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *routes,
+        websocket_route(runtime.get_hub, authenticate_ws if auth.enabled else None),
     ]
     app = Starlette(
         routes=all_routes,

@@ -23,7 +23,7 @@ from pathlib import Path
 from .config import ConfigError, Settings, default_data_dir
 from .domain import InventoryError
 from .embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
-from .logs import configure_logging, default_format
+from .logs import configure_logging, default_format, uvicorn_log_config
 
 __all__ = ["main"]
 
@@ -126,6 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 ws="websockets-sansio",
                 ws_max_size=64 * 1024,
                 log_level=settings.log_level,
+                log_config=uvicorn_log_config(settings.log_format, settings.log_level),
                 timeout_graceful_shutdown=10,
                 access_log=False,
             )

@@ -1,0 +1,25 @@
+"""Real-time stock: outbox relay -> Redis pub/sub -> per-process WebSocket fan-out hub.
+
+Modules, one concept each:
+
+* :mod:`realtime.ports`: the storage ports (``LevelReader``, ``Outbox``) and their values;
+  implemented on PostgreSQL by ``inventory/store_feed.py`` (this package imports nothing
+  from ``inventory``).
+* :mod:`realtime.protocol`: the WebSocket wire protocol, pure (parse, validate, encode).
+* :mod:`realtime.conflation`: per-connection newest-state-per-row buffer, pure.
+* :mod:`realtime.session`: one connection's writer task, queues and limits.
+* :mod:`realtime.subscriber`: the process's Redis pub/sub connection, reconnecting itself.
+* :mod:`realtime.hub`: subscriptions, fan-out, gap detection and resync.
+* :mod:`realtime.relay`: the outbox relay (one leader per database and namespace).
+* :mod:`realtime.ws`: the Starlette endpoint.
+
+Wiring, per server process (names as in the app factory)::
+
+    hub = Hub(redis, PgLevelReader(pool), prefix=settings.redis_prefix)
+    relay = Relay(PgOutbox(pool), redis, prefix=settings.redis_prefix)
+    routes.append(websocket_route(lambda: hub, authenticate))
+    await hub.start(); await relay.start()   # lifespan start; service calls relay.wake()
+    await relay.stop(); await hub.stop()     # lifespan end, before the pool and Redis close
+"""
+
+__all__: list[str] = []

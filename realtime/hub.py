@@ -1,0 +1,367 @@
+"""The per-process WebSocket fan-out hub: Redis pub/sub in, per-connection buffers out.
+
+Data path: the outbox relay publishes each stock change to ``{prefix}:stock:{product}``;
+the hub holds one Redis subscription per product that has at least one local subscriber
+(one pub/sub connection per process, :class:`~realtime.subscriber.ChannelSubscriber`),
+decodes each message once, and offers the *same* string to every local session of that
+product. Sessions conflate and write on their own task (:mod:`realtime.session`).
+
+Consistency policy (no subscriber is left on a stale value):
+
+* The hub remembers the newest version it forwarded per (product, warehouse). An update
+  not newer is dropped (duplicates after a relay retry, reordering); one that skips
+  versions (``new > last + 1``) is forwarded and its product re-read from PostgreSQL,
+  since a lost message for one row may mean lost messages for others.
+* After the pub/sub connection is re-established (all channels confirmed), every locally
+  subscribed product is re-read from PostgreSQL and what changed is pushed (``event``
+  ``resync``). With the subscriber's 0.5 s reconnect backoff this keeps clients within
+  about a second of the truth after Redis returns.
+* Every database read (snapshot or resync) also raises the hub's versions and pushes rows
+  newer than what was forwarded to all local subscribers of the product (a resync pushes
+  every row; each session drops what it already has).
+* No periodic full resync: every way a message can be lost ends in a detectable event
+  (connection loss, caught by errors or the PING watchdog for half-open sockets; or a
+  version gap), and a timer would cost a database read per subscribed product per period
+  on every process for nothing in the normal case.
+
+Subscribe protocol: interest is registered (SUBSCRIBE confirmed by a PING barrier) *before*
+the snapshot is read, so every change committed after the read arrives through Redis; the
+session holds the product's updates until its snapshot is queued, then releases only
+those newer than the snapshot or the client's ``since``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from realtime.ports import LevelReader, LevelState
+from realtime.protocol import (
+    MAX_SUBSCRIPTIONS,
+    PONG,
+    Command,
+    ErrorCode,
+    Ping,
+    ProtocolError,
+    Subscribe,
+    decode_stock,
+    encode_snapshot,
+    encode_subscribed,
+    encode_unsubscribed,
+    stock_from_level,
+)
+from realtime.session import (
+    SLOW_CONSUMER_CLOSE,
+    HubStats,
+    Session,
+    SessionClosed,
+    SessionSettings,
+    Transport,
+)
+from realtime.subscriber import ChannelSubscriber
+
+__all__ = ["Hub", "HubSettings", "HubStats"]
+
+log = logging.getLogger("realtime.hub")
+
+SHUTDOWN_CLOSE = 1001
+
+
+@dataclass(frozen=True, slots=True)
+class HubSettings:
+    """Limits and timings; defaults follow the product spec."""
+
+    max_subscriptions: int = MAX_SUBSCRIPTIONS  # products per connection
+    buffer_capacity: int = 1024  # pending stock states per connection (~200 B each)
+    control_capacity: int = 64  # queued control messages per connection
+    send_timeout: float = 30.0  # a client not reading for this long is closed
+    close_timeout: float = 1.0  # then aborted if the close frame cannot go out
+    resync_batch: int = 500  # products per database read when resyncing
+    redis_health_interval: float = 5.0
+    redis_max_backoff: float = 0.5
+
+    def session(self) -> SessionSettings:
+        return SessionSettings(
+            buffer_capacity=self.buffer_capacity,
+            control_capacity=self.control_capacity,
+            close_timeout=self.close_timeout,
+        )
+
+
+class _Topic:
+    """Local state of one product: its sessions and the newest versions forwarded."""
+
+    __slots__ = ("sessions", "versions")
+
+    def __init__(self) -> None:
+        self.sessions: set[Session] = set()
+        self.versions: dict[str, int] = {}
+
+
+class Hub:
+    """One per server process; see the module docstring."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        levels: LevelReader,
+        *,
+        prefix: str = "inventory",
+        settings: HubSettings | None = None,
+    ) -> None:
+        self.stats = HubStats()
+        self.settings = settings or HubSettings()
+        self._session_settings = self.settings.session()
+        self._levels = levels
+        self._channel_prefix = f"{prefix}:stock:"
+        self._subscriber = ChannelSubscriber(
+            redis,
+            self,
+            health_interval=self.settings.redis_health_interval,
+            max_backoff=self.settings.redis_max_backoff,
+        )
+        self._topics: dict[str, _Topic] = {}
+        self._sessions: set[Session] = set()
+        self._resync_wanted: set[str] = set()
+        self._resync_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[asyncio.Future[bool]]] = set()
+
+    # lifecycle
+
+    async def start(self) -> None:
+        await self._subscriber.start()
+        self._tasks = [
+            asyncio.create_task(self._resync_loop(), name="realtime-hub-resync"),
+            asyncio.create_task(self._reap_loop(), name="realtime-hub-reaper"),
+        ]
+
+    async def stop(self) -> None:
+        """Close every connection with 1001, then stop the background tasks."""
+        await asyncio.gather(
+            *(s.close(SHUTDOWN_CLOSE, "server shutting down") for s in list(self._sessions))
+        )
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.gather(*self._background)
+        await self._subscriber.stop()
+
+    # sessions
+
+    def open(self, transport: Transport) -> Session:
+        session = Session(transport, self, self._session_settings)
+        self._sessions.add(session)
+        self.stats.connections += 1
+        self.stats.connections_total += 1
+        session.start()
+        return session
+
+    def detach(self, session: Session) -> None:
+        """Forget a closed session (idempotent); drops its Redis interest if it was last."""
+        if session not in self._sessions:
+            return
+        self._sessions.discard(session)
+        self.stats.connections -= 1
+        products = session.buffer.products
+        for product_id in products:
+            session.buffer.forget(product_id)
+        self._leave(session, products)
+
+    async def execute(self, session: Session, command: Command) -> None:
+        """Run one client command; raises ProtocolError for an answer of type error."""
+        if session.closed:  # e.g. reaped while its reader waited: must not join topics again
+            raise SessionClosed
+        if isinstance(command, Ping):
+            await session.send_control(PONG)
+        elif isinstance(command, Subscribe):
+            await self._subscribe(session, command)
+        else:
+            products = [p for p in command.product_ids if p in session.buffer]
+            for product_id in products:
+                session.buffer.forget(product_id)
+            self._leave(session, products)
+            await session.send_control(encode_unsubscribed(command.product_ids))
+
+    async def _subscribe(self, session: Session, command: Subscribe) -> None:
+        new = [p for p in command.product_ids if p not in session.buffer]
+        if session.buffer.product_count + len(new) > self.settings.max_subscriptions:
+            raise ProtocolError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self.settings.max_subscriptions} products per connection",
+            )
+        if new:
+            self._join(session, new)
+            await (await self._subscriber.flush())
+            try:
+                levels = await self._levels.read_levels(new)
+            except Exception:
+                log.exception("snapshot read failed")
+                for product_id in new:
+                    session.buffer.forget(product_id)
+                self._leave(session, new)
+                raise ProtocolError(
+                    ErrorCode.UNAVAILABLE, "stock levels cannot be read right now; try again"
+                ) from None
+            self._apply(levels, force=False)
+            for product_id in new:
+                await self._send_snapshot(
+                    session, product_id, levels.get(product_id, []), command.since.get(product_id)
+                )
+        await session.send_control(encode_subscribed(command.product_ids))
+
+    async def _send_snapshot(
+        self,
+        session: Session,
+        product_id: str,
+        rows: Sequence[LevelState],
+        since: Mapping[str, int] | None,
+    ) -> None:
+        known = dict(since or {})
+        fresh = [r for r in rows if r.version > known.get(r.warehouse_id, 0)]
+        await session.send_control(encode_snapshot(product_id, fresh))
+        for row in rows:
+            known[row.warehouse_id] = max(row.version, known.get(row.warehouse_id, 0))
+        session.buffer.release(product_id, known)
+        session.wake()
+
+    def _join(self, session: Session, products: Sequence[str]) -> None:
+        channels = []
+        for product_id in products:
+            session.buffer.hold(product_id)
+            topic = self._topics.get(product_id)
+            if topic is None:
+                topic = self._topics[product_id] = _Topic()
+                channels.append(self._channel_prefix + product_id)
+            topic.sessions.add(session)
+        self.stats.subscriptions += len(products)
+        self.stats.topics = len(self._topics)
+        self._subscriber.want(channels)
+
+    def _leave(self, session: Session, products: Sequence[str]) -> None:
+        channels = []
+        for product_id in products:
+            topic = self._topics.get(product_id)
+            if topic is None or session not in topic.sessions:
+                continue
+            topic.sessions.discard(session)
+            self.stats.subscriptions -= 1
+            if not topic.sessions:
+                del self._topics[product_id]
+                channels.append(self._channel_prefix + product_id)
+        self.stats.topics = len(self._topics)
+        if channels:
+            self._subscriber.unwant(channels)
+            # Nothing waits for an unsubscribe to take effect, so it is sent in the background.
+            task = asyncio.get_running_loop().create_task(self._subscriber.flush())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # the stream
+
+    def on_message(self, channel: bytes, data: bytes) -> None:
+        """Fan one published update out to the local sessions of its product."""
+        self.stats.messages += 1
+        product_id = channel.decode()[len(self._channel_prefix) :]
+        topic = self._topics.get(product_id)
+        if topic is None:
+            return
+        decoded = decode_stock(data)
+        if decoded is None:
+            log.warning("ignoring malformed stock message on %r", channel)
+            return
+        warehouse_id, version = decoded
+        last = topic.versions.get(warehouse_id)
+        if last is not None:
+            if version <= last:
+                self.stats.stale += 1
+                return
+            if version > last + 1:
+                self.stats.gaps += 1
+                self.resync((product_id,))
+        topic.versions[warehouse_id] = version
+        message = data.decode()
+        for session in topic.sessions:
+            session.offer(product_id, warehouse_id, version, message)
+
+    def on_connected(self, reconnect: bool) -> None:
+        if reconnect:
+            self.stats.redis_reconnects += 1
+        self.resync(self._topics)
+
+    # resync from the source of truth
+
+    def resync(self, product_ids: Iterable[str]) -> None:
+        """Re-read these products from the database soon and push what is newer."""
+        self._resync_wanted.update(product_ids)
+        if self._resync_wanted:
+            self._resync_wake.set()
+
+    def _apply(self, levels: dict[str, list[LevelState]], *, force: bool) -> None:
+        """Push rows read from the database to the local sessions of their products.
+
+        Rows newer than what the hub forwarded go to every session. With ``force`` (a
+        resync) the others go to every session too: a session that overflowed may lack
+        them, and each session drops what it already has.
+        """
+        for product_id, rows in levels.items():
+            topic = self._topics.get(product_id)
+            if topic is None:
+                continue
+            for row in rows:
+                if row.version > topic.versions.get(row.warehouse_id, 0):
+                    topic.versions[row.warehouse_id] = row.version
+                elif not force:
+                    continue
+                message = stock_from_level(row, "resync").decode()
+                for session in topic.sessions:
+                    session.offer(product_id, row.warehouse_id, row.version, message)
+
+    async def _resync_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._resync_wake.wait()
+            self._resync_wake.clear()
+            while True:
+                self._resync_wanted.intersection_update(self._topics)
+                batch = list(itertools.islice(self._resync_wanted, self.settings.resync_batch))
+                if not batch:
+                    break
+                self._resync_wanted.difference_update(batch)
+                try:
+                    levels = await self._levels.read_levels(batch)
+                except Exception as exc:
+                    failures += 1
+                    self._resync_wanted.update(batch)
+                    log.warning("resync read failed (%s); retrying", exc)
+                    await asyncio.sleep(min(1.0, 0.05 * 2**failures))
+                    continue
+                failures = 0
+                self.stats.resyncs += len(batch)
+                self._apply(levels, force=True)
+
+    async def _reap_loop(self) -> None:
+        """Close sessions whose pending send has been blocked for ``send_timeout``."""
+        timeout = self.settings.send_timeout
+        reason = f"slow consumer: not reading for {timeout:g}s"
+        loop = asyncio.get_running_loop()
+        closing: set[asyncio.Task[None]] = set()
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            deadline = loop.time() - timeout
+            for session in list(self._sessions):
+                since = session.blocked_since
+                if since is not None and since < deadline and not session.closed:
+                    self.stats.slow_disconnects += 1
+                    task = loop.create_task(session.close(SLOW_CONSUMER_CLOSE, reason))
+                    closing.add(task)
+                    task.add_done_callback(closing.discard)

@@ -1,0 +1,138 @@
+"""The outbox relay: publishes committed ledger rows to Redis, exactly one leader per database.
+
+Policy:
+
+* Leadership: every process runs a relay; the one holding the outbox lease publishes
+  (PostgreSQL advisory lock on a dedicated session, see ``inventory/store_feed.py``).
+  The lease and its cursor are named after the channel namespace (``{prefix}:stock``):
+  one leader per database and namespace, so processes pointed at another Redis or prefix
+  run their own relay instead of silently depending on one that publishes elsewhere.
+  Others try again every ``campaign_interval`` (1 s). A leader whose database session
+  fails gives the lease up and campaigns again, so a crashed process is replaced within
+  about a second.
+* Order and completeness come from the outbox (final rows only, in stream order after a
+  durable cursor). The cursor is saved only *after* a batch was published, so a crash
+  between commit and publish loses nothing: the next leader publishes it again (a
+  duplicate is dropped by the hubs' version check). With no saved cursor the relay starts
+  at the current tail; history is not replayed.
+* Latency: poll every ``poll_interval`` (10 ms) when idle, immediately again after a full
+  batch, and at once after :meth:`Relay.wake` (called by the local service after a commit).
+* Redis down: writers are never blocked or failed (nothing Redis-related is on the write
+  path). The leader keeps the fetched batch and its cursor and retries with capped
+  backoff; the backlog is published in order when Redis returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from realtime.ports import Outbox, OutboxLease, StockChange
+from realtime.protocol import stock_from_change
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("realtime.relay")
+
+
+class Relay:
+    """Outbox -> Redis publisher; see the module docstring."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "inventory",
+        poll_interval: float = 0.01,
+        batch_size: int = 1000,
+        campaign_interval: float = 1.0,
+        max_backoff: float = 1.0,
+    ) -> None:
+        self._outbox = outbox
+        self._redis = redis
+        self._name = f"{prefix}:stock"
+        self._channel_prefix = f"{self._name}:"
+        self._poll_interval = poll_interval
+        self._batch_size = batch_size
+        self._campaign_interval = campaign_interval
+        self._max_backoff = max_backoff
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.leader = False
+        self.published = 0
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="realtime-relay")
+
+    def wake(self) -> None:
+        """Poll now (a change was just committed)."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                lease = await self._outbox.acquire(self._name)
+            except Exception as exc:
+                log.warning("relay cannot reach the database (%s); retrying", exc)
+                lease = None
+            if lease is None:
+                await asyncio.sleep(self._campaign_interval)
+                continue
+            self.leader = True
+            log.info("relay is the leader for this database")
+            try:
+                await self._lead(lease)
+            except Exception as exc:
+                log.warning("relay lost its database session (%s); campaigning again", exc)
+            finally:
+                self.leader = False
+                await lease.release()
+            await asyncio.sleep(self._campaign_interval)
+
+    async def _lead(self, lease: OutboxLease) -> None:
+        batch: list[StockChange] = []
+        failures = 0
+        while True:
+            if not batch:
+                self._wake.clear()
+                batch = await lease.fetch(self._batch_size)
+            if batch:
+                try:
+                    await self._publish(batch)
+                except (RedisError, OSError) as exc:
+                    failures += 1
+                    if failures == 1 or failures % 20 == 0:
+                        log.warning("relay cannot publish to redis (%s); retrying", exc)
+                    await asyncio.sleep(min(self._max_backoff, 0.02 * 2**failures))
+                    continue
+                if failures:
+                    log.info("relay publishing again after %d failed attempts", failures)
+                    failures = 0
+                await lease.advance(batch[-1].position)
+                self.published += len(batch)
+                full = len(batch) >= self._batch_size
+                batch = []
+                if full:
+                    continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval):
+                    await self._wake.wait()
+
+    async def _publish(self, batch: list[StockChange]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for change in batch:
+                pipe.publish(self._channel_prefix + change.product_id, stock_from_change(change))
+            await pipe.execute()

@@ -1,0 +1,234 @@
+"""One Redis pub/sub connection per process, owned by a reader loop that reconnects itself.
+
+redis-py's ``PubSub`` re-subscribes silently after a reconnect, so whatever was published
+in between is lost without a trace. This class does its own connection management on a
+plain ``redis.asyncio`` connection instead, and makes every loss visible:
+
+* The reader loop owns the connection. On any error it drops it, reconnects with capped
+  exponential backoff (``max_backoff``, default 0.5 s, so a returning Redis is noticed
+  within that), re-subscribes every wanted channel, and once Redis has confirmed them
+  calls :meth:`SubscriberListener.on_connected` so the owner can re-read what it may have
+  missed from the source of truth.
+* Liveness: when nothing has arrived for ``health_interval`` a PING is sent; no answer
+  within another ``health_interval`` means a half-open connection, which is dropped.
+* Subscriptions are declared, not commanded: :meth:`want` / :meth:`unwant` change the
+  wanted set synchronously, :meth:`flush` sends Redis the difference to what it was last
+  told (under one lock, so commands can never reach Redis out of order) followed by a
+  PING. The PING's reply is a *barrier*: when it arrives, every SUBSCRIBE sent before it is
+  active. ``flush`` returns that barrier; it resolves ``False`` when the connection is
+  lost first (or is down), in which case ``on_connected`` will follow the reconnect.
+
+The connection uses RESP2 without response decoding, whatever the client's settings, so
+message parsing has one shape: ``[b"message", channel, data]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+__all__ = ["ChannelSubscriber", "SubscriberListener"]
+
+log = logging.getLogger("realtime.subscriber")
+
+
+class SubscriberListener(Protocol):
+    def on_message(self, channel: bytes, data: bytes) -> None:
+        """A published message on a wanted channel (called on the reader task; no awaits)."""
+        ...
+
+    def on_connected(self, reconnect: bool) -> None:
+        """All wanted channels are active on a new connection (``reconnect``: not the first)."""
+        ...
+
+
+class ChannelSubscriber:
+    """Explicitly reconnecting pub/sub subscriber; see the module docstring for the policy."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        listener: SubscriberListener,
+        *,
+        health_interval: float = 5.0,
+        max_backoff: float = 0.5,
+    ) -> None:
+        self._redis = redis
+        self._listener = listener
+        self._health_interval = health_interval
+        self._max_backoff = max_backoff
+        self._wanted: set[str] = set()
+        self._told: set[str] = set()  # what the current connection has been told
+        self._conn: Any = None  # redis.asyncio.Connection while a session is live
+        self._lock = asyncio.Lock()
+        self._barriers: deque[tuple[float, asyncio.Future[bool]]] = deque()
+        self._last_rx = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="realtime-subscriber")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def want(self, channels: Iterable[str]) -> None:
+        self._wanted.update(channels)
+
+    def unwant(self, channels: Iterable[str]) -> None:
+        self._wanted.difference_update(channels)
+
+    async def flush(self) -> asyncio.Future[bool]:
+        """Bring Redis in line with the wanted set; returns the barrier (see module doc)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        async with self._lock:
+            conn = self._conn
+            if conn is None or not conn.is_connected:
+                future.set_result(False)
+                return future
+            # Registered before sending: the reply may be read while the send is drained.
+            barrier = (asyncio.get_running_loop().time(), future)
+            self._barriers.append(barrier)
+            try:
+                await self._send_diff(conn)
+                await conn.send_command("PING", check_health=False)
+            except Exception as exc:  # the reader sees the broken connection and reconnects
+                log.warning("redis pub/sub command failed: %s", exc)
+                with contextlib.suppress(ValueError):
+                    self._barriers.remove(barrier)
+                if not future.done():
+                    future.set_result(False)
+        return future
+
+    async def _send_diff(self, conn: Any) -> None:
+        add = sorted(self._wanted - self._told)
+        remove = sorted(self._told - self._wanted)
+        if remove:
+            self._told.difference_update(remove)
+            await conn.send_command("UNSUBSCRIBE", *remove, check_health=False)
+        if add:
+            self._told.update(add)
+            await conn.send_command("SUBSCRIBE", *add, check_health=False)
+
+    def _new_connection(self) -> Any:
+        pool = self._redis.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        # Maintenance push notifications need RESP3; this connection is plain RESP2.
+        kwargs.pop("maint_notifications_pool_handler", None)
+        kwargs.update(
+            maint_notifications_config=None,
+            protocol=2,
+            decode_responses=False,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        return pool.connection_class(**kwargs)
+
+    async def _run(self) -> None:
+        failures = 0
+        sessions = 0
+        while True:
+            conn = self._new_connection()
+            try:
+                await conn.connect()
+            except Exception as exc:
+                failures += 1
+                delay = min(self._max_backoff, 0.02 * 2**failures) * (0.5 + random.random() / 2)
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("redis pub/sub unavailable (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            try:
+                await self._session(conn, reconnect=sessions > 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("redis pub/sub connection lost: %s", exc)
+            finally:
+                await self._detach(conn)
+            sessions += 1
+
+    async def _session(self, conn: Any, *, reconnect: bool) -> None:
+        async with self._lock:
+            self._conn = conn
+            self._told = set()
+            self._last_rx = asyncio.get_running_loop().time()
+        ready = await self.flush()
+
+        def on_ready(future: asyncio.Future[bool]) -> None:
+            if not future.cancelled() and future.result():
+                if reconnect:
+                    log.info("redis pub/sub reconnected; resubscribed %d channels", len(self._told))
+                self._listener.on_connected(reconnect)
+
+        ready.add_done_callback(on_ready)
+        reader = asyncio.create_task(self._read(conn), name="realtime-subscriber-read")
+        try:
+            while not reader.done():
+                await asyncio.wait({reader}, timeout=self._health_interval)
+                if not reader.done() and not await self._healthy():
+                    raise ConnectionError(
+                        f"no reply from redis within {2 * self._health_interval:g}s"
+                    )
+            reader.result()
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+    async def _healthy(self) -> bool:
+        now = asyncio.get_running_loop().time()
+        if self._barriers:
+            return now - self._barriers[0][0] < self._health_interval
+        if now - self._last_rx >= self._health_interval:
+            await self.flush()  # a PING probe: its reply refreshes _last_rx
+        return True
+
+    async def _read(self, conn: Any) -> None:
+        loop = asyncio.get_running_loop()
+        on_message = self._listener.on_message
+        while True:
+            response = await conn.read_response(timeout=math.inf)
+            self._last_rx = loop.time()
+            if isinstance(response, list):
+                kind = response[0]
+                if kind == b"message":
+                    on_message(response[1], response[2])
+                elif kind == b"pong":
+                    self._resolve_barrier(True)
+            elif response == b"PONG":  # PING outside subscribed mode (no channels wanted)
+                self._resolve_barrier(True)
+
+    def _resolve_barrier(self, ok: bool) -> None:
+        if self._barriers:
+            _, future = self._barriers.popleft()
+            if not future.done():
+                future.set_result(ok)
+
+    async def _detach(self, conn: Any) -> None:
+        async with self._lock:
+            self._conn = None
+            self._told = set()
+            while self._barriers:
+                self._resolve_barrier(False)
+        with contextlib.suppress(Exception):
+            await conn.disconnect(nowait=True)

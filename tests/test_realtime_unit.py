@@ -1,0 +1,516 @@
+"""Pure tests of the real-time core: protocol parsing/encoding, conflation, hub logic.
+
+No servers: the hub is driven through its stream callback with a fake transport and an
+in-memory level reader; its Redis client points at a socket path that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from realtime.conflation import ConflationBuffer, Offer
+from realtime.hub import Hub, HubSettings
+from realtime.ports import LevelState, StockChange
+from realtime.protocol import (
+    MAX_SUBSCRIPTIONS,
+    PONG,
+    ErrorCode,
+    Ping,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    decode_stock,
+    encode_error,
+    encode_snapshot,
+    parse_command,
+    stock_from_change,
+    stock_from_level,
+)
+from realtime.session import TransportClosed
+
+T0 = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+
+# --- protocol -----------------------------------------------------------------------
+
+
+def test_parse_valid_commands() -> None:
+    assert parse_command('{"op":"ping"}') == Ping()
+    assert parse_command('{"op":"unsubscribe","product_ids":["a"]}') == Unsubscribe(("a",))
+    command = parse_command(
+        '{"op":"subscribe","product_ids":["a","b:1","a"],"since":{"a":{"w-1":3}}}'
+    )
+    assert command == Subscribe(("a", "b:1"), {"a": {"w-1": 3}})
+
+
+SINCE = '{"op":"subscribe","product_ids":["a"],"since":%s}'
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("{", ErrorCode.INVALID_JSON),
+        ("", ErrorCode.INVALID_JSON),
+        ("[1]", ErrorCode.INVALID_MESSAGE),
+        ('{"product_ids":["a"]}', ErrorCode.INVALID_MESSAGE),
+        ('{"op":3}', ErrorCode.INVALID_MESSAGE),
+        ('{"op":"publish"}', ErrorCode.UNKNOWN_OP),
+        ('{"op":"ping","x":1}', ErrorCode.INVALID_MESSAGE),
+        ('{"op":"subscribe"}', ErrorCode.INVALID_MESSAGE),
+        ('{"op":"subscribe","product_ids":[]}', ErrorCode.INVALID_MESSAGE),
+        ('{"op":"subscribe","product_ids":"a"}', ErrorCode.INVALID_MESSAGE),
+        ('{"op":"subscribe","product_ids":[1]}', ErrorCode.INVALID_PRODUCT_ID),
+        ('{"op":"subscribe","product_ids":["a b"]}', ErrorCode.INVALID_PRODUCT_ID),
+        ('{"op":"subscribe","product_ids":["a/b"]}', ErrorCode.INVALID_PRODUCT_ID),
+        ('{"op":"subscribe","product_ids":[""]}', ErrorCode.INVALID_PRODUCT_ID),
+        ('{"op":"subscribe","product_ids":["' + "x" * 129 + '"]}', ErrorCode.INVALID_PRODUCT_ID),
+        ('{"op":"unsubscribe","product_ids":["*"]}', ErrorCode.INVALID_PRODUCT_ID),
+        (SINCE % "[]", ErrorCode.INVALID_MESSAGE),
+        (SINCE % '{"b":{}}', ErrorCode.INVALID_MESSAGE),
+        (SINCE % '{"a":1}', ErrorCode.INVALID_MESSAGE),
+        (SINCE % '{"a":{"w":-1}}', ErrorCode.INVALID_MESSAGE),
+        (SINCE % '{"a":{"w":true}}', ErrorCode.INVALID_MESSAGE),
+        (SINCE % '{"a":{"w":1.5}}', ErrorCode.INVALID_MESSAGE),
+        (SINCE % '{"a":{"w:x":1}}', ErrorCode.INVALID_MESSAGE),
+    ],
+)
+def test_parse_rejects(text: str, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_command(text)
+    assert info.value.code is code
+    assert info.value.message
+
+
+def test_parse_limits_product_count() -> None:
+    ids = [f"p{i}" for i in range(MAX_SUBSCRIPTIONS + 1)]
+    text = orjson.dumps({"op": "subscribe", "product_ids": ids}).decode()
+    with pytest.raises(ProtocolError) as info:
+        parse_command(text)
+    assert info.value.code is ErrorCode.TOO_MANY_SUBSCRIPTIONS
+    ok = orjson.dumps({"op": "subscribe", "product_ids": ids[:-1]}).decode()
+    assert isinstance(parse_command(ok), Subscribe)
+
+
+def test_error_messages_do_not_echo_large_input() -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_command(orjson.dumps({"op": "x" * 10_000}).decode())
+    assert len(info.value.message) < 200
+    assert orjson.loads(encode_error(info.value.code, info.value.message)) == {
+        "type": "error",
+        "code": "unknown_op",
+        "message": info.value.message,
+    }
+
+
+def test_stock_message_from_change_and_level() -> None:
+    change = StockChange(7, 9, "p", "w", "reserved", 10, 4, 3, T0)
+    message = orjson.loads(stock_from_change(change))
+    assert message == {
+        "type": "stock",
+        "product_id": "p",
+        "warehouse_id": "w",
+        "quantity": 10,
+        "reserved": 4,
+        "available": 6,
+        "version": 3,
+        "event": "reserved",
+        "ts": T0.timestamp(),
+    }
+    level = LevelState("p", "w", 10, 4, 3, T0)
+    assert orjson.loads(stock_from_level(level, "resync"))["event"] == "resync"
+    assert decode_stock(stock_from_change(change)) == ("w", 3)
+
+
+@pytest.mark.parametrize("data", [b"", b"[]", b"{}", b'{"warehouse_id":1,"version":2}', b"\xff"])
+def test_decode_stock_rejects_malformed(data: bytes) -> None:
+    assert decode_stock(data) is None
+
+
+def test_snapshot_message() -> None:
+    message = orjson.loads(encode_snapshot("p", [LevelState("p", "w", 5, 1, 2, T0)]))
+    assert message == {
+        "type": "snapshot",
+        "product_id": "p",
+        "levels": [
+            {
+                "warehouse_id": "w",
+                "quantity": 5,
+                "reserved": 1,
+                "available": 4,
+                "version": 2,
+                "updated_at": "2025-01-02T03:04:05.678000+00:00",
+            }
+        ],
+    }
+    assert orjson.loads(encode_snapshot("p", []))["levels"] == []
+
+
+# --- conflation ---------------------------------------------------------------------
+
+
+def drain(buffer: ConflationBuffer) -> list[str]:
+    out = []
+    while (message := buffer.pop()) is not None:
+        out.append(message)
+    return out
+
+
+def test_conflation_keeps_newest_in_first_queued_order() -> None:
+    buffer = ConflationBuffer(10)
+    buffer.hold("p")
+    buffer.release("p", {})
+    assert buffer.offer("p", "a", 1, "a1") is Offer.QUEUED
+    assert buffer.offer("p", "b", 1, "b1") is Offer.QUEUED
+    assert buffer.offer("p", "a", 3, "a3") is Offer.CONFLATED
+    assert buffer.offer("p", "a", 2, "a2") is Offer.STALE
+    assert buffer.offer("q", "a", 1, "q") is Offer.IGNORED
+    assert drain(buffer) == ["a3", "b1"]
+    assert buffer.offer("p", "a", 3, "a3") is Offer.STALE
+    assert buffer.offer("p", "a", 4, "a4") is Offer.QUEUED
+
+
+def test_hold_release_snapshot_order_and_since() -> None:
+    buffer = ConflationBuffer(10)
+    buffer.hold("p")
+    assert buffer.offer("p", "a", 5, "a5") is Offer.HELD
+    assert buffer.offer("p", "b", 2, "b2") is Offer.HELD
+    assert buffer.offer("p", "c", 9, "c9") is Offer.HELD
+    assert buffer.pop() is None  # nothing goes out before the snapshot
+    buffer.release("p", {"a": 5, "b": 1, "c": 10})  # snapshot a=5, b=1; since c=10
+    assert drain(buffer) == ["b2"]
+    assert len(buffer) == 0
+
+
+def test_forget_drops_pending() -> None:
+    buffer = ConflationBuffer(10)
+    for product in ("p", "q"):
+        buffer.hold(product)
+        buffer.release(product, {})
+    buffer.offer("p", "a", 1, "p")
+    buffer.offer("q", "a", 1, "q")
+    buffer.forget("p")
+    assert "p" not in buffer
+    assert drain(buffer) == ["q"]
+    assert buffer.offer("p", "a", 2, "p") is Offer.IGNORED
+
+
+def test_overflow_is_bounded_and_reported() -> None:
+    buffer = ConflationBuffer(2)
+    buffer.hold("p")
+    buffer.release("p", {})
+    assert buffer.offer("p", "a", 1, "a") is Offer.QUEUED
+    assert buffer.offer("p", "b", 1, "b") is Offer.QUEUED
+    assert buffer.offer("p", "c", 1, "c") is Offer.OVERFLOW
+    assert buffer.offer("p", "a", 2, "a2") is Offer.CONFLATED  # existing keys still conflate
+    assert len(buffer) == 2
+    assert drain(buffer) == ["a2", "b"]
+    assert buffer.take_overflow() == ["p"]
+    assert buffer.take_overflow() == []
+    assert buffer.offer("p", "c", 1, "c") is Offer.QUEUED
+
+
+_keys = st.tuples(st.sampled_from(["p", "q"]), st.sampled_from(["a", "b", "c"]))
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("offer"), _keys, st.integers(1, 30)),
+        st.tuples(st.just("pop"), st.integers(1, 4)),
+        st.tuples(st.just("subscribe"), st.sampled_from(["p", "q"])),
+        st.tuples(st.just("snapshot"), st.sampled_from(["p", "q"])),
+        st.tuples(st.just("unsubscribe"), st.sampled_from(["p", "q"])),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(ops=_ops, capacity=st.integers(1, 6))
+def test_conflation_property(ops: list[tuple[Any, ...]], capacity: int) -> None:
+    """Whatever the interleaving: per key the client never sees a version go back, never
+    gets an update of a product before its snapshot, and after draining (plus the resync
+    the buffer asks for) ends on the newest version of every key."""
+    buffer = ConflationBuffer(capacity)
+    truth: dict[tuple[str, str], int] = {}  # the database: newest committed version per key
+    seen: dict[tuple[str, str], int] = {}  # what the client has
+    snapshotted: set[str] = set()
+
+    def deliver(message: str) -> None:
+        product, warehouse, version = message.split("/")
+        key = (product, warehouse)
+        assert product in snapshotted
+        assert int(version) > seen.get(key, 0)
+        seen[key] = int(version)
+
+    def snapshot(product: str) -> None:
+        rows = {w: v for (p, w), v in truth.items() if p == product}
+        for w, v in rows.items():
+            seen[(product, w)] = max(seen.get((product, w), 0), v)
+        snapshotted.add(product)
+        buffer.release(product, rows)
+
+    def offer(product: str, warehouse: str, version: int) -> None:
+        buffer.offer(product, warehouse, version, f"{product}/{warehouse}/{version}")
+
+    for op in ops:
+        if op[0] == "offer":
+            (product, warehouse), version = op[1], op[2]
+            truth[(product, warehouse)] = max(truth.get((product, warehouse), 0), version)
+            offer(product, warehouse, version)
+        elif op[0] == "pop":
+            for _ in range(op[1]):
+                if (message := buffer.pop()) is not None:
+                    deliver(message)
+        elif op[0] == "subscribe":
+            if op[1] not in buffer:
+                buffer.hold(op[1])
+        elif op[0] == "snapshot":
+            if op[1] in buffer and op[1] not in snapshotted:
+                snapshot(op[1])
+        else:
+            buffer.forget(op[1])
+            snapshotted.discard(op[1])
+            for key in [k for k in seen if k[0] == op[1]]:
+                del seen[key]
+        assert len(buffer) <= capacity
+
+    for product in buffer.products:
+        if product not in snapshotted:
+            snapshot(product)
+    while True:
+        while (message := buffer.pop()) is not None:
+            deliver(message)
+        overflowed = buffer.take_overflow()
+        if not overflowed:
+            break
+        for (product, warehouse), version in truth.items():  # the resync re-offers the truth
+            if product in overflowed:
+                offer(product, warehouse, version)
+    for (product, warehouse), version in truth.items():
+        if product in buffer:
+            assert seen.get((product, warehouse)) == version
+
+
+# --- hub and session (fake transport, in-memory levels) ------------------------------
+
+
+class FakeTransport:
+    """Records what is sent; ``block`` cleared = a client that does not read. A blocked
+    socket takes no close frame either unless ``close_passes``."""
+
+    def __init__(self, *, close_passes: bool = False) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.closed: tuple[int, str] | None = None
+        self.block = asyncio.Event()
+        self.block.set()
+        self.close_passes = close_passes
+
+    async def send_text(self, text: str) -> None:
+        await self.block.wait()
+        if self.closed is not None:
+            raise TransportClosed
+        self.sent.append(orjson.loads(text))
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self.close_passes:
+            await self.block.wait()
+        self.closed = (code, reason)
+
+    def abort(self) -> None:
+        self.closed = (1006, "aborted")
+        self.block.set()
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.sent if m["type"] == kind]
+
+
+class FakeLevels:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], LevelState] = {}
+        self.reads: list[list[str]] = []
+
+    def set(self, product: str, warehouse: str, version: int, quantity: int = 10) -> bytes:
+        self.rows[(product, warehouse)] = LevelState(product, warehouse, quantity, 0, version, T0)
+        change = StockChange(1, 1, product, warehouse, "adjusted", quantity, 0, version, T0)
+        return stock_from_change(change)
+
+    async def read_levels(self, product_ids: Sequence[str]) -> dict[str, list[LevelState]]:
+        self.reads.append(list(product_ids))
+        return {p: [r for (q, _), r in sorted(self.rows.items()) if q == p] for p in product_ids}
+
+
+async def settle() -> None:
+    """Let the writer tasks run."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def levels() -> FakeLevels:
+    return FakeLevels()
+
+
+def no_redis(tmp_path: Path) -> aioredis.Redis:
+    """A client whose every connection attempt fails at once: no server is ever reached, so
+    the hub's subscriber stays down and its flush answers "not confirmed"."""
+    return aioredis.Redis(unix_socket_path=str(tmp_path / "absent.sock"))
+
+
+@pytest.fixture
+def hub(levels: FakeLevels, tmp_path: Path) -> Hub:
+    return Hub(no_redis(tmp_path), levels, prefix="t", settings=HubSettings(buffer_capacity=8))
+
+
+def channel(product: str) -> bytes:
+    return f"t:stock:{product}".encode()
+
+
+async def test_hub_snapshot_then_updates_in_order(hub: Hub, levels: FakeLevels) -> None:
+    levels.set("p", "w1", 3)
+    transport = FakeTransport()
+    session = hub.open(transport)
+    await hub.execute(session, Subscribe(("p",), {}))
+    hub.on_message(channel("p"), levels.set("p", "w1", 3))  # in flight before the read: stale
+    hub.on_message(channel("p"), levels.set("p", "w1", 4))
+    hub.on_message(channel("p"), levels.set("p", "w2", 1))
+    await settle()
+    kinds = [m["type"] for m in transport.sent]
+    assert kinds == ["snapshot", "subscribed", "stock", "stock"]
+    assert transport.sent[0]["levels"][0]["version"] == 3
+    assert [(m["warehouse_id"], m["version"]) for m in transport.of_type("stock")] == [
+        ("w1", 4),
+        ("w2", 1),
+    ]
+    assert hub.stats.stale == 1
+    await hub.execute(session, Unsubscribe(("p",)))
+    hub.on_message(channel("p"), levels.set("p", "w1", 5))
+    await settle()
+    assert transport.sent[-1] == {"type": "unsubscribed", "product_ids": ["p"]}
+    assert hub.stats.topics == 0
+    assert hub.stats.subscriptions == 0
+    await session.close(1000, "")
+
+
+async def test_hub_since_and_empty_snapshot(hub: Hub, levels: FakeLevels) -> None:
+    levels.set("p", "w1", 3)
+    levels.set("p", "w2", 7)
+    transport = FakeTransport()
+    session = hub.open(transport)
+    await hub.execute(session, Subscribe(("p", "none"), {"p": {"w1": 3, "w2": 5}}))
+    hub.on_message(channel("p"), levels.set("p", "w1", 3))
+    await settle()
+    snapshots = {m["product_id"]: m["levels"] for m in transport.of_type("snapshot")}
+    assert [lv["warehouse_id"] for lv in snapshots["p"]] == ["w2"]
+    assert snapshots["none"] == []
+    assert transport.of_type("stock") == []
+    await session.close(1000, "")
+
+
+async def test_hub_gap_triggers_resync(hub: Hub, levels: FakeLevels) -> None:
+    await hub.start()
+    try:
+        levels.set("p", "w1", 1)
+        levels.set("p", "w2", 1)
+        transport = FakeTransport()
+        session = hub.open(transport)
+        await hub.execute(session, Subscribe(("p",), {}))
+        levels.set("p", "w2", 2)  # its message is "lost"
+        levels.set("p", "w1", 2)
+        hub.on_message(channel("p"), levels.set("p", "w1", 3))  # gap: 1 -> 3
+        await eventually(lambda: any(m["warehouse_id"] == "w2" for m in transport.of_type("stock")))
+        assert hub.stats.gaps == 1
+        resent = [m for m in transport.of_type("stock") if m["warehouse_id"] == "w2"]
+        assert resent[-1]["version"] == 2
+        assert resent[-1]["event"] == "resync"
+        assert [m["version"] for m in transport.of_type("stock") if m["warehouse_id"] == "w1"] == [
+            3
+        ]
+    finally:
+        await hub.stop()
+    assert transport.closed == (1001, "server shutting down")
+
+
+async def test_too_many_subscriptions(levels: FakeLevels, tmp_path: Path) -> None:
+    hub = Hub(no_redis(tmp_path), levels, settings=HubSettings(max_subscriptions=2))
+    session = hub.open(FakeTransport())
+    await hub.execute(session, Subscribe(("a", "b"), {}))
+    with pytest.raises(ProtocolError) as info:
+        await hub.execute(session, Subscribe(("c",), {}))
+    assert info.value.code is ErrorCode.TOO_MANY_SUBSCRIPTIONS
+    await hub.execute(session, Subscribe(("a",), {}))  # already subscribed: no new slot
+    await session.close(1000, "")
+
+
+async def test_slow_session_is_bounded_and_catches_up(hub: Hub, levels: FakeLevels) -> None:
+    await hub.start()
+    try:
+        transport = FakeTransport()
+        session = hub.open(transport)
+        products = [f"p{i}" for i in range(20)]
+        await hub.execute(session, Subscribe(tuple(products), {}))
+        await settle()
+        transport.block.clear()  # the client stops reading
+        for version in range(1, 51):
+            for product in products:
+                hub.on_message(channel(product), levels.set(product, "w", version))
+        assert len(session.buffer) <= 8
+        assert hub.stats.overflows > 0
+        assert hub.stats.conflated > 0
+        transport.block.set()  # reads again: ends on the newest state of every row
+
+        def latest() -> dict[Any, Any]:
+            return {m["product_id"]: m["version"] for m in transport.of_type("stock")}
+
+        await eventually(lambda: latest() == dict.fromkeys(products, 50))
+    finally:
+        await hub.stop()
+
+
+async def test_control_messages_precede_updates_and_ping(hub: Hub) -> None:
+    transport = FakeTransport()
+    session = hub.open(transport)
+    await hub.execute(session, Ping())
+    await settle()
+    assert transport.sent == [orjson.loads(PONG)]
+    await session.close(1000, "")
+    assert session.closed
+    assert hub.stats.connections == 0
+
+
+@pytest.mark.parametrize("close_passes", [True, False])
+async def test_client_that_stops_reading_is_closed(
+    levels: FakeLevels, tmp_path: Path, close_passes: bool
+) -> None:
+    settings = HubSettings(send_timeout=0.2, close_timeout=0.1)
+    hub = Hub(no_redis(tmp_path), levels, prefix="t", settings=settings)
+    await hub.start()
+    try:
+        transport = FakeTransport(close_passes=close_passes)
+        session = hub.open(transport)
+        await hub.execute(session, Subscribe(("p",), {}))
+        await settle()
+        transport.block.clear()
+        hub.on_message(channel("p"), levels.set("p", "w", 1))
+        await eventually(lambda: session.closed and transport.closed is not None)
+        expected = (4008, "slow consumer: not reading for 0.2s")
+        assert transport.closed == (expected if close_passes else (1006, "aborted"))
+        assert hub.stats.slow_disconnects == 1
+        assert hub.stats.connections == 0
+        assert hub.stats.topics == 0
+    finally:
+        await hub.stop()
