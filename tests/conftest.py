@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,11 +42,15 @@ def _with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(PostgreSQL admin URL, Redis URL) of real servers for this session."""
+def server_urls() -> Iterator[tuple[str, str]]:
+    """(PostgreSQL admin URL, Redis URL) of real servers for this session.
+
+    Embedded servers live in a private temporary directory, not under pytest's basetemp,
+    which other pytest sessions on the machine may prune while this one runs.
+    """
     pg_url = os.environ.get("INVENTORY_DATABASE_URL")
     redis_url = os.environ.get("INVENTORY_REDIS_URL")
-    base = tmp_path_factory.mktemp("servers")
+    base = Path(tempfile.mkdtemp(prefix="inventory-test-servers-"))
     pg = vk = None
     try:
         if not pg_url:
@@ -60,6 +65,7 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
             vk.stop()
         if pg is not None:
             pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
