@@ -45,7 +45,7 @@ from .domain import (
     allocate,
 )
 from .idempotency import Idempotency, Replay, replay_stored
-from .store import Conn, Store, VersionMiss
+from .store import Conn, IdempotencyRecord, Store, VersionMiss
 
 __all__ = ["BatchReserver", "SingleLine"]
 
@@ -115,8 +115,9 @@ class BatchReserver:
         results: list[Outcome | None] = [None] * len(batch)
         fresh: list[int] = []  # members whose key this batch claimed
         duplicates: dict[int, int] = {}  # member -> earlier member with the same key
+        stored: dict[tuple[str, str], IdempotencyRecord] = {}  # keys answered before
         async with self.store.transaction() as conn:
-            live = await self._claim_keys(conn, batch, results, fresh, duplicates)
+            live = await self._claim_keys(conn, batch, results, fresh, duplicates, stored)
             levels, warehouses = await self.store.lock_product(conn, product_id)
             pinned = {batch[i].line.warehouse_id for i in live} - {None} - warehouses.keys()
             if pinned:
@@ -161,7 +162,7 @@ class BatchReserver:
                     )
             await self._remember(conn, batch, results, fresh)
         for i, first in duplicates.items():
-            results[i] = _mirror(batch[first], results[first], batch[i])
+            results[i] = _mirror(batch[first], results[first], batch[i], stored)
         self._note_sold_out(product_id, current, warehouses)
         done = [r for r in results if r is not None]
         assert len(done) == len(batch), "every member gets exactly one answer"
@@ -174,6 +175,7 @@ class BatchReserver:
         results: list[Outcome | None],
         fresh: list[int],
         duplicates: dict[int, int],
+        stored: dict[tuple[str, str], IdempotencyRecord],
     ) -> list[int]:
         """Claim idempotency keys; returns the members still to allocate."""
         live = [i for i, request in enumerate(batch) if request.idempotency is None]
@@ -189,15 +191,13 @@ class BatchReserver:
                 duplicates[i] = seen[(idem.scope, idem.key)]
                 continue
             seen[(idem.scope, idem.key)] = i
-            stored = await self.store.claim_idempotency_key(conn, idem.scope, idem.key, idem.digest)
-            if stored is None:
+            record = await self.store.claim_idempotency_key(conn, idem.scope, idem.key, idem.digest)
+            if record is None:
                 fresh.append(i)
                 live.append(i)
                 continue
-            try:
-                results[i] = replay_stored(stored, idem)
-            except InventoryError as exc:
-                results[i] = exc
+            stored[(idem.scope, idem.key)] = record
+            results[i] = _from_record(record, idem)
         return sorted(live)
 
     async def _write(
@@ -253,16 +253,30 @@ class BatchReserver:
             self._sold_out.pop(product_id, None)
 
 
-def _mirror(first: SingleLine, outcome: Outcome | None, request: SingleLine) -> Outcome:
+def _from_record(record: IdempotencyRecord, idem: Idempotency) -> Outcome:
+    try:
+        return replay_stored(record, idem)
+    except InventoryError as exc:
+        return exc
+
+
+def _mirror(
+    first: SingleLine,
+    outcome: Outcome | None,
+    request: SingleLine,
+    stored: dict[tuple[str, str], IdempotencyRecord],
+) -> Outcome:
     """The answer to a repeat of a key already used earlier in the same batch."""
-    assert first.idempotency is not None
-    assert request.idempotency is not None
+    idem, first_idem = request.idempotency, first.idempotency
+    assert idem is not None
+    assert first_idem is not None
     assert outcome is not None
-    if request.idempotency.digest != first.idempotency.digest:
+    record = stored.get((idem.scope, idem.key))
+    if record is not None:  # answered before this batch: judge the repeat on its own
+        return _from_record(record, idem)
+    if idem.digest != first_idem.digest:
         return IdempotencyKeyReused(
-            "this Idempotency-Key was used with a different body",
-            {"key": request.idempotency.key},
+            "this Idempotency-Key was used with a different body", {"key": idem.key}
         )
-    if isinstance(outcome, Replay | IdempotencyKeyReused):
-        return outcome
-    return first.idempotency.replay(outcome)
+    assert isinstance(outcome, Reservation | InventoryError)
+    return first_idem.replay(outcome)

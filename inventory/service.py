@@ -29,6 +29,7 @@ from typing import Any
 from uuid import UUID
 
 from . import metrics
+from .batch_reserve import BatchReserver, SingleLine
 from .domain import (
     Allocation,
     Contention,
@@ -45,7 +46,6 @@ from .domain import (
     allocate,
     row_deltas,
 )
-from .batch_reserve import BatchReserver, SingleLine
 from .idempotency import Idempotency, Replay, replay_stored
 from .store import Conn, Store, VersionMiss
 
@@ -218,7 +218,6 @@ class InventoryService:
         idempotency: Idempotency | None,
     ) -> Reservation | Replay:
         products = list(dict.fromkeys(x.product_id for x in lines))
-        levels, warehouses = await self.store.levels(products)
         async with self.store.transaction() as conn:
             if idempotency is not None:
                 stored = await self.store.claim_idempotency_key(
@@ -226,6 +225,8 @@ class InventoryService:
                 )
                 if stored is not None:
                     return replay_stored(stored, idempotency)
+            # Read without locking: the version-checked write below is the guard.
+            levels, warehouses = await self.store.levels(products, conn)
             try:
                 allocation = await self._allocate(conn, lines, levels, warehouses)
             except InventoryError as exc:
@@ -309,6 +310,9 @@ class InventoryService:
         }
         await self.store.apply_deltas(conn, kind, deltas, reservation.id)
         await self.store.update_reservation(conn, finished)
+        if not ships:  # stock came back: stop refusing these products from memory
+            for product_id in {x.product_id for x in reservation.lines}:
+                self.single_line.forget(product_id)
         return finished
 
     async def extend(self, reservation_id: UUID, ttl_seconds: int) -> Reservation:

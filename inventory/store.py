@@ -571,6 +571,16 @@ def _line(x: ReservationLine) -> dict[str, Any]:
     return {"product_id": x.product_id, "warehouse_id": x.warehouse_id, "quantity": x.quantity}
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool ``reset`` that sends nothing.
+
+    asyncpg's default resets every released connection with a query (advisory locks,
+    cursors, LISTEN, settings): one extra round trip per request. This server changes no
+    session state (the relay unlocks its advisory lock itself), and asyncpg still rolls
+    back an unfinished transaction before calling this.
+    """
+
+
 async def connect(url: str, *, min_size: int, max_size: int, timeout: float) -> Store:
     """Open a pool; ``timeout`` bounds connecting and every command."""
     with _translated():
@@ -581,6 +591,7 @@ async def connect(url: str, *, min_size: int, max_size: int, timeout: float) -> 
             timeout=timeout,
             command_timeout=timeout,
             max_inactive_connection_lifetime=60,
+            reset=_keep_session,
         )
     return Store(pool, acquire_timeout=timeout)
 
