@@ -15,7 +15,7 @@ from uuid import UUID
 
 import msgspec
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -90,6 +90,12 @@ class PayloadTooLarge(InventoryError):
     code = "payload_too_large"
 
 
+class ClientDisconnected(InventoryError):
+    """The client went away before its whole body arrived (not a server error)."""
+
+    code = "client_disconnected"
+
+
 class MethodNotAllowed(InventoryError):
     code = "method_not_allowed"
 
@@ -98,6 +104,7 @@ _STATUS = {
     "validation_error": 422,
     "invalid_json": 400,
     "payload_too_large": 413,
+    "client_disconnected": 400,
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,
@@ -194,11 +201,14 @@ async def read_body(request: Request) -> bytes:
         raise PayloadTooLarge(f"the body exceeds {MAX_BODY} bytes")
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise PayloadTooLarge(f"the body exceeds {MAX_BODY} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise PayloadTooLarge(f"the body exceeds {MAX_BODY} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected("the client disconnected before the body arrived") from None
     return b"".join(chunks)
 
 

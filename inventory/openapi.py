@@ -71,6 +71,9 @@ def openapi_document(docs: Mapping[str, Mapping[str, RouteDoc]]) -> dict[str, An
                     **{code: {"description": text, **error} for code, text in _ERRORS.items()},
                 },
             }
+            if path == "/v1/warehouses/{warehouse_id}" and method == "put":
+                # 201 when the warehouse was created, 200 when it was updated.
+                op["responses"]["201"] = {**op["responses"]["200"], "description": "Created"}
             if params:
                 op["parameters"] = list(params)
             if doc.request is not None:

@@ -50,7 +50,10 @@ MAX_STOCK = 1_000_000_000  # on-hand bound per row; keeps every sum far inside b
 
 ProductId = Annotated[str, Meta(pattern=f"^{PRODUCT_ID_RE.pattern}$")]
 WarehouseId = Annotated[str, Meta(pattern=f"^{WAREHOUSE_ID_RE.pattern}$")]
-Text = Annotated[str, Meta(max_length=500)]
+# PostgreSQL text cannot hold U+0000: refuse it here (422) instead of failing the write
+# (a 500, and for single-line reservations the whole combined batch of other clients).
+NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, Meta(max_length=500, pattern=NO_NUL)]
 Version = Annotated[int, Meta(ge=0, le=2**62)]
 
 
@@ -59,7 +62,7 @@ class _In(Struct, forbid_unknown_fields=True):
 
 
 class WarehouseIn(_In):
-    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    name: Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
     status: Literal["active", "inactive", "maintenance"]
     location: Text | None = None
 
@@ -85,7 +88,7 @@ class ReserveLineIn(_In):
 class ReserveIn(_In):
     lines: Annotated[list[ReserveLineIn], Meta(min_length=1, max_length=MAX_LINES)]
     ttl_seconds: Annotated[int, Meta(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)] = 900
-    reference: Annotated[str, Meta(max_length=255)] | None = None
+    reference: Annotated[str, Meta(max_length=255, pattern=NO_NUL)] | None = None
 
 
 class ExtendIn(_In):
