@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -155,16 +156,32 @@ def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
 
     @contextlib.asynccontextmanager
     async def lock_products(products: Sequence[str]) -> AsyncIterator[None]:
+        """Hold the products' locks around a write.
+
+        Failing to get them is 503 (``contention`` or ``unavailable``). Losing them after
+        the write committed is only logged: the write was version-checked (the row
+        version is the fence), and a 503 then would invite a retry that reserves twice.
+        """
         keys = [f"{settings.redis_prefix}:lock:{p}" for p in products]
         metrics.LOCK_WAITS.inc()
+        lock = acquire_many(redis, keys, ttl=settings.lock_ttl, timeout=settings.lock_wait)
         try:
-            async with acquire_many(redis, keys, ttl=settings.lock_ttl, timeout=settings.lock_wait):
-                yield
+            await lock.__aenter__()
         except LockNotAcquired:
             metrics.LOCK_TIMEOUTS.inc()
             raise Contention("timed out waiting for the product lock; retry", 1.0) from None
         except (LockError, OSError, aioredis.RedisError) as exc:
             raise Unavailable(f"lock service unavailable: {type(exc).__name__}") from None
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(LockError, OSError, aioredis.RedisError):
+                await lock.__aexit__(*sys.exc_info())
+            raise
+        try:
+            await lock.__aexit__(None, None, None)
+        except (LockError, OSError, aioredis.RedisError) as exc:
+            log.warning("product lock lost before release (write was fenced): %r", exc)
 
     return lock_products
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 import uuid
@@ -50,6 +51,8 @@ from .idempotency import Idempotency, Replay, replay_stored
 from .store import Conn, Store, VersionMiss
 
 __all__ = ["InventoryService", "RetryPolicy"]
+
+log = logging.getLogger("inventory.service")
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +358,9 @@ class InventoryService:
                     await self.store.purge_idempotency_keys(purge_hours)
                     next_purge = time.monotonic() + 3600
             except Unavailable:
+                n = 0
+            except Exception:  # never let one bad pass end expiry in this process
+                log.exception("expiry sweep failed; retrying")
                 n = 0
             if n < batch:
                 await asyncio.sleep(interval)
