@@ -46,9 +46,18 @@ log = logging.getLogger("inventory.app")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
+_INTERNAL_ERROR = json_response(
+    {"error": {"code": "internal_error", "message": "internal server error", "details": None}},
+    500,
+)
+
 
 class RequestIdMiddleware:
-    """Echo the client's ``X-Request-ID`` (or a new one) on every HTTP response."""
+    """Echo the client's ``X-Request-ID`` (or a new one) on every HTTP response.
+
+    It is the outermost layer, so it also turns an unexpected exception into the JSON
+    500 (logged with the request id) instead of leaving that to Starlette's error page.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -66,14 +75,22 @@ class RequestIdMiddleware:
             request_id = uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
         token = request_id_var.set(request_id.decode())
+        started = False
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if started:
+                raise
+            await _INTERNAL_ERROR(scope, receive, send_with_id)
         finally:
             request_id_var.reset(token)
 
@@ -92,14 +109,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return json_response(
         {"error": {"code": "http_error", "message": str(exc.detail), "details": None}},
         exc.status_code,
-    )
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return json_response(
-        {"error": {"code": "internal_error", "message": "internal server error", "details": None}},
-        500,
     )
 
 
@@ -311,7 +320,6 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             InventoryError: _inventory_error,
             HTTPException: _http_error,
-            Exception: _unexpected,
         },
     )
     app.add_middleware(metrics.MetricsMiddleware)

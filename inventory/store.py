@@ -35,6 +35,7 @@ from .domain import (
     ReservationStatus,
     StockLevel,
     Unavailable,
+    ValidationFailed,
     Warehouse,
     WarehouseStatus,
 )
@@ -93,6 +94,8 @@ def _translated() -> Any:
         yield
     except _CONNECTION_ERRORS as exc:
         raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
+    except asyncpg.DataError as exc:  # a value PostgreSQL cannot store or compare
+        raise ValidationFailed(f"the database refused a value: {exc}") from exc
     except (asyncpg.CheckViolationError, asyncpg.UniqueViolationError) as exc:
         raise StoreIntegrityError(f"the database refused the write: {exc}") from exc
     except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:

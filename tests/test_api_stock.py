@@ -275,3 +275,19 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
     schema = doc["components"]["schemas"]["AdjustmentIn"]
     assert schema["additionalProperties"] is False
     assert "delta" in schema["required"]
+
+
+async def test_unexpected_error_is_json_500_with_request_id() -> None:
+    from starlette.types import Receive, Scope, Send
+
+    from inventory.app import RequestIdMiddleware
+
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("bug")
+
+    transport = httpx.ASGITransport(app=RequestIdMiddleware(broken))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.get("/x", headers={"X-Request-ID": "req-500"})
+    assert r.status_code == 500
+    assert r.headers["x-request-id"] == "req-500"
+    assert error_code(r) == "internal_error"
