@@ -3,8 +3,9 @@
 Data path: the outbox relay publishes each stock change to ``{prefix}:stock:{product}``;
 the hub holds one Redis subscription per product that has at least one local subscriber
 (one pub/sub connection per process, :class:`~realtime.subscriber.ChannelSubscriber`),
-decodes each message once, and offers the *same* string to every local session of that
-product. Sessions conflate and write on their own task (:mod:`realtime.session`).
+keeps the newest state per row of the messages read in one burst, decodes each once and
+offers the *same* string to every local session of that product. Sessions conflate and
+write on their own task (:mod:`realtime.session`).
 
 Consistency policy (no subscriber is left on a stale value):
 
@@ -36,8 +37,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -128,10 +130,12 @@ class Hub:
         )
         self._topics: dict[str, _Topic] = {}
         self._sessions: set[Session] = set()
+        self._burst: dict[str, dict[str, tuple[int, bytes]]] = {}  # product -> row -> newest
+        self._fan_out_handle: asyncio.Handle | None = None
         self._resync_wanted: set[str] = set()
         self._resync_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[asyncio.Future[bool]]] = set()
+        self._background: set[asyncio.Task[Any]] = set()  # unsubscribes, slow-client closes
 
     # lifecycle
 
@@ -153,7 +157,8 @@ class Hub:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await asyncio.gather(*self._background)
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self._subscriber.stop()
 
     # sessions
@@ -262,14 +267,18 @@ class Hub:
         if channels:
             self._subscriber.unwant(channels)
             # Nothing waits for an unsubscribe to take effect, so it is sent in the background.
-            task = asyncio.get_running_loop().create_task(self._subscriber.flush())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(self._subscriber.flush())
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` in the background; :meth:`stop` waits for it."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # the stream
 
     def on_message(self, channel: bytes, data: bytes) -> None:
-        """Fan one published update out to the local sessions of its product."""
+        """Accept one published update; it is fanned out at the end of the current burst."""
         self.stats.messages += 1
         product_id = channel.decode()[len(self._channel_prefix) :]
         topic = self._topics.get(product_id)
@@ -289,9 +298,33 @@ class Hub:
                 self.stats.gaps += 1
                 self.resync((product_id,))
         topic.versions[warehouse_id] = version
-        message = data.decode()
-        for session in topic.sessions:
-            session.offer(product_id, warehouse_id, version, message)
+        burst = self._burst.get(product_id)
+        if burst is None:
+            burst = self._burst[product_id] = {}
+            if self._fan_out_handle is None:
+                self._fan_out_handle = asyncio.get_running_loop().call_soon(self._fan_out)
+        elif warehouse_id in burst:
+            self.stats.coalesced += 1
+        burst[warehouse_id] = (version, data)
+
+    def _fan_out(self) -> None:
+        """Offer the newest state of each row of the burst to every local session.
+
+        The reader takes all messages Redis has buffered before it yields, so under load a
+        burst holds many versions of a row: coalescing them here costs one offer per row
+        and session instead of one per message and session, the dominant cost when many
+        connections share a product. When idle a burst is a single message.
+        """
+        self._fan_out_handle = None
+        burst, self._burst = self._burst, {}
+        for product_id, rows in burst.items():
+            topic = self._topics.get(product_id)
+            if topic is None:
+                continue
+            for warehouse_id, (version, data) in rows.items():
+                message = data.decode()  # once per process, shared by every session
+                for session in topic.sessions:
+                    session.offer(product_id, warehouse_id, version, message)
 
     def on_connected(self, reconnect: bool) -> None:
         if reconnect:
@@ -354,7 +387,6 @@ class Hub:
         timeout = self.settings.send_timeout
         reason = f"slow consumer: not reading for {timeout:g}s"
         loop = asyncio.get_running_loop()
-        closing: set[asyncio.Task[None]] = set()
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
             deadline = loop.time() - timeout
@@ -362,6 +394,4 @@ class Hub:
                 since = session.blocked_since
                 if since is not None and since < deadline and not session.closed:
                     self.stats.slow_disconnects += 1
-                    task = loop.create_task(session.close(SLOW_CONSUMER_CLOSE, reason))
-                    closing.add(task)
-                    task.add_done_callback(closing.discard)
+                    self._spawn(session.close(SLOW_CONSUMER_CLOSE, reason))

@@ -76,6 +76,7 @@ class HubStats:
     topics: int = 0  # gauge: products with a Redis subscription
     messages: int = 0  # updates received from Redis
     deliveries: int = 0  # stock messages handed to sockets
+    coalesced: int = 0  # updates replaced by a newer one of the same burst, at the hub
     conflated: int = 0  # pending states replaced by a newer one before being sent
     stale: int = 0  # updates dropped at the hub as not newer than already forwarded
     overflows: int = 0  # updates dropped for a full buffer (and resynced later)

@@ -73,6 +73,7 @@ class ChannelSubscriber:
         self._lock = asyncio.Lock()
         self._barriers: deque[tuple[float, asyncio.Future[bool]]] = deque()
         self._last_rx = 0.0
+        self._failures = 0
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -143,29 +144,25 @@ class ChannelSubscriber:
         return pool.connection_class(**kwargs)
 
     async def _run(self) -> None:
-        failures = 0
-        sessions = 0
+        reconnect = False
         while True:
             conn = self._new_connection()
             try:
                 await conn.connect()
-            except Exception as exc:
-                failures += 1
-                delay = min(self._max_backoff, 0.02 * 2**failures) * (0.5 + random.random() / 2)
-                if failures == 1 or failures % 20 == 0:
-                    log.warning("redis pub/sub unavailable (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            try:
-                await self._session(conn, reconnect=sessions > 0)
+                await self._session(conn, reconnect=reconnect)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("redis pub/sub connection lost: %s", exc)
+                if self._failures == 0 or self._failures % 20 == 19:
+                    log.warning("redis pub/sub connection failed or lost: %s", exc)
             finally:
+                reconnect = reconnect or self._conn is not None
                 await self._detach(conn)
-            sessions += 1
+            # Reset once a session got its channels confirmed; a server that accepts and
+            # then fails at once (e.g. still loading) is retried with growing delays.
+            self._failures += 1
+            delay = min(self._max_backoff, 0.01 * 2**self._failures)
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
     async def _session(self, conn: Any, *, reconnect: bool) -> None:
         async with self._lock:
@@ -176,6 +173,7 @@ class ChannelSubscriber:
 
         def on_ready(future: asyncio.Future[bool]) -> None:
             if not future.cancelled() and future.result():
+                self._failures = 0
                 if reconnect:
                     log.info("redis pub/sub reconnected; resubscribed %d channels", len(self._told))
                 self._listener.on_connected(reconnect)

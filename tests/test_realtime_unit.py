@@ -406,6 +406,18 @@ async def test_hub_snapshot_then_updates_in_order(hub: Hub, levels: FakeLevels) 
     await session.close(1000, "")
 
 
+async def test_hub_coalesces_a_burst(hub: Hub, levels: FakeLevels) -> None:
+    transport = FakeTransport()
+    session = hub.open(transport)
+    await hub.execute(session, Subscribe(("p",), {}))
+    for version in range(1, 6):  # read back to back, as from one socket read
+        hub.on_message(channel("p"), levels.set("p", "w", version))
+    await settle()
+    assert [(m["version"], m["event"]) for m in transport.of_type("stock")] == [(5, "adjusted")]
+    assert hub.stats.coalesced == 4
+    await session.close(1000, "")
+
+
 async def test_hub_since_and_empty_snapshot(hub: Hub, levels: FakeLevels) -> None:
     levels.set("p", "w1", 3)
     levels.set("p", "w2", 7)
@@ -468,6 +480,7 @@ async def test_slow_session_is_bounded_and_catches_up(hub: Hub, levels: FakeLeve
         for version in range(1, 51):
             for product in products:
                 hub.on_message(channel(product), levels.set(product, "w", version))
+            await settle()  # one burst per round
         assert len(session.buffer) <= 8
         assert hub.stats.overflows > 0
         assert hub.stats.conflated > 0
