@@ -125,6 +125,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 http="httptools",
                 ws="websockets-sansio",
                 ws_max_size=64 * 1024,
+                # Per-message deflate costs zlib time per client per message and ~40 KiB
+                # of state per connection; stock messages are small.
+                ws_per_message_deflate=False,
                 log_level=settings.log_level,
                 log_config=uvicorn_log_config(settings.log_format, settings.log_level),
                 timeout_graceful_shutdown=10,

@@ -68,24 +68,40 @@ def server_urls() -> Iterator[tuple[str, str]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-async def database_url(server_urls: tuple[str, str]) -> AsyncIterator[str]:
-    """A fresh, migrated database for this test session."""
-    admin_url = server_urls[0]
-    name = f"inventory_test_{uuid.uuid4().hex[:12]}"
+@contextlib.asynccontextmanager
+async def new_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
+    """A new migrated database on the server of ``admin_url``, dropped on exit."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
     url = _with_database(admin_url, name)
-    await migrate(url)
-    yield url
-    admin = await asyncpg.connect(admin_url)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await migrate(url)
+        yield url
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_urls: tuple[str, str]) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test session."""
+    async with new_database(server_urls[0], "inventory_test") as url:
+        yield url
+
+
+@pytest.fixture
+async def scratch_database(server_urls: tuple[str, str]) -> AsyncIterator[str]:
+    """A migrated database of the test's own: safe to corrupt, and no other test's
+    server sweeps it."""
+    async with new_database(server_urls[0], "inventory_scratch") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -185,8 +201,8 @@ def make_stock(
 class ServerProcess:
     """``inventory serve`` running as a subprocess on a free port."""
 
-    port: int
     env: dict[str, str]
+    port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
 
@@ -262,7 +278,7 @@ async def server_factory(
             "INVENTORY_TOKENS": "",
             **(env or {}),
         }
-        server = ServerProcess(free_port(), full)
+        server = ServerProcess(full)
         started.append(server)
         await asyncio.to_thread(server.start)
         return server

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -21,7 +19,7 @@ import pytest
 
 from inventory.check import check_database
 from inventory.embedded import free_port
-from inventory.store import INVARIANTS, migrate
+from inventory.store import INVARIANTS
 
 pytestmark = pytest.mark.asyncio
 
@@ -54,26 +52,6 @@ async def inventory_check(database_url: str) -> Run:
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return Run(proc.returncode, out.decode(), err.decode())
-
-
-@pytest.fixture
-async def scratch_database(server_urls: tuple[str, str]) -> AsyncIterator[str]:
-    """A migrated database of its own, safe to corrupt."""
-    admin_url = server_urls[0]
-    name = f"inventory_check_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-    await migrate(url)
-    yield url
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 def assert_report(run: Run, failing: set[str]) -> None:

@@ -23,7 +23,6 @@ import random
 import signal
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,7 +34,6 @@ import httpx
 import pytest
 
 from inventory.check import check_database
-from inventory.store import migrate
 from tests.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.asyncio
@@ -250,26 +248,6 @@ async def wait_ready(http: httpx.AsyncClient, base_url: str, status: int, timeou
 
 def no_violations(found: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
     return {name: rows for name, rows in found.items() if rows}
-
-
-@pytest.fixture
-async def scratch_database(server_urls: tuple[str, str]) -> AsyncIterator[str]:
-    """A migrated database of its own: only this test's servers sweep it."""
-    admin_url = server_urls[0]
-    name = f"inventory_faults_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-    await migrate(url)
-    yield url
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def seed(

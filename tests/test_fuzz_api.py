@@ -48,7 +48,6 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from inventory.api import Auth, api_routes
-from inventory.embedded import free_port
 from inventory.openapi import openapi_document
 from tests.conftest import ServerProcess
 
@@ -106,7 +105,7 @@ def live_server(database_url: str, redis_url: str, redis_prefix: str) -> Iterato
         "INVENTORY_REDIS_PREFIX": redis_prefix,
         "INVENTORY_TOKENS": "",
     }
-    server = ServerProcess(free_port(), env)
+    server = ServerProcess(env)
     try:
         server.start()
         yield server

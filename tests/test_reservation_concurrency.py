@@ -8,13 +8,8 @@ that checker looks at the whole shared database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -23,15 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 import pytest
 
 from inventory.check import check_database
-from inventory.embedded import free_port
-from inventory.store import migrate
+
+from .conftest import ServerProcess
 
 pytestmark = pytest.mark.asyncio
 
@@ -45,52 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # --- fixtures -------------------------------------------------------------------------------
-
-
-@dataclass
-class ServerProcess:
-    """``inventory serve`` on a free port (like conftest's, but usable in module scope)."""
-
-    env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-    log: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 30) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "inventory.cli", "serve", "--port", str(self.port)],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.base_url}/ready", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(f"server not ready in {timeout}s: {self.log.read_text()[-2000:]}")
-
-    def stop(self, timeout: float = 15) -> int | None:
-        """SIGTERM and wait; returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def server_env(
@@ -148,26 +96,6 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000, keepalive_expiry=2)
     async with httpx.AsyncClient(limits=limits, timeout=60) as c:
         yield c
-
-
-@pytest.fixture
-async def scratch_database(server_urls: tuple[str, str]) -> AsyncIterator[str]:
-    """A migrated database of its own: no other test's server sweeps it."""
-    admin_url = server_urls[0]
-    name = f"inventory_scratch_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-    await migrate(url)
-    yield url
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 # --- helpers --------------------------------------------------------------------------------
