@@ -62,34 +62,48 @@ class Relay:
         self._campaign_interval = campaign_interval
         self._max_backoff = max_backoff
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.leader = False
         self.published = 0
 
     async def start(self) -> None:
         if self._task is None:
+            self._stopping.clear()
             self._task = asyncio.create_task(self._run(), name="realtime-relay")
 
     def wake(self) -> None:
         """Poll now (a change was just committed)."""
         self._wake.set()
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop at the next safe point (never between a publish and its cursor save, so
+        a graceful handover republishes nothing); cancel after ``grace`` seconds."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace)
+        except TimeoutError:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 lease = await self._outbox.acquire(self._name)
             except Exception as exc:
                 log.warning("relay cannot reach the database (%s); retrying", exc)
                 lease = None
             if lease is None:
-                await asyncio.sleep(self._campaign_interval)
+                await self._pause(self._campaign_interval)
                 continue
             self.leader = True
             log.info("relay is the leader for this database")
@@ -100,12 +114,12 @@ class Relay:
             finally:
                 self.leader = False
                 await lease.release()
-            await asyncio.sleep(self._campaign_interval)
+            await self._pause(self._campaign_interval)
 
     async def _lead(self, lease: OutboxLease) -> None:
         batch: list[StockChange] = []
         failures = 0
-        while True:
+        while not self._stopping.is_set():
             if not batch:
                 self._wake.clear()
                 batch = await lease.fetch(self._batch_size)
