@@ -153,6 +153,8 @@ _EXTEND: Final = _Script(
     "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
 )
 
+_MIN_ATTEMPT = 0.25  # seconds one acquire attempt may take even when the wait is shorter
+
 # Strong references to cleanup / watchdog tasks (the loop keeps only weak ones).
 _background: set[asyncio.Task[Any]] = set()
 
@@ -416,7 +418,19 @@ class Lock:
             while True:
                 sent_at = loop.time()
                 try:
-                    fence = int(await _ACQUIRE(self._redis, keys, args))
+                    # Bounded by the wait (but always a round trip's worth, so that
+                    # timeout=0 still makes its one attempt): a silent Redis must not
+                    # hold the caller for the client's socket timeout.
+                    bound = None if deadline is None else max(deadline, sent_at + _MIN_ATTEMPT)
+                    async with asyncio.timeout_at(bound):
+                        fence = int(await _ACQUIRE(self._redis, keys, args))
+                except TimeoutError:
+                    # The SET may still land: undo it in the background (the lease
+                    # bounds that work) and answer the caller now.
+                    _spawn(self._release_until(token, sent_at + self.ttl))
+                    raise LockNotAcquired(
+                        f"could not acquire {self._key!r} within {wait}s"
+                    ) from None
                 except BaseException:
                     # The SET may have run with its reply lost (cancelled, connection
                     # dropped): undo it with our token before propagating.

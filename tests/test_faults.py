@@ -6,8 +6,8 @@
   hang), ``/ready`` follows the database, the server recovers by itself, and the
   invariants hold afterwards.
 - Redis behind the proxy, dropped or stalled: the optimistic strategy does not need Redis
-  to reserve; the lock strategy answers 503 while Redis is away and recovers after (a
-  *stalled* Redis is a known bug under the lock strategy: strict xfail, see its reason).
+  to reserve; the lock strategy answers 503 while Redis is away (within the lock wait
+  even when Redis is silent) and recovers after.
 - ``kill -9`` of a server under load: nothing half-written, and the reservations it left
   behind are expired on time by the next process.
 - SIGTERM under load: requests already received are answered, the process exits 0.
@@ -483,16 +483,7 @@ def reservation_bodies(
         ("optimistic", "drop"),
         ("optimistic", "stall"),
         ("lock", "drop"),
-        pytest.param(
-            "lock",
-            "stall",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a silent Redis holds each lock-strategy reservation ~10 s "
-                "(5 s socket timeout on the SET, then up to 5 s more in the lock's "
-                "token cleanup), not bounded by INVENTORY_LOCK_WAIT; see the report",
-            ),
-        ),
+        ("lock", "stall"),
     ],
 )
 async def test_redis_outage(
