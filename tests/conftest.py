@@ -194,6 +194,32 @@ def make_stock(
     return make
 
 
+# --- waiting on conditions ------------------------------------------------------------
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float,
+    what: str,
+    interval: float = 0.02,
+) -> float:
+    """Poll ``predicate`` (sync or async) until it holds; returns the seconds it took.
+
+    Fails the test after ``timeout`` seconds: waits in tests are conditions with a
+    deadline, never a fixed sleep.
+    """
+    start = time.monotonic()
+    while True:
+        value = predicate()
+        if not isinstance(value, bool):
+            value = await value
+        if value:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
+        await asyncio.sleep(interval)
+
+
 # --- real server processes ------------------------------------------------------------
 
 

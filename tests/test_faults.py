@@ -36,6 +36,8 @@ import pytest
 from inventory.check import check_database
 from tests.faultproxy import FaultProxy
 
+from .conftest import wait_until as until
+
 pytestmark = pytest.mark.asyncio
 
 MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
@@ -50,20 +52,6 @@ ANSWER_DEADLINE = 8.0
 STALL_HOLD = 3.0
 # The client gives up later than that, so a slow answer is measured rather than cut off.
 CLIENT_TIMEOUT = 20.0
-
-
-async def until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
-    """Wait for ``predicate`` (sync or async) to hold, failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
-        await asyncio.sleep(0.02)
 
 
 def with_netloc(url: str, address: str) -> str:

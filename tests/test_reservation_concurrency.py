@@ -26,6 +26,7 @@ import pytest
 from inventory.check import check_database
 
 from .conftest import ServerProcess
+from .conftest import wait_until as wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -195,19 +196,6 @@ async def rows(db: asyncpg.Pool | asyncpg.Connection, pid: str) -> dict[str, asy
 async def ledger_count(db: asyncpg.Pool, pid: str) -> int:
     n: int = await db.fetchval("SELECT count(*) FROM movements WHERE product_id = $1", pid)
     return n
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
-) -> float:
-    """Poll ``check`` until true; returns the elapsed seconds, fails after ``timeout``."""
-    start = time.monotonic()
-    while True:
-        if await check():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def assert_invariants(database_url: str) -> None:

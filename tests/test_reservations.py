@@ -23,6 +23,8 @@ from inventory.app import create_app
 from inventory.config import Settings
 from inventory.store import migrate
 
+from .conftest import wait_until as wait_for
+
 pytestmark = pytest.mark.asyncio
 
 MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
@@ -91,19 +93,6 @@ async def set_status(client: httpx.AsyncClient, wid: str, status: str) -> None:
 async def db_now(db_pool: asyncpg.Pool) -> datetime:
     value: datetime = await db_pool.fetchval("SELECT clock_timestamp()")
     return value
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
-) -> float:
-    """Poll ``check`` until true; returns the elapsed seconds, fails after ``timeout``."""
-    start = time.monotonic()
-    while True:
-        if await check():
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # --- a second app on its own database, with the expiry sweeper parked -------------------

@@ -30,6 +30,8 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from .conftest import wait_until as until
+
 pytestmark = pytest.mark.asyncio
 
 MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
@@ -45,19 +47,6 @@ ERROR_CODES = {
     "unsupported_frame",
     "unavailable",
 }
-
-
-async def until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if not isinstance(value, bool):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for: {what}")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
