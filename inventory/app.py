@@ -262,6 +262,7 @@ def create_app(settings: Settings) -> Starlette:
             ),
             lock_products=lock_products,
             on_change=relay.wake,
+            lanes=settings.reserve_lanes,
         )
         runtime.service = service
         await hub.start()

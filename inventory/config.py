@@ -132,6 +132,7 @@ class Settings:
     retry_deadline: float = 2.0
     lock_ttl: float = 10.0
     lock_wait: float = 2.0
+    reserve_lanes: int = 4
     sweep_interval: float = 0.25
     sweep_batch: int = 200
     idempotency_ttl_hours: int = 48
@@ -174,6 +175,7 @@ class Settings:
             retry_deadline=_float(env, "INVENTORY_RETRY_DEADLINE", 2.0, 0.01, 60),
             lock_ttl=_float(env, "INVENTORY_LOCK_TTL", 10.0, 0.1, 3600),
             lock_wait=_float(env, "INVENTORY_LOCK_WAIT", 2.0, 0.0, 60),
+            reserve_lanes=_int(env, "INVENTORY_RESERVE_LANES", 4, 1, 64),
             sweep_interval=_float(env, "INVENTORY_SWEEP_INTERVAL", 0.25, 0.01, 60),
             log_level=_choice(env, "INVENTORY_LOG_LEVEL", "info", LOG_LEVELS),
             log_format=_choice(env, "INVENTORY_LOG_FORMAT", default_log_format(), ("json", "text")),

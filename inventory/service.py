@@ -1,9 +1,9 @@
 """Use cases: warehouses, stock changes, reservations, expiry.
 
 Each use case is one database transaction through :class:`~inventory.store.Store`; the
-rules come from :mod:`inventory.domain`. Single-line reservations are combined per
-product (:mod:`inventory.batch_reserve`: one locked transaction per batch, the hot-SKU
-fast path). Multi-line reservations use one of two strategies:
+rules come from :mod:`inventory.domain`. Single-line reservations are combined
+(:mod:`inventory.batch_reserve`: concurrent requests share one locked transaction, the
+hot-SKU fast path and group commit for the rest). Multi-line reservations use one of two strategies:
 
 ``optimistic`` (default)
     Read the rows, allocate in the domain, then write with ``... WHERE version = $v``.
@@ -79,13 +79,14 @@ class InventoryService:
         retry: RetryPolicy | None = None,
         lock_products: LockFactory | None = None,
         on_change: Callable[[], None] | None = None,
+        lanes: int = 4,
     ) -> None:
         self.store = store
         self.retry = retry or RetryPolicy()
         self.lock_products = lock_products
         self.on_change = on_change or (lambda: None)
         self.single_line = BatchReserver(
-            store, lock_products=lock_products, on_change=self.on_change
+            store, lock_products=lock_products, on_change=self.on_change, lanes=lanes
         )
 
     async def close(self) -> None:

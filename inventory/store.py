@@ -197,16 +197,16 @@ WITH u AS (
 ), m AS (
     INSERT INTO movements (product_id, warehouse_id, kind, quantity_delta, reserved_delta,
                            quantity, reserved, version, reservation_id)
-    SELECT $20, w, 'reserved', 0, r, q, res, v, rid
-    FROM unnest($6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::uuid[])
-        AS m(w, r, q, res, v, rid)
+    SELECT p, w, 'reserved', 0, r, q, res, v, rid
+    FROM unnest($6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[],
+                $11::bigint[], $12::uuid[]) AS m(p, w, r, q, res, v, rid)
 ), r AS (
     INSERT INTO reservations (id, status, reference, expires_at)
     SELECT id, 'active', ref, now() + make_interval(secs => ttl)
-    FROM unnest($12::uuid[], $13::text[], $14::float8[]) AS r(id, ref, ttl)
+    FROM unnest($13::uuid[], $14::text[], $15::float8[]) AS r(id, ref, ttl)
 ), l AS (
     INSERT INTO reservation_lines (reservation_id, line_no, product_id, warehouse_id, quantity)
-    SELECT * FROM unnest($15::uuid[], $16::int[], $17::text[], $18::text[], $19::bigint[])
+    SELECT * FROM unnest($16::uuid[], $17::int[], $18::text[], $19::text[], $20::bigint[])
 )
 SELECT (SELECT count(*) FROM u) AS updated, now() AS now
 """
@@ -350,16 +350,19 @@ class Store:
             raise VersionMiss()
         return [_level(r) for r in rows]
 
-    async def lock_product(
-        self, conn: Conn, product_id: str
+    async def lock_products(
+        self, conn: Conn, product_ids: Sequence[str]
     ) -> tuple[list[StockLevel], dict[str, Warehouse]]:
-        """Every row of one product, locked (in warehouse order), with its warehouses."""
+        """Every row of the products, locked in (product, warehouse) order, with their
+        warehouses. The order is the one every writer locks in, so two batches never
+        deadlock."""
         rows = await conn.fetch(
             f"""SELECT s.{_LEVEL_COLS.replace(", ", ", s.")},
                        w.id, w.name, w.location, w.status
                 FROM stock_levels s JOIN warehouses w ON w.id = s.warehouse_id
-                WHERE s.product_id = $1 ORDER BY s.warehouse_id FOR UPDATE OF s""",
-            product_id,
+                WHERE s.product_id = ANY($1::text[])
+                ORDER BY s.product_id, s.warehouse_id FOR UPDATE OF s""",
+            sorted(set(product_ids)),
         )
         return [_level(r) for r in rows], {r["id"]: _warehouse(r) for r in rows}
 
@@ -386,6 +389,7 @@ class Store:
             [a.reserved - b.reserved for b, a in rows],
             [a.version - b.version for b, a in rows],
             [b.version for b in before],
+            [m.product_id for m in movements],
             [m.warehouse_id for m in movements],
             [m.reserved_delta for m in movements],
             [m.quantity for m in movements],
@@ -400,7 +404,6 @@ class Store:
             [x[2].product_id for x in lines],
             [x[2].warehouse_id for x in lines],
             [x[2].quantity for x in lines],
-            before[0].product_id if before else "",
         )
         assert result is not None
         if result["updated"] != len(rows):

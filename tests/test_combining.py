@@ -9,8 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
+from inventory.batch_reserve import BatchReserver, SingleLine
 from inventory.check import check_database
 from inventory.combining import Combiner
+from inventory.domain import InsufficientStock, NotFound, RequestedLine, Reservation
 
 StockFactory = Callable[..., Awaitable[tuple[str, list[str]]]]
 
@@ -158,3 +160,57 @@ async def test_sold_out_is_refused_and_restock_reopens(
     r = await client.post(f"/v1/products/{pid}/stock/{wid}/adjustments", json={"delta": 1})
     assert r.status_code == 200
     assert (await client.post("/v1/reservations", json=body)).status_code == 201
+
+
+async def test_one_batch_serves_many_products(
+    app: Any,
+    client: httpx.AsyncClient,
+    make_stock: StockFactory,
+    make_warehouse: Callable[..., Awaitable[str]],
+    new_id: Callable[[str], str],
+    database_url: str,
+) -> None:
+    """Requests for different products that arrive together share one transaction
+    (one lane), and each still gets the answer it would get alone."""
+    reserver = BatchReserver(app.state.runtime.service.store, lanes=1)
+    plenty, [wa, wb] = await make_stock(5, 3)
+    scarce, _ = await make_stock(2)
+    empty, _ = await make_stock(0)
+    closed = await make_warehouse(status="inactive")
+    requests = [
+        RequestedLine(plenty, 4),  # fits in wa (most available)
+        RequestedLine(scarce, 1),
+        RequestedLine(new_id("missing"), 1),  # no such product
+        RequestedLine(scarce, 1),
+        RequestedLine(plenty, 3, wb),  # pinned
+        RequestedLine(scarce, 1),  # nothing left by now
+        RequestedLine(empty, 1),
+        RequestedLine(plenty, 1, new_id("nowhere")),  # no such warehouse
+        RequestedLine(plenty, 1, closed),  # pinned to a warehouse without this product's row
+        RequestedLine(plenty, 2),  # 1 left in wa, 0 in wb: split is not enough
+    ]
+    outcomes = await asyncio.gather(
+        *(reserver.reserve(SingleLine(line, 60, None)) for line in requests),
+        return_exceptions=True,
+    )
+    assert (reserver.combiner.batches, reserver.combiner.items) == (1, len(requests))
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds == [
+        "Reservation", "Reservation", "NotFound", "Reservation", "Reservation",
+        "InsufficientStock", "InsufficientStock", "NotFound", "WarehouseUnavailable",
+        "InsufficientStock",
+    ], outcomes  # fmt: skip
+    first = outcomes[0]
+    assert isinstance(first, Reservation)
+    assert [(x.warehouse_id, x.quantity) for x in first.lines] == [(wa, 4)]
+    assert isinstance(outcomes[2], NotFound)
+    assert isinstance(outcomes[9], InsufficientStock)
+    levels = {
+        (p, r["warehouse_id"]): (r["quantity"], r["reserved"])
+        for p in (plenty, scarce)
+        for r in (await client.get(f"/v1/products/{p}/stock")).json()["levels"]
+    }
+    assert levels[(plenty, wa)] == (5, 4)
+    assert levels[(plenty, wb)] == (3, 3)
+    assert sum(reserved for (p, _), (_, reserved) in levels.items() if p == scarce) == 2
+    assert not any((await check_database(database_url)).values())

@@ -33,6 +33,7 @@ import asyncpg
 import httpx
 import pytest
 
+from inventory.batch_reserve import lane_of
 from inventory.check import check_database
 from tests.faultproxy import FaultProxy
 
@@ -640,7 +641,9 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(
     singles = [await make_stock(100) for _ in range(5)]
     pairs = [(await make_stock(100), await make_stock(100)) for _ in range(5)]
     background = [await make_stock(100_000, 100_000) for _ in range(4)]
-    server = await server_factory(env={"INVENTORY_DB_POOL_MAX": "20"})
+    server = await server_factory(
+        env={"INVENTORY_DB_POOL_MAX": "20", "INVENTORY_RESERVE_LANES": "4"}
+    )
     held = [p for p, _ in singles] + [p for pair in pairs for p, _ in pair]
     wave_bodies = [{"lines": [{"product_id": p, "quantity": 1}]} for p, _ in singles] + [
         {"lines": [{"product_id": a, "quantity": 1}, {"product_id": b, "quantity": 2}]}
@@ -666,16 +669,19 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(
                 for b in wave_bodies
             ]
 
+            # Each multi-line request of the wave waits for the blocking transaction
+            # directly; single-line ones are combined per lane, so one transaction per
+            # lane they fall in waits (the background load's rows are never blocked).
+            waiting = len(pairs) + len({lane_of(p, 4) for p, _ in singles})
+
             async def all_waiting() -> bool:
-                # Each request of the wave touches its own rows, so each one waits for
-                # the blocking transaction directly (the background load never does).
                 # A connection of its own: inside a transaction the activity view is a
                 # snapshot that would not change.
                 n = await monitor.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
                     blocker_pid,
                 )
-                return n == len(wave_bodies)
+                return n == waiting
 
             await until(all_waiting, 10, "every request of the wave waiting in PostgreSQL")
             signalled = time.monotonic()
