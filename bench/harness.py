@@ -47,7 +47,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from bench.loadgen import LoadResult, run_load
+from bench.loadgen import Client, LoadResult, run_load
 from bench.pgbench import Mirror, PgbenchResult, mirrors, run_pgbench, seed_sql
 from bench.scenarios import (
     BARE_SESSIONS,
@@ -130,12 +130,20 @@ class RoundResult:
     server_cpu: float
     machine_busy: float
     requests: float  # every recorded HTTP request per second, whatever its label or status
+    late: int = 0  # paced scenarios: units the generator started behind schedule
+    batch_mean: float | None = None  # single-line requests per combined transaction
     ceilings: dict[str, dict[str, float]] = field(default_factory=dict)
     bare_rate: float | None = None
+    bare_latency: dict[str, float] | None = None
 
 
 async def _load(
-    server: ServerProcess, clients: int, duration: float, warmup: float, session: Any
+    server: ServerProcess,
+    clients: int,
+    duration: float,
+    warmup: float,
+    session: Any,
+    rate: float | None = None,
 ) -> tuple[LoadResult, float, float]:
     """Run a load and measure the server's CPU (cores) and machine busy share meanwhile."""
     meter: list[CpuMeter] = []
@@ -148,7 +156,14 @@ async def _load(
             usage.append(meter[0].stop())
 
     result = await run_load(
-        "127.0.0.1", server.port, clients, duration, session, warmup=warmup, on_window=window
+        "127.0.0.1",
+        server.port,
+        clients,
+        duration,
+        session,
+        warmup=warmup,
+        rate=rate,
+        on_window=window,
     )
     server_cpu, busy = usage[0] if usage else (float("nan"), float("nan"))
     return result, server_cpu, busy
@@ -168,7 +183,27 @@ def _round(scenario: Scenario, result: LoadResult, server_cpu: float, busy: floa
         server_cpu=server_cpu,
         machine_busy=busy,
         requests=sum(statuses.values()) / result.duration,
+        late=result.late,
     )
+
+
+_BATCH_COUNTERS = re.compile(
+    rb"^inventory_reservation_batch(es|_members)_total(?:\{[^}]*\})? ([0-9.e+]+)$", re.M
+)
+
+
+async def _batch_counts(server: ServerProcess) -> tuple[float, float]:
+    """(combined transactions, requests they applied) so far, from the server's /metrics."""
+    client = Client("127.0.0.1", server.port)
+    try:
+        status, body = await client.request(b"GET", b"/metrics")
+    finally:
+        client.close()
+    counts = {"es": 0.0, "_members": 0.0}
+    if status == 200:
+        for kind, value in _BATCH_COUNTERS.findall(body):
+            counts[kind.decode()] += float(value)
+    return counts["es"], counts["_members"]
 
 
 def _ceiling(result: PgbenchResult, busy: float) -> dict[str, float]:
@@ -444,6 +479,8 @@ async def _fanout(quick: bool, repeats: int) -> dict[str, Any] | None:
 
 def _bound(row: dict[str, Any], workers: int) -> str:
     """Which resource ran out first, judged from CPU use during the window."""
+    if row.get("offered_rate") and not row.get("late"):
+        return "offered load (paced)"
     if row["generator_cpu"] >= 0.9:
         return "load generator"
     if row["server_cpu"] / workers >= 0.85:
@@ -455,7 +492,7 @@ def _bound(row: dict[str, Any], workers: int) -> str:
 
 def _table(rows: list[dict[str, Any]], workers: int) -> str:
     head = (
-        f"{'scenario':<11}{'strategy':<11}{'clients':>7}{'rate/s':>9}{'p50':>7}{'p90':>7}"
+        f"{'scenario':<15}{'strategy':<11}{'clients':>7}{'rate/s':>9}{'p50':>7}{'p90':>7}"
         f"{'p99 ms':>8}{'2xx':>8}{'409':>7}{'503':>6}{'oth':>5}  "
         f"{'pgbench/s':>10}{'ratio':>9}{'bare/s':>8}{'ratio':>8}  "
         f"{'gen':>4}{'srv':>5}{'box':>5}{'us/req':>7}  bound"
@@ -468,7 +505,7 @@ def _table(rows: list[dict[str, Any]], workers: int) -> str:
         first = next(iter(row["ceilings"]), None)
         pg = row["ceilings"][first] if first else None
         lines.append(
-            f"{row['scenario']:<11}{row['strategy']:<11}{row['clients']:>7}{row['rate']:>9.0f}"
+            f"{row['scenario']:<15}{row['strategy']:<11}{row['clients']:>7}{row['rate']:>9.0f}"
             f"{row['p50']:>7.1f}{row['p90']:>7.1f}{row['p99']:>8.1f}{ok:>8.0f}"
             f"{st.get(409, 0):>7.0f}{st.get(503, 0):>6.0f}{other + row['errors']:>5.0f}  "
             + (f"{pg['rate']:>10.0f}{pg['ratio']:>8.2f}x" if pg else f"{'-':>10}{'-':>9}")
@@ -482,12 +519,23 @@ def _table(rows: list[dict[str, Any]], workers: int) -> str:
         )
         for name, c in list(row["ceilings"].items())[1:]:
             lines.append(
-                f"{'':<29}{name}: {c['rate']:.0f}/s (ratio {c['ratio']:.2f}x), "
+                f"{'':<33}{name}: {c['rate']:.0f}/s (ratio {c['ratio']:.2f}x), "
                 f"p50 {c['p50']:.1f} p99 {c['p99']:.1f} ms"
+            )
+        if row.get("offered_rate"):
+            bl = row.get("bare_latency") or {}
+            lines.append(
+                f"{'':<33}paced: {row['offered_rate']:.0f}/s offered, "
+                f"{row['late']:.0f} started late; the bare endpoint at the same pace: "
+                f"p50 {bl.get('p50', float('nan')):.1f} p99 {bl.get('p99', float('nan')):.1f} ms"
+            )
+        if row.get("batch_mean"):
+            lines.append(
+                f"{'':<33}combined: {row['batch_mean']:.1f} requests per transaction (mean)"
             )
         if pg is not None and pg["attempts"] != pg["rate"]:
             lines.append(
-                f"{'':<29}pgbench attempts {pg['attempts']:.0f}/s "
+                f"{'':<33}pgbench attempts {pg['attempts']:.0f}/s "
                 f"({pg['rate'] / pg['attempts']:.0%} committed; ratio to attempts "
                 f"{pg['attempts_ratio']:.2f}x), "
                 f"p50 {pg['p50']:.1f} p99 {pg['p99']:.1f} ms per attempt"
@@ -539,6 +587,14 @@ def _median_row(
     if bare:
         row["bare_rate"] = _median([r.bare_rate or 0 for r in bare]) / scenario.per_unit
         row["bare_ratio"] = _median([r.rate * scenario.per_unit / (r.bare_rate or 1) for r in bare])
+        row["bare_latency"] = {
+            q: _median([(r.bare_latency or {}).get(q, float("nan")) for r in bare])
+            for q in ("p50", "p90", "p99")
+        }
+    row["offered_rate"] = scenario.rate
+    row["late"] = _median([r.late for r in rounds])
+    batches = [r.batch_mean for r in rounds if r.batch_mean is not None]
+    row["batch_mean"] = _median(batches) if batches else None
     return row
 
 
@@ -708,7 +764,7 @@ async def _strategy_rounds(
     rounds: dict[tuple[str, int], list[RoundResult]] = {}
     duration = max(1, round(plan.duration))
     for repeat in range(plan.repeats):
-        bare_rates: dict[tuple[str, int], float] = {}
+        bare_rates: dict[tuple[str, int, float | None], tuple[float, dict[str, float]]] = {}
         for scenario in plan.scenarios:
             if not scenario.strategy_dependent and strategy != plan.strategies[0]:
                 continue
@@ -718,10 +774,14 @@ async def _strategy_rounds(
                     end="",
                     flush=True,
                 )
+                before = await _batch_counts(server)
                 result, server_cpu, busy = await _load(
-                    server, clients, duration, plan.warmup, scenario.make(PRODUCTS)
+                    server, clients, duration, plan.warmup, scenario.make(PRODUCTS), scenario.rate
                 )
+                after = await _batch_counts(server)
                 current = _round(scenario, result, server_cpu, busy)
+                if after[0] > before[0]:
+                    current.batch_mean = (after[1] - before[1]) / (after[0] - before[0])
                 if scenario.writes:
                     await _check(http_db, f"{scenario.name} ({strategy}, {clients} clients)")
                 for mirror in all_mirrors.get(scenario.name, []):
@@ -729,12 +789,14 @@ async def _strategy_rounds(
                     meter = CpuMeter([])
                     pg = await run_pgbench(pgbench, pgbench_db, mirror, clients, duration)
                     current.ceilings[mirror.name] = _ceiling(pg, meter.stop()[1])
-                key = (scenario.shape, clients)
+                key = (scenario.shape, clients, scenario.rate)
                 if key not in bare_rates:
                     shape = BARE_SESSIONS[scenario.shape](PRODUCTS)
-                    bare_result, _, _ = await _load(bare, clients, duration, plan.warmup, shape)
-                    bare_rates[key] = bare_result.rate()
-                current.bare_rate = bare_rates[key]
+                    bare_result, _, _ = await _load(
+                        bare, clients, duration, plan.warmup, shape, scenario.rate
+                    )
+                    bare_rates[key] = (bare_result.rate(), _latency_ms(bare_result.values()))
+                current.bare_rate, current.bare_latency = bare_rates[key]
                 rounds.setdefault((scenario.name, clients), []).append(current)
                 first = next(iter(current.ceilings.values()), None)
                 print(

@@ -176,6 +176,7 @@ class LoadResult:
     latencies: dict[tuple[str, int], list[float]]
     errors: int
     cpu_seconds: float
+    late: int = 0  # paced runs: units started more than 5 ms after their slot
 
     def count(self, label: str | None = None, status: int | None = None) -> int:
         return sum(
@@ -213,20 +214,41 @@ async def run_load(
     session: Session,
     *,
     warmup: float = 1.0,
+    rate: float | None = None,
     on_window: Callable[[bool], None] | None = None,
 ) -> LoadResult:
-    """Run ``clients`` sessions in a closed loop for ``warmup + duration`` seconds.
+    """Run ``clients`` sessions for ``warmup + duration`` seconds.
+
+    Closed loop by default: each client starts its next unit of work when the last one
+    is answered, so the offered load is whatever the server sustains and latency grows
+    with the queue (Little's law: clients / rate). With ``rate`` (units per second over
+    all clients) the load is paced: client ``i`` starts unit ``k`` at
+    ``(k * clients + i) / rate`` seconds, a steady open-loop arrival rate a server that
+    keeps up answers without queueing. A unit is never started before the previous one on
+    the same connection is answered; one that starts more than 5 ms after its slot is
+    counted in ``late`` (then the generator or the server is behind and the latencies
+    understate the queue).
 
     ``on_window(True)`` / ``on_window(False)`` are called as the measurement window opens
     and closes (the harness measures the server's CPU over exactly that window).
     """
     now = time.perf_counter()
     recorder = Recorder(now + warmup, now + warmup + duration)
+    late = 0
 
     async def one(index: int) -> None:
+        nonlocal late
         client = Client(host, port, recorder)
+        slot = now + index / rate if rate else 0.0
         try:
             while recorder.open:
+                if rate:
+                    wait = slot - time.perf_counter()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    elif wait < -0.005 and recorder.start <= slot < recorder.end:
+                        late += 1
+                    slot += clients / rate
                 try:
                     await session(client, index)
                 except (HttpError, OSError):
@@ -251,4 +273,4 @@ async def run_load(
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
-    return LoadResult(duration, recorder.latencies, recorder.errors, cpu1 - cpu0)
+    return LoadResult(duration, recorder.latencies, recorder.errors, cpu1 - cpu0, late)

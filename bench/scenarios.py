@@ -105,7 +105,8 @@ class Scenario:
 
     ``label`` / ``ok`` pick the requests that count as throughput (e.g. 201 reserves);
     ``shape`` names the bare-endpoint request its HTTP-overhead ceiling uses and
-    ``per_unit`` how many such requests one unit of work takes.
+    ``per_unit`` how many such requests one unit of work takes. A paced scenario
+    (``rate``) drives the bare endpoint at the same pace.
     """
 
     name: str
@@ -118,6 +119,7 @@ class Scenario:
     shape: str  # "post" or "get"
     per_unit: int
     summary: str
+    rate: float | None = None  # paced (open loop) at this many units/s; None: closed loop
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -129,6 +131,8 @@ SCENARIOS: dict[str, Scenario] = {
                  "1-line reservations of one product (stock never runs out)"),
         Scenario("sold-out", 128, _fixed(SOLD_OUT), "reserve", 409, True, True, "post", 1,
                  "1-line reservations of a product with nothing left: refusals"),
+        Scenario("sold-out-paced", 128, _fixed(SOLD_OUT), "reserve", 409, True, True, "post", 1,
+                 "the same refusals at a steady 2,000/s: latency without a queue", 2000),
         Scenario("cycle", 64, _cycle, "cycle", 200, True, True, "post", 2,
                  "reserve one unit, then commit it (rate in cycles)"),
         Scenario("multi-line", 64, _multi_line, "reserve", 201, True, True, "post", 1,

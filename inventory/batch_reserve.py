@@ -41,6 +41,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from . import metrics
 from .combining import Combiner
 from .domain import (
     Contention,
@@ -117,6 +118,8 @@ class BatchReserver:
 
     async def _run_batch(self, lane: int, batch: Sequence[SingleLine]) -> list[Outcome]:
         products = sorted({request.line.product_id for request in batch})
+        metrics.BATCHES.inc()
+        metrics.BATCH_MEMBERS.inc(len(batch))
         try:
             if self._lock_products is None:
                 results = await self._apply(products, batch)

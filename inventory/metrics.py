@@ -27,6 +27,8 @@ from prometheus_client import multiprocess as _multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
+    "BATCHES",
+    "BATCH_MEMBERS",
     "CONTENT_TYPE_LATEST",
     "EXPIRED",
     "HTTP_LATENCY",
@@ -65,6 +67,12 @@ VERSION_CONFLICTS = Counter(
     "inventory_version_conflicts_total", "Version-checked updates that lost a race"
 )
 RETRIES = Counter("inventory_reservation_retries_total", "Reservation attempts retried")
+BATCHES = Counter(
+    "inventory_reservation_batches_total", "Combined single-line reservation transactions"
+)
+BATCH_MEMBERS = Counter(
+    "inventory_reservation_batch_members_total", "Single-line reservation requests they applied"
+)
 LOCK_WAITS = Counter("inventory_lock_waits_total", "Product lock acquisitions attempted")
 LOCK_TIMEOUTS = Counter("inventory_lock_timeouts_total", "Product lock waits that ran out")
 SWEEPS = Counter("inventory_expiry_sweeps_total", "Expiry sweeper passes")
