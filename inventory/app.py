@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import sys
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from realtime.hub import Hub
@@ -34,65 +32,17 @@ from . import metrics
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
-from .logs import request_id_var
+from .middleware import RequestMiddleware
 from .openapi import openapi_document
 from .service import InventoryService, RetryPolicy
 from .store import connect
 from .store_feed import PgLevelReader, PgOutbox
 
-__all__ = ["RequestIdMiddleware", "app_from_env", "create_app"]
+__all__ = ["app_from_env", "create_app"]
 
 log = logging.getLogger("inventory.app")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-
-_INTERNAL_ERROR = json_response(
-    {"error": {"code": "internal_error", "message": "internal server error", "details": None}},
-    500,
-)
-
-
-class RequestIdMiddleware:
-    """Echo the client's ``X-Request-ID`` (or a new one) on every HTTP response.
-
-    It is the outermost layer, so it also turns an unexpected exception into the JSON
-    500 (logged with the request id) instead of leaving that to Starlette's error page.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value[:128]
-                break
-        if not request_id or not request_id.isascii():
-            request_id = uuid.uuid4().hex.encode()
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
-        token = request_id_var.set(request_id.decode())
-        started = False
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id)]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            if started:
-                raise
-            await _INTERNAL_ERROR(scope, receive, send_with_id)
-        finally:
-            request_id_var.reset(token)
 
 
 async def _inventory_error(request: Request, exc: Exception) -> Response:
@@ -323,8 +273,7 @@ def create_app(settings: Settings) -> Starlette:
             HTTPException: _http_error,
         },
     )
-    app.add_middleware(metrics.MetricsMiddleware)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RequestMiddleware)
     app.state.runtime = runtime
     return app
 

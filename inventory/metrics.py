@@ -12,7 +12,6 @@ raw paths, and outcomes are error codes.
 from __future__ import annotations
 
 import os
-import time
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,7 +23,6 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "BATCHES",
@@ -47,7 +45,6 @@ __all__ = [
     "WS_DROPPED",
     "WS_SLOW_DISCONNECTS",
     "WS_SUBSCRIPTIONS",
-    "MetricsMiddleware",
     "render",
 ]
 
@@ -104,32 +101,3 @@ def render() -> bytes:
         _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
     return generate_latest(REGISTRY)
-
-
-class MetricsMiddleware:
-    """Count and time HTTP requests by method, route template and status."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            method = scope["method"]
-            HTTP_REQUESTS.labels(method, template, str(status)).inc()
-            HTTP_LATENCY.labels(method, template).observe(time.perf_counter() - start)

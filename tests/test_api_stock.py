@@ -280,14 +280,46 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
 async def test_unexpected_error_is_json_500_with_request_id() -> None:
     from starlette.types import Receive, Scope, Send
 
-    from inventory.app import RequestIdMiddleware
+    from inventory.middleware import RequestMiddleware
 
     async def broken(scope: Scope, receive: Receive, send: Send) -> None:
         raise RuntimeError("bug")
 
-    transport = httpx.ASGITransport(app=RequestIdMiddleware(broken))
+    transport = httpx.ASGITransport(app=RequestMiddleware(broken))
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         r = await c.get("/x", headers={"X-Request-ID": "req-500"})
     assert r.status_code == 500
     assert r.headers["x-request-id"] == "req-500"
     assert error_code(r) == "internal_error"
+
+
+async def test_metrics_count_requests_by_route_template(
+    client: httpx.AsyncClient, make_stock: Callable[..., Awaitable[tuple[str, list[str]]]]
+) -> None:
+    def series(text: str, name: str, **labels: str) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        for line in text.splitlines():
+            head = line.split(" ", 1)[0]
+            if head.split("{")[0] == name and all(p in head for p in want.split(",")):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    pid, _ = await make_stock(5)
+    stock = {"method": "GET", "route": "/v1/products/{product_id}/stock", "status": "200"}
+    missing = {"method": "GET", "route": "unmatched", "status": "404"}
+    odd = {"method": "OTHER", "route": "unmatched", "status": "404"}
+    before = (await client.get("/metrics")).text
+    for _ in range(3):
+        assert (await client.get(f"/v1/products/{pid}/stock")).status_code == 200
+    assert (await client.get(f"/no/such/{pid}")).status_code == 404
+    assert (await client.request("BREW", f"/no/such/{pid}")).status_code == 404
+    body = {"lines": [{"product_id": pid, "quantity": 1}]}
+    assert (await client.post("/v1/reservations", json=body)).status_code == 201
+    after = (await client.get("/metrics")).text
+    name = "inventory_http_requests_total"
+    assert series(after, name, **stock) - series(before, name, **stock) == 3
+    assert series(after, name, **missing) - series(before, name, **missing) == 1
+    assert series(after, name, **odd) - series(before, name, **odd) == 1
+    assert pid not in after  # ids never become labels
+    members = "inventory_reservation_batch_members_total"
+    assert series(after, members) - series(before, members) == 1
