@@ -543,8 +543,16 @@ def api_routes(
     for path, method, handler, doc in table:
         by_path.setdefault(path, {})[method] = handler
         docs.setdefault(path, {})[method.lower()] = doc
+    # Starlette tries routes in order: the busiest paths first (none of them overlap).
+    busiest = sorted(
+        by_path,
+        key=lambda p: (
+            not p.startswith("/v1/reservations"),
+            p != "/v1/products/{product_id}/stock",
+        ),
+    )
     routes: list[BaseRoute] = [
-        Route(path, _dispatch(methods), methods=list(methods)) for path, methods in by_path.items()
+        Route(path, _dispatch(by_path[path]), methods=list(by_path[path])) for path in busiest
     ]
     return routes, docs
 

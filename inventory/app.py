@@ -256,13 +256,13 @@ def create_app(settings: Settings) -> Starlette:
         return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
 
     all_routes: list[BaseRoute] = [
+        *routes,
         Route("/", dashboard, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        *routes,
         websocket_route(runtime.get_hub, authenticate_ws if auth.enabled else None),
     ]
     app = Starlette(
