@@ -37,6 +37,7 @@ from .openapi import openapi_document
 from .service import InventoryService, RetryPolicy
 from .store import connect
 from .store_feed import PgLevelReader, PgOutbox
+from .tracing import instrument
 
 __all__ = ["app_from_env", "create_app"]
 
@@ -275,6 +276,7 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.add_middleware(RequestMiddleware)
     app.state.runtime = runtime
+    instrument(app, settings)  # INVENTORY_TRACING=on: OpenTelemetry, outermost; else no-op
     return app
 
 

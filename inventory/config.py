@@ -139,6 +139,7 @@ class Settings:
     relay_poll_interval: float = 0.01
     log_level: str = "info"
     log_format: str = "json"
+    tracing: str = "off"
 
     @property
     def embedded(self) -> bool:
@@ -154,6 +155,11 @@ class Settings:
                 f"INVENTORY_RESERVE_STRATEGY must be 'optimistic' or 'lock', got {strategy!r}"
             )
         tokens_raw = env.get("INVENTORY_TOKENS", "").strip()
+        tracing = _choice(env, "INVENTORY_TRACING", "off", ("off", "on"))
+        if tracing == "on":
+            from .tracing import check  # imports no OpenTelemetry module
+
+            check(env)  # the otel extra is installed, OTEL_TRACES_EXPORTER is valid
         return cls(
             database_url=env.get("INVENTORY_DATABASE_URL") or None,
             redis_url=env.get("INVENTORY_REDIS_URL") or None,
@@ -179,6 +185,7 @@ class Settings:
             sweep_interval=_float(env, "INVENTORY_SWEEP_INTERVAL", 0.25, 0.01, 60),
             log_level=_choice(env, "INVENTORY_LOG_LEVEL", "info", LOG_LEVELS),
             log_format=_choice(env, "INVENTORY_LOG_FORMAT", default_log_format(), ("json", "text")),
+            tracing=tracing,
         )
 
     def with_overrides(self, **overrides: Any) -> Settings:

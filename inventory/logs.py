@@ -1,7 +1,8 @@
 """Structured logging on the standard library: one JSON object per line.
 
 Every record carries the request id of the HTTP request it was logged under (a
-context variable set by the request-id middleware). Nothing here ever logs a header or a
+context variable set by the request-id middleware) and, with tracing on, the trace and
+span ids of the span it was logged in. Nothing here ever logs a header or a
 token; configuration values with secrets are never passed to the logger.
 """
 
@@ -10,16 +11,36 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-__all__ = ["JsonFormatter", "configure_logging", "request_id_var", "uvicorn_log_config"]
+__all__ = [
+    "JsonFormatter",
+    "configure_logging",
+    "request_id_var",
+    "set_trace_ids",
+    "uvicorn_log_config",
+]
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
 )
+
+TraceIds = Callable[[], tuple[str, str] | None]
+
+# Installed by inventory.tracing when tracing is on (so this module never imports
+# OpenTelemetry): the current span's (trace_id, span_id) in hex, or None outside a span.
+_trace_ids: TraceIds | None = None
+
+
+def set_trace_ids(getter: TraceIds | None) -> None:
+    """Make JSON log lines carry ``trace_id`` and ``span_id`` (``None``: stop)."""
+    global _trace_ids
+    _trace_ids = getter
+
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
@@ -29,7 +50,8 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"ts", "level", "logger", "msg", "request_id"?, "exc"?, ...extra}``."""
+    """``{"ts", "level", "logger", "msg", "request_id"?, "trace_id"?, "span_id"?, "exc"?,
+    ...extra}``."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -41,6 +63,8 @@ class JsonFormatter(logging.Formatter):
         request_id = request_id_var.get()
         if request_id:
             entry["request_id"] = request_id
+        if _trace_ids is not None and (ids := _trace_ids()) is not None:
+            entry["trace_id"], entry["span_id"] = ids
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
