@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket
 
 from realtime.hub import Hub
 from realtime.relay import Relay
+from realtime.tasks import cancel_and_wait
 from realtime.ws import websocket_route
 
 from . import metrics
@@ -230,9 +231,7 @@ def create_app(settings: Settings) -> Starlette:
         try:
             yield
         finally:
-            for task in runtime.tasks:
-                task.cancel()
-            await asyncio.gather(*runtime.tasks, return_exceptions=True)
+            await cancel_and_wait(*runtime.tasks)
             await hub.stop()  # closes WebSockets with 1001
             await relay.stop()
             await service.close()

@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from realtime.ports import Outbox, OutboxLease, StockChange
 from realtime.protocol import stock_from_change
+from realtime.tasks import cancel_and_wait
 
 __all__ = ["Relay"]
 
@@ -87,9 +88,7 @@ class Relay:
         try:
             await asyncio.wait_for(asyncio.shield(task), grace)
         except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -37,6 +37,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from realtime.tasks import cancel_and_wait
+
 __all__ = ["ChannelSubscriber", "SubscriberListener"]
 
 log = logging.getLogger("realtime.subscriber")
@@ -87,9 +89,7 @@ class ChannelSubscriber:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     def want(self, channels: Iterable[str]) -> None:
         self._wanted.update(channels)
@@ -189,9 +189,7 @@ class ChannelSubscriber:
                     )
             reader.result()
         finally:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            await cancel_and_wait(reader)
 
     async def _healthy(self) -> bool:
         now = asyncio.get_running_loop().time()
