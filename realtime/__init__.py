@@ -7,11 +7,11 @@ Modules, one concept each:
   from ``inventory``).
 * :mod:`realtime.protocol`: the WebSocket wire protocol, pure (parse, validate, encode).
 * :mod:`realtime.conflation`: per-connection newest-state-per-row buffer, pure.
-* :mod:`realtime.session`: one connection's writer task, queues and limits.
+* :mod:`realtime.session`: one connection's outbound side: direct writes, queues, limits.
 * :mod:`realtime.subscriber`: the process's Redis pub/sub connection, reconnecting itself.
 * :mod:`realtime.hub`: subscriptions, fan-out, gap detection and resync.
 * :mod:`realtime.relay`: the outbox relay (one leader per database and namespace).
-* :mod:`realtime.ws`: the Starlette endpoint.
+* :mod:`realtime.ws`: the ASGI endpoint (a Starlette route) and its transports.
 
 Wiring, per server process (names as in the app factory)::
 

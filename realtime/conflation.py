@@ -25,8 +25,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import Enum
+from types import MappingProxyType
+from typing import Generic, TypeVar, cast
 
 __all__ = ["ConflationBuffer", "Offer"]
+
+M = TypeVar("M")  # the encoded message: opaque to the buffer
+
+# Versions handed out for a product of which nothing was handed out yet: shared by every
+# such subscription (and immutable), so a subscription costs no dict until it is used.
+_NOTHING_HANDED: Mapping[str, int] = MappingProxyType({})
 
 
 class Offer(Enum):
@@ -40,15 +48,13 @@ class Offer(Enum):
     IGNORED = "ignored"  # product not subscribed
 
 
-_Entry = tuple[int, str]  # (version, encoded message)
-
-
-class ConflationBuffer:
+class ConflationBuffer(Generic[M]):
     """Newest pending state per (product, warehouse) for one connection.
 
     Kept small because every idle connection has one: the send order is the insertion
-    order of the pending dict (no separate queue), and per product only a dict of the
-    versions handed out.
+    order of the pending dict (no separate queue), per product only a dict of the
+    versions handed out (none until something is), and the overflow set exists only
+    while something overflowed.
     """
 
     __slots__ = ("_capacity", "_held", "_held_count", "_overflow", "_pending", "_versions")
@@ -57,11 +63,11 @@ class ConflationBuffer:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._capacity = capacity
-        self._versions: dict[str, dict[str, int]] = {}  # product -> warehouse -> handed out
-        self._held: dict[str, dict[str, _Entry]] = {}  # products awaiting their snapshot
+        self._versions: dict[str, Mapping[str, int]] = {}  # product -> warehouse -> handed
+        self._held: dict[str, dict[str, tuple[int, M]]] = {}  # awaiting their snapshot
         self._held_count = 0
-        self._pending: dict[tuple[str, str], _Entry] = {}
-        self._overflow: set[str] = set()
+        self._pending: dict[tuple[str, str], tuple[int, M]] = {}
+        self._overflow: set[str] | None = None
 
     def __len__(self) -> int:
         """Entries stored (pending plus held), at most ``capacity``."""
@@ -69,6 +75,16 @@ class ConflationBuffer:
 
     def __contains__(self, product_id: object) -> bool:
         return product_id in self._versions
+
+    @property
+    def sendable(self) -> bool:
+        """Whether :meth:`pop` has something to hand out."""
+        return bool(self._pending)
+
+    @property
+    def overflowed(self) -> bool:
+        """Whether some product dropped updates since the last :meth:`take_overflow`."""
+        return self._overflow is not None
 
     @property
     def product_count(self) -> int:
@@ -82,7 +98,7 @@ class ConflationBuffer:
     def hold(self, product_id: str) -> None:
         """Start a subscription: updates are kept back until :meth:`release`."""
         if product_id not in self._versions:
-            self._versions[product_id] = {}
+            self._versions[product_id] = _NOTHING_HANDED
             self._held[product_id] = {}
 
     def release(self, product_id: str, versions: Mapping[str, int]) -> None:
@@ -94,9 +110,10 @@ class ConflationBuffer:
         if held is None:
             return
         handed = self._versions[product_id]
-        for warehouse_id, version in versions.items():
-            if version > handed.get(warehouse_id, 0):
-                handed[warehouse_id] = version
+        newer = {w: v for w, v in versions.items() if v > handed.get(w, 0)}
+        if newer:
+            handed = self._handed(product_id)
+            handed.update(newer)
         self._held_count -= len(held)
         for warehouse_id, entry in held.items():
             if entry[0] > handed.get(warehouse_id, 0):
@@ -109,11 +126,14 @@ class ConflationBuffer:
         held = self._held.pop(product_id, None)
         if held:
             self._held_count -= len(held)
-        self._overflow.discard(product_id)
+        if self._overflow is not None:
+            self._overflow.discard(product_id)
+            if not self._overflow:
+                self._overflow = None
         for key in [key for key in self._pending if key[0] == product_id]:
             del self._pending[key]
 
-    def offer(self, product_id: str, warehouse_id: str, version: int, message: str) -> Offer:
+    def offer(self, product_id: str, warehouse_id: str, version: int, message: M) -> Offer:
         """Queue ``message`` (state ``version`` of the key) unless the client has it."""
         handed = self._versions.get(product_id)
         if handed is None:
@@ -148,24 +168,33 @@ class ConflationBuffer:
     def _fits(self, product_id: str) -> bool:
         if len(self) < self._capacity:
             return True
+        if self._overflow is None:
+            self._overflow = set()
         self._overflow.add(product_id)
         return False
 
-    def pop(self) -> str | None:
+    def pop(self) -> M | None:
         """The next message to send (oldest key first), or ``None`` when none is ready."""
         if not self._pending:
             return None
         # Replacing a value keeps a key's place, so insertion order is first-queued order.
         key = next(iter(self._pending))
         version, message = self._pending.pop(key)
-        self._versions[key[0]][key[1]] = version
+        self._handed(key[0])[key[1]] = version
         return message
+
+    def _handed(self, product_id: str) -> dict[str, int]:
+        """The product's versions handed out, for writing (its own dict from now on)."""
+        handed = self._versions[product_id]
+        if handed is _NOTHING_HANDED:
+            handed = self._versions[product_id] = {}
+        return cast(dict[str, int], handed)  # every other value is a dict of its own
 
     def take_overflow(self) -> list[str]:
         """Products that dropped updates for lack of room; clears their overflow mark.
 
         Call when the buffer has drained and re-offer their current state (resync).
         """
-        products = list(self._overflow)
-        self._overflow.clear()
+        products = list(self._overflow or ())
+        self._overflow = None
         return products

@@ -3,9 +3,10 @@
 Data path: the outbox relay publishes each stock change to ``{prefix}:stock:{product}``;
 the hub holds one Redis subscription per product that has at least one local subscriber
 (one pub/sub connection per process, :class:`~realtime.subscriber.ChannelSubscriber`),
-keeps the newest state per row of the messages read in one burst, decodes each once and
-offers the *same* string to every local session of that product. Sessions conflate and
-write on their own task (:mod:`realtime.session`).
+keeps the newest state per row of the messages read in one burst, encodes each once
+(:class:`~realtime.protocol.Outgoing`: text and WebSocket frame) and offers the rows of a
+product together to every local session of it. Sessions conflate and write directly to
+the socket, or through a writer task while the socket pushes back (:mod:`realtime.session`).
 
 Consistency policy (no subscriber is left on a stale value):
 
@@ -29,12 +30,19 @@ Subscribe protocol: interest is registered (SUBSCRIBE confirmed by a PING barrie
 the snapshot is read, so every change committed after the read arrives through Redis; the
 session holds the product's updates until its snapshot is queued, then releases only
 those newer than the snapshot or the client's ``since``.
+
+Snapshot rounds: concurrent subscribes share that work. A subscribe made while a round is
+under way joins the next one, which confirms every channel wanted so far with one barrier
+and reads every product asked for once (one query per ``resync_batch`` products). When a
+server restarts and thousands of clients subscribe at once, that is a few queries and
+PINGs instead of one of each per client, and less transient state per waiting subscribe.
+The price: a lone subscribe may wait for the round in progress before its own (at most
+one extra barrier and read).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
@@ -49,6 +57,7 @@ from realtime.protocol import (
     PONG,
     Command,
     ErrorCode,
+    Outgoing,
     Ping,
     ProtocolError,
     Subscribe,
@@ -65,8 +74,10 @@ from realtime.session import (
     SessionClosed,
     SessionSettings,
     Transport,
+    Update,
 )
 from realtime.subscriber import ChannelSubscriber
+from realtime.tasks import cancel_and_wait
 
 __all__ = ["Hub", "HubSettings", "HubStats"]
 
@@ -97,11 +108,16 @@ class HubSettings:
 
 
 class _Topic:
-    """Local state of one product: its sessions and the newest versions forwarded."""
+    """Local state of one product: its sessions and the newest versions forwarded.
 
-    __slots__ = ("sessions", "versions")
+    ``product_id`` is the one string object every session's buffer uses as its key for
+    the product, instead of each connection keeping its own copy from its request.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("product_id", "sessions", "versions")
+
+    def __init__(self, product_id: str) -> None:
+        self.product_id = product_id
         self.sessions: set[Session] = set()
         self.versions: dict[str, int] = {}
 
@@ -136,6 +152,9 @@ class Hub:
         self._resync_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()  # unsubscribes, slow-client closes
+        self._snapshot_products: set[str] = set()  # for the next snapshot round
+        self._snapshot_waiters: list[asyncio.Future[dict[str, list[LevelState]]]] = []
+        self._snapshot_round = False  # a round task is running
 
     # lifecycle
 
@@ -152,11 +171,7 @@ class Hub:
             *(s.close(SHUTDOWN_CLOSE, "server shutting down") for s in list(self._sessions))
         )
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self._subscriber.stop()
@@ -168,7 +183,6 @@ class Hub:
         self._sessions.add(session)
         self.stats.connections += 1
         self.stats.connections_total += 1
-        session.start()
         return session
 
     def detach(self, session: Session) -> None:
@@ -205,24 +219,62 @@ class Hub:
                 f"at most {self.settings.max_subscriptions} products per connection",
             )
         if new:
-            self._join(session, new)
-            await (await self._subscriber.flush())
+            new = self._join(session, new)
             try:
-                levels = await self._levels.read_levels(new)
+                levels = await self._snapshot(new)
             except Exception:
-                log.exception("snapshot read failed")
                 for product_id in new:
                     session.buffer.forget(product_id)
                 self._leave(session, new)
                 raise ProtocolError(
                     ErrorCode.UNAVAILABLE, "stock levels cannot be read right now; try again"
                 ) from None
-            self._apply(levels, force=False)
             for product_id in new:
                 await self._send_snapshot(
                     session, product_id, levels.get(product_id, []), command.since.get(product_id)
                 )
         await session.send_control(encode_subscribed(command.product_ids))
+
+    async def _snapshot(self, products: Sequence[str]) -> dict[str, list[LevelState]]:
+        """Current rows of ``products`` (joined already), read in the next snapshot round;
+        the result may hold other products too."""
+        waiter: asyncio.Future[dict[str, list[LevelState]]]
+        waiter = asyncio.get_running_loop().create_future()
+        self._snapshot_products.update(products)
+        self._snapshot_waiters.append(waiter)
+        if not self._snapshot_round:
+            self._snapshot_round = True
+            self._spawn(self._snapshot_rounds())
+        return await waiter
+
+    async def _snapshot_rounds(self) -> None:
+        """Serve snapshot requests in rounds until none is left (see the module doc)."""
+        try:
+            while self._snapshot_waiters:
+                waiters, self._snapshot_waiters = self._snapshot_waiters, []
+                products = list(self._snapshot_products)
+                self._snapshot_products = set()
+                levels: dict[str, list[LevelState]] = {}
+                try:
+                    # Unconfirmed (Redis down): go on; on_connected resyncs after reconnect.
+                    await (await self._subscriber.flush())
+                    step = self.settings.resync_batch
+                    for start in range(0, len(products), step):
+                        levels.update(
+                            await self._levels.read_levels(products[start : start + step])
+                        )
+                except Exception as exc:
+                    log.exception("snapshot read failed")
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    continue
+                self._apply(levels, force=False)
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(levels)
+        finally:
+            self._snapshot_round = False
 
     async def _send_snapshot(
         self,
@@ -239,18 +291,22 @@ class Hub:
         session.buffer.release(product_id, known)
         session.wake()
 
-    def _join(self, session: Session, products: Sequence[str]) -> None:
+    def _join(self, session: Session, products: Sequence[str]) -> list[str]:
+        """Register interest; returns the products as the topics' own id strings."""
         channels = []
+        joined = []
         for product_id in products:
-            session.buffer.hold(product_id)
             topic = self._topics.get(product_id)
             if topic is None:
-                topic = self._topics[product_id] = _Topic()
+                topic = self._topics[product_id] = _Topic(product_id)
                 channels.append(self._channel_prefix + product_id)
+            session.buffer.hold(topic.product_id)
             topic.sessions.add(session)
+            joined.append(topic.product_id)
         self.stats.subscriptions += len(products)
         self.stats.topics = len(self._topics)
         self._subscriber.want(channels)
+        return joined
 
     def _leave(self, session: Session, products: Sequence[str]) -> None:
         channels = []
@@ -313,7 +369,9 @@ class Hub:
         The reader takes all messages Redis has buffered before it yields, so under load a
         burst holds many versions of a row: coalescing them here costs one offer per row
         and session instead of one per message and session, the dominant cost when many
-        connections share a product. When idle a burst is a single message.
+        connections share a product. The rows of a product go to a session in one offer,
+        so a session with a writable socket writes them with one system call. When idle
+        a burst is a single message.
         """
         self._fan_out_handle = None
         burst, self._burst = self._burst, {}
@@ -321,10 +379,15 @@ class Hub:
             topic = self._topics.get(product_id)
             if topic is None:
                 continue
-            for warehouse_id, (version, data) in rows.items():
-                message = data.decode()  # once per process, shared by every session
-                for session in topic.sessions:
-                    session.offer(product_id, warehouse_id, version, message)
+            # Encoded once per process, shared by every session.
+            updates = [(w, version, Outgoing(data)) for w, (version, data) in rows.items()]
+            self._offer(topic, updates)
+
+    @staticmethod
+    def _offer(topic: _Topic, updates: Sequence[Update]) -> None:
+        product_id = topic.product_id
+        for session in topic.sessions:
+            session.offer(product_id, updates)
 
     def on_connected(self, reconnect: bool) -> None:
         if reconnect:
@@ -350,14 +413,16 @@ class Hub:
             topic = self._topics.get(product_id)
             if topic is None:
                 continue
+            updates = []
             for row in rows:
                 if row.version > topic.versions.get(row.warehouse_id, 0):
                     topic.versions[row.warehouse_id] = row.version
                 elif not force:
                     continue
-                message = stock_from_level(row, "resync").decode()
-                for session in topic.sessions:
-                    session.offer(product_id, row.warehouse_id, row.version, message)
+                message = Outgoing(stock_from_level(row, "resync"))
+                updates.append((row.warehouse_id, row.version, message))
+            if updates:
+                self._offer(topic, updates)
 
     async def _resync_loop(self) -> None:
         failures = 0

@@ -8,6 +8,11 @@ the client is sent; ids that fail validation never reach Redis or SQL.
 Limits: a frame is at most :data:`MAX_FRAME_BYTES` (the transport closes with 1009 above
 it); one command names at most :data:`MAX_SUBSCRIPTIONS` products. Unknown fields are
 rejected (as in the HTTP API) so a misspelt ``since`` is reported instead of ignored.
+
+Outbound stock messages are encoded once per update and shared by every connection they
+go to (:class:`Outgoing`): as text for the ASGI send path and as a complete WebSocket
+frame (:func:`text_frame`) for direct socket writes. Server frames are unmasked and,
+without extensions, byte-identical for every client, so the frame is built once too.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ __all__ = [
     "WAREHOUSE_ID_RE",
     "Command",
     "ErrorCode",
+    "Outgoing",
     "Ping",
     "ProtocolError",
     "Subscribe",
@@ -43,6 +49,7 @@ __all__ = [
     "parse_command",
     "stock_from_change",
     "stock_from_level",
+    "text_frame",
 ]
 
 PRODUCT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -282,3 +289,29 @@ def encode_error(code: ErrorCode, message: str) -> str:
 
 
 PONG = orjson.dumps({"type": "pong"}).decode()
+
+
+def text_frame(payload: bytes) -> bytes:
+    """``payload`` (UTF-8 text) as one complete server-to-client WebSocket frame (RFC 6455
+    section 5.2): FIN set, opcode text, no mask. Valid only on a connection without
+    extensions; the server never negotiates permessage-deflate."""
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 1 << 16:
+        header = b"\x81\x7e" + size.to_bytes(2, "big")
+    else:
+        header = b"\x81\x7f" + size.to_bytes(8, "big")
+    return header + payload
+
+
+class Outgoing:
+    """One stock message encoded for every connection at once: ``text`` for the ASGI send
+    path, ``frame`` (:func:`text_frame`) for direct writes. Built once per update and
+    shared, so the per-connection cost of a delivery is a reference, not an encoding."""
+
+    __slots__ = ("frame", "text")
+
+    def __init__(self, payload: bytes) -> None:
+        self.text = payload.decode()
+        self.frame = text_frame(payload)

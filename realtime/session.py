@@ -1,37 +1,52 @@
-"""One WebSocket connection's outbound side: a single writer task and bounded queues.
+"""One WebSocket connection's outbound side: direct writes, a writer task only under
+backpressure, bounded queues.
 
 Policy (backpressure and limits):
 
-* Exactly one task writes to the socket, so frames are never interleaved and a slow
-  client never blocks the hub: the hub only :meth:`Session.offer`\\ s updates into the
+* The hub never waits for a client. It :meth:`Session.offer`\\ s updates into the
   connection's :class:`~realtime.conflation.ConflationBuffer` (bounded, newest state per
-  row) and wakes the writer.
+  row). When no writer task exists and the socket takes data without blocking
+  (:meth:`Transport.ready`), what is queued is written at once, on the hub's own call, as
+  pre-encoded frames: one ``write`` per connection per burst, however many rows of the
+  product changed. That is the normal case, and it costs no task and no task switch per
+  delivery (waking a writer task per connection per update, plus the ASGI send layers,
+  cost about as much again as the socket write itself).
+* Only when the socket pushes back (its transport paused writing: the client reads
+  slower than updates arrive) or the transport cannot write directly (another ASGI
+  server) does the session start a writer task. While it exists it is the only writer,
+  so frames are never interleaved or reordered; it waits for the socket, writes what is
+  queued, and ends when the queues are empty. An idle connection has no task of its own.
+  One direct write carries at most about :data:`WRITE_BATCH` bytes before readiness is
+  checked again, so a client that stops reading holds at most the transport's high-water
+  mark plus one batch in its write buffer, besides the bounded queues.
 * Control messages (snapshot, subscribed, unsubscribed, pong, error) go through a small
   FIFO of ``control_capacity`` messages that is always sent before stock updates. They are
   answers to the client's own requests, so when the FIFO is full the *reader* waits
   (:meth:`Session.send_control`): a client that sends without reading is throttled
   instead of growing a queue.
-* A send that has not completed after ``send_timeout`` seconds means the client has not
-  read for that long (the transport only blocks when its buffer is full). The hub's reaper
-  then closes it with :data:`SLOW_CONSUMER_CLOSE` and, because a blocked socket cannot
-  take a close frame either, aborts the transport if the close does not go out within
-  ``close_timeout``. Timing a send with a per-send timer would cost more than the send
-  itself on the fan-out path, hence the periodic reaper reading :attr:`blocked_since`.
+* A writer send that has not completed after ``send_timeout`` seconds means the client
+  has not read for that long (a send only waits while the transport is paused). The
+  hub's reaper then closes it with :data:`SLOW_CONSUMER_CLOSE` and, because a blocked
+  socket cannot take a close frame either, aborts the transport if the close does not go
+  out within ``close_timeout``. Timing a send with a per-send timer would cost more than
+  the send itself, hence the periodic reaper reading :attr:`blocked_since`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from realtime.conflation import ConflationBuffer, Offer
+from realtime.protocol import Outgoing, text_frame
+from realtime.tasks import cancel_and_wait
 
 __all__ = [
     "SLOW_CONSUMER_CLOSE",
+    "WRITE_BATCH",
     "HubStats",
     "Session",
     "SessionClosed",
@@ -39,11 +54,16 @@ __all__ = [
     "SessionSettings",
     "Transport",
     "TransportClosed",
+    "Update",
 ]
 
 log = logging.getLogger("realtime.session")
 
 SLOW_CONSUMER_CLOSE = 4008
+WRITE_BATCH = 64 * 1024  # bytes per direct write, about (one frame may exceed it)
+
+Update = tuple[str, int, Outgoing]
+"""(warehouse_id, version, message): one row's new state, as offered to sessions."""
 
 
 class TransportClosed(Exception):
@@ -55,9 +75,20 @@ class SessionClosed(Exception):
 
 
 class Transport(Protocol):
-    """The socket as the session sees it (adapted from Starlette in :mod:`realtime.ws`)."""
+    """The socket as the session sees it (adapted from ASGI in :mod:`realtime.ws`)."""
 
-    async def send_text(self, text: str) -> None: ...
+    def ready(self) -> bool:
+        """Whether :meth:`write` may be called now: the connection is open and its socket
+        is not pushing back. Always false for a transport without direct writes."""
+        ...
+
+    def write(self, frames: bytes) -> None:
+        """Write complete pre-encoded frames at once, without waiting (only when ready)."""
+        ...
+
+    async def send_text(self, text: str) -> None:
+        """Send one text message, waiting while the socket pushes back."""
+        ...
 
     async def close(self, code: int, reason: str) -> None: ...
 
@@ -111,12 +142,11 @@ def _resolve(waiter: asyncio.Future[None] | None) -> None:
 
 
 class Session:
-    """Outbound state and writer task of one connection."""
+    """Outbound state of one connection; writes directly or through its writer task."""
 
     __slots__ = (
         "_closed",
         "_control",
-        "_idle",
         "_owner",
         "_room",
         "_settings",
@@ -134,37 +164,42 @@ class Session:
         self._owner = owner
         self._stats = owner.stats
         self._settings = settings
-        self.buffer = ConflationBuffer(settings.buffer_capacity)
-        # Plain lists and on-demand futures rather than deques and Events: every idle
-        # connection carries these, and the control FIFO holds a handful of messages.
+        self.buffer: ConflationBuffer[Outgoing] = ConflationBuffer(settings.buffer_capacity)
+        # A plain list and an on-demand future rather than a deque and an Event: every
+        # idle connection carries these, and the control FIFO holds a handful of messages.
         self._control: list[str] = []
-        self._idle: asyncio.Future[None] | None = None  # awaited by the writer when idle
         self._room: asyncio.Future[None] | None = None  # awaited by the reader when full
         self._closed = False
         self.blocked_since: float | None = None  # loop time a pending send started
-        self._writer: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None  # exists only while backpressured
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def start(self) -> None:
-        self._writer = asyncio.create_task(self._write_loop(), name="realtime-session-writer")
-
-    def offer(self, product_id: str, warehouse_id: str, version: int, message: str) -> None:
-        """Hand an update to this connection (never blocks, never grows past capacity)."""
-        outcome = self.buffer.offer(product_id, warehouse_id, version, message)
-        if outcome is Offer.QUEUED:
-            self.wake()
-        elif outcome is Offer.CONFLATED:
-            self._stats.conflated += 1
-        elif outcome is Offer.OVERFLOW:
-            self._stats.overflows += 1
-            self.wake()
+    def offer(self, product_id: str, updates: Sequence[Update]) -> None:
+        """Hand new states of rows of one product to this connection: written now when the
+        socket takes them, else kept (conflated) for the writer. Never blocks, never grows
+        past capacity."""
+        buffer = self.buffer
+        stats = self._stats
+        queued = False
+        for warehouse_id, version, message in updates:
+            outcome = buffer.offer(product_id, warehouse_id, version, message)
+            if outcome is Offer.QUEUED:
+                queued = True
+            elif outcome is Offer.CONFLATED:
+                stats.conflated += 1
+            elif outcome is Offer.OVERFLOW:
+                stats.overflows += 1
+                queued = True
+        if queued and self._writer is None:
+            self._pump()
 
     def wake(self) -> None:
-        """Let the writer look for work again."""
-        _resolve(self._idle)
+        """Send what became sendable (a product's held updates, after its snapshot)."""
+        if self._writer is None:
+            self._pump()
 
     async def send_control(self, message: str) -> None:
         """Queue a control message, waiting while the control FIFO is full."""
@@ -174,7 +209,8 @@ class Session:
         if self._closed:
             raise SessionClosed
         self._control.append(message)
-        self.wake()
+        if self._writer is None:
+            self._pump()
 
     async def close(self, code: int, reason: str) -> None:
         """Stop writing and close the socket; aborts it when the close frame cannot go out."""
@@ -183,9 +219,7 @@ class Session:
         self._mark_closed()
         writer = self._writer
         if writer is not None and writer is not asyncio.current_task():
-            writer.cancel()
-            with contextlib.suppress(BaseException):
-                await writer
+            await cancel_and_wait(writer)
         try:
             async with asyncio.timeout(self._settings.close_timeout):
                 await self._transport.close(code, reason)
@@ -200,30 +234,75 @@ class Session:
             _resolve(self._room)
             self._owner.detach(self)
 
+    def _pump(self) -> None:
+        """Write what is queued while the socket takes it; leave the rest to a writer task.
+
+        Called only while no writer exists, and never awaits, so nothing can write in
+        between. Runs on the hub's call: it must not raise and must not detach the
+        session (a broken socket is found by the reader, or by the writer it starts).
+        """
+        if self._closed:
+            return
+        transport = self._transport
+        buffer = self.buffer
+        while self._control or buffer.sendable:
+            if not transport.ready():
+                self._writer = asyncio.get_running_loop().create_task(
+                    self._write_loop(), name="realtime-session-writer"
+                )
+                return
+            transport.write(self._take_frames())
+        self._drained()
+
+    def _take_frames(self) -> bytes:
+        """Queued messages as frames, control messages first, about :data:`WRITE_BATCH`
+        bytes at most (something must be queued)."""
+        frames: list[bytes] = []
+        size = 0
+        control = self._control
+        if control:
+            while control and size < WRITE_BATCH:
+                frame = text_frame(control.pop(0).encode())
+                frames.append(frame)
+                size += len(frame)
+            _resolve(self._room)
+        pop = self.buffer.pop
+        count = 0
+        while size < WRITE_BATCH and (message := pop()) is not None:
+            frames.append(message.frame)
+            size += len(message.frame)
+            count += 1
+        self._stats.deliveries += count
+        return frames[0] if len(frames) == 1 else b"".join(frames)
+
+    def _take_text(self) -> str:
+        """The next queued message as text, control messages first (something is queued)."""
+        if self._control:
+            text = self._control.pop(0)
+            _resolve(self._room)
+            return text
+        message = self.buffer.pop()
+        assert message is not None
+        self._stats.deliveries += 1
+        return message.text
+
+    def _drained(self) -> None:
+        """Nothing is sendable: products that overflowed meanwhile are re-read (resync)."""
+        if self.buffer.overflowed:
+            self._owner.resync(self.buffer.take_overflow())
+
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        control = self._control
+        transport = self._transport
         buffer = self.buffer
-        stats = self._stats
-        send = self._transport.send_text
         try:
-            while True:
-                if control:
-                    message = control.pop(0)
-                    _resolve(self._room)
-                else:
-                    update = buffer.pop()
-                    if update is None:
-                        overflowed = buffer.take_overflow()
-                        if overflowed:
-                            self._owner.resync(overflowed)
-                        self._idle = loop.create_future()
-                        await self._idle
-                        continue
-                    message = update
-                    stats.deliveries += 1
+            while self._control or buffer.sendable:
+                if transport.ready():
+                    transport.write(self._take_frames())
+                    continue
+                text = self._take_text()
                 self.blocked_since = loop.time()
-                await send(message)
+                await transport.send_text(text)
                 self.blocked_since = None
         except TransportClosed:
             self._mark_closed()
@@ -231,3 +310,7 @@ class Session:
             log.exception("websocket writer failed")
             self._mark_closed()
             self._transport.abort()
+        else:
+            self._drained()
+        finally:
+            self._writer = None

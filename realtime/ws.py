@@ -1,10 +1,27 @@
-"""The Starlette WebSocket endpoint (``/v1/ws``): handshake, reader loop, transport adapter.
+"""The WebSocket endpoint (``/v1/ws``): handshake, reader loop, transport adapters.
+
+The endpoint is a plain ASGI application mounted by a Starlette ``WebSocketRoute``.
+Given an ASGI callable rather than a ``func(websocket)``, Starlette passes the
+connection's ``receive``/``send`` through without its per-connection ``WebSocket`` object
+and exception-handling wrapper: about 1.5 KiB less per open connection, and one layer less
+on every send. A Starlette ``WebSocket`` is built only for the handshake, so that
+``authenticate`` can read headers and send a denial response.
 
 The endpoint task is the connection's *reader*: it parses one client message at a time
 and runs it to completion (a subscribe awaits its snapshot) before reading the next, so
 commands of one connection are applied in order and a client that floods commands is
 throttled by TCP instead of queued. Everything outbound goes through the connection's
-:class:`~realtime.session.Session` writer.
+:class:`~realtime.session.Session`.
+
+Transports: on uvicorn's ``websockets-sansio`` protocol (what ``inventory serve`` runs)
+the session writes pre-encoded frames straight to the connection's asyncio transport
+(:class:`_SansIOTransport`): that protocol keeps no per-frame state for outgoing data
+frames without extensions, flushes its own output (pongs, closes) synchronously, and
+signals backpressure through its ``writable`` event, so a whole frame written while the
+connection is open and writable is exactly what its own ``send`` would write. Anywhere
+else (another server or WebSocket implementation, or an ASGI middleware that wraps
+``receive``) every message goes through the ASGI ``send`` (:class:`_AsgiTransport`),
+correct but slower.
 
 Bad input never closes the connection: malformed JSON, unknown ops, bad ids and binary
 frames are answered with an ``error`` message. The exception is a frame above
@@ -15,10 +32,14 @@ when run with ``ws_max_size=65536``; the check here covers other settings).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.responses import Response
 from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
 
 from realtime.hub import Hub
 from realtime.protocol import (
@@ -28,7 +49,7 @@ from realtime.protocol import (
     encode_error,
     parse_command,
 )
-from realtime.session import Session, SessionClosed, TransportClosed
+from realtime.session import Session, SessionClosed, Transport, TransportClosed
 
 __all__ = ["Authenticate", "websocket_route"]
 
@@ -38,24 +59,31 @@ Authenticate = Callable[[WebSocket], Awaitable[Response | None]]
 MESSAGE_TOO_BIG_CLOSE = 1009
 
 
-class _StarletteTransport:
-    """Adapts a Starlette WebSocket to :class:`realtime.session.Transport`."""
+class _AsgiTransport:
+    """:class:`realtime.session.Transport` over the ASGI ``send``: no direct writes."""
 
-    __slots__ = ("_websocket",)
+    __slots__ = ("_receive", "_send")
 
-    def __init__(self, websocket: WebSocket) -> None:
-        self._websocket = websocket
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+
+    def ready(self) -> bool:
+        return False
+
+    def write(self, frames: bytes) -> None:
+        raise RuntimeError("this transport has no direct writes")
 
     async def send_text(self, text: str) -> None:
         try:
-            await self._websocket.send_text(text)
-        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+            await self._send({"type": "websocket.send", "text": text})
+        except (RuntimeError, OSError) as exc:  # uvicorn: ClientDisconnected is an OSError
             raise TransportClosed from exc
 
     async def close(self, code: int, reason: str) -> None:
         try:
-            await self._websocket.close(code, reason)
-        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+            await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        except (RuntimeError, OSError) as exc:
             raise TransportClosed from exc
 
     def abort(self) -> None:
@@ -63,10 +91,52 @@ class _StarletteTransport:
         # object holding an asyncio transport (uvicorn's websocket protocols), drop the TCP
         # connection; otherwise the socket lingers until the peer goes away, with only the
         # server's bounded write buffer held (the session itself is already released).
-        protocol = getattr(getattr(self._websocket, "_receive", None), "__self__", None)
+        protocol = getattr(self._receive, "__self__", None)
         abort = getattr(getattr(protocol, "transport", None), "abort", None)
         if callable(abort):  # uvloop's transports do not subclass asyncio.Transport
             abort()
+
+
+class _SansIOTransport(_AsgiTransport):
+    """Direct frame writes on uvicorn's websockets-sansio protocol (see the module doc)."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: WebSocketsSansIOProtocol, receive: Receive, send: Send) -> None:
+        super().__init__(receive, send)
+        self._protocol = protocol
+
+    def ready(self) -> bool:
+        protocol = self._protocol
+        return (
+            protocol.writable.is_set()
+            and not protocol.disconnected
+            and protocol.conn.state is State.OPEN  # no close sent or received
+        )
+
+    def write(self, frames: bytes) -> None:
+        # Runs inside the hub's fan-out loop, so it must not raise; a transport closing
+        # under us is a connection the reader is about to see disconnected. (try/except,
+        # not contextlib.suppress: this is the per-delivery path, and it costs nothing.)
+        try:  # noqa: SIM105
+            self._protocol.transport.write(frames)
+        except (RuntimeError, OSError):
+            pass
+
+    def abort(self) -> None:
+        self._protocol.transport.abort()
+
+
+def _transport(receive: Receive, send: Send) -> Transport:
+    """The fastest transport that is correct for this connection (after the handshake)."""
+    protocol: Any = getattr(receive, "__self__", None)
+    if (
+        isinstance(protocol, WebSocketsSansIOProtocol)
+        and all(hasattr(protocol, a) for a in ("writable", "disconnected", "conn", "transport"))
+        and not protocol.conn.extensions  # frames are sent as built, uncompressed
+    ):
+        return _SansIOTransport(protocol, receive, send)
+    return _AsgiTransport(receive, send)
 
 
 def _frame_too_big(text: str) -> bool:
@@ -74,11 +144,11 @@ def _frame_too_big(text: str) -> bool:
     return len(text) > MAX_FRAME_BYTES // 4 and len(text.encode()) > MAX_FRAME_BYTES
 
 
-async def _read_loop(hub: Hub, session: Session, websocket: WebSocket) -> None:
+async def _read_loop(hub: Hub, session: Session, receive: Receive) -> None:
     while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
+        message = await receive()
+        if message["type"] != "websocket.receive":
+            return  # websocket.disconnect
         text = message.get("text")
         if text is None:
             data = message.get("bytes") or b""
@@ -98,6 +168,35 @@ async def _read_loop(hub: Hub, session: Session, websocket: WebSocket) -> None:
             await session.send_control(encode_error(error.code, error.message))
 
 
+class _Endpoint:
+    """The route's ASGI application: one call per connection."""
+
+    __slots__ = ("_authenticate", "_hub")
+
+    def __init__(self, hub: Hub | Callable[[], Hub], authenticate: Authenticate | None) -> None:
+        self._hub = hub
+        self._authenticate = authenticate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        hub = self._hub if isinstance(self._hub, Hub) else self._hub()
+        if self._authenticate is not None:
+            websocket = WebSocket(scope, receive, send)
+            denial = await self._authenticate(websocket)
+            if denial is not None:
+                await websocket.send_denial_response(denial)
+                return
+        if (await receive())["type"] != "websocket.connect":
+            return  # gone before the handshake
+        await send({"type": "websocket.accept"})
+        session = hub.open(_transport(receive, send))
+        try:
+            await _read_loop(hub, session, receive)
+        except SessionClosed:
+            pass
+        finally:
+            await session.close(1000, "")
+
+
 def websocket_route(
     hub: Hub | Callable[[], Hub],
     authenticate: Authenticate | None = None,
@@ -109,21 +208,4 @@ def websocket_route(
     ``hub`` may be a zero-argument callable returning the hub, for apps that create it in
     their lifespan (after the routes).
     """
-
-    async def stock_websocket(websocket: WebSocket) -> None:
-        current = hub if isinstance(hub, Hub) else hub()
-        if authenticate is not None:
-            denial = await authenticate(websocket)
-            if denial is not None:
-                await websocket.send_denial_response(denial)
-                return
-        await websocket.accept()
-        session = current.open(_StarletteTransport(websocket))
-        try:
-            await _read_loop(current, session, websocket)
-        except SessionClosed:
-            pass
-        finally:
-            await session.close(1000, "")
-
-    return WebSocketRoute(path, stock_websocket, name="stock_websocket")
+    return WebSocketRoute(path, _Endpoint(hub, authenticate), name="stock_websocket")

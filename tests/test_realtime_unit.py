@@ -1,13 +1,16 @@
 """Pure tests of the real-time core: protocol parsing/encoding, conflation, hub logic.
 
-No servers: the hub is driven through its stream callback with a fake transport and an
-in-memory level reader; its Redis client points at a socket path that does not exist.
+No database or Redis: the hub is driven through its stream callback with a fake transport
+and an in-memory level reader; its Redis client points at a socket path that does not
+exist. The endpoint tests at the end serve it with uvicorn in-process, as ``inventory
+serve`` does (websockets-sansio), to check the direct-write transport and the handshake.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,15 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame, Opcode
 
 from realtime.conflation import ConflationBuffer, Offer
 from realtime.hub import Hub, HubSettings
@@ -35,8 +45,10 @@ from realtime.protocol import (
     parse_command,
     stock_from_change,
     stock_from_level,
+    text_frame,
 )
 from realtime.session import TransportClosed
+from realtime.ws import websocket_route
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 
@@ -152,6 +164,13 @@ def test_snapshot_message() -> None:
         ],
     }
     assert orjson.loads(encode_snapshot("p", []))["levels"] == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+def test_text_frame_matches_websockets_serialization(size: int) -> None:
+    payload = b"x" * size
+    expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    assert text_frame(payload) == expected
 
 
 # --- conflation ---------------------------------------------------------------------
@@ -301,16 +320,47 @@ def test_conflation_property(ops: list[tuple[Any, ...]], capacity: int) -> None:
 # --- hub and session (fake transport, in-memory levels) ------------------------------
 
 
+def parse_frames(data: bytes) -> list[bytes]:
+    """Payloads of concatenated unmasked server frames (text frames, final)."""
+    payloads = []
+    pos = 0
+    while pos < len(data):
+        assert data[pos] == 0x81
+        size, pos = data[pos + 1], pos + 2
+        if size == 126:
+            size, pos = int.from_bytes(data[pos : pos + 2], "big"), pos + 2
+        elif size == 127:
+            size, pos = int.from_bytes(data[pos : pos + 8], "big"), pos + 8
+        payloads.append(data[pos : pos + size])
+        pos += size
+    return payloads
+
+
 class FakeTransport:
     """Records what is sent; ``block`` cleared = a client that does not read. A blocked
-    socket takes no close frame either unless ``close_passes``."""
+    socket takes no close frame either unless ``close_passes``. With ``direct`` it takes
+    direct frame writes while not blocked (as uvicorn's transport while writable), else
+    everything goes through ``send_text``."""
 
-    def __init__(self, *, close_passes: bool = False) -> None:
+    def __init__(self, *, close_passes: bool = False, direct: bool = True) -> None:
         self.sent: list[dict[str, Any]] = []
+        self.writes = 0  # direct writes (system calls, on a real socket)
         self.closed: tuple[int, str] | None = None
         self.block = asyncio.Event()
         self.block.set()
         self.close_passes = close_passes
+        self.direct = direct
+        self.pause_after: int | None = None  # block after this many direct writes
+
+    def ready(self) -> bool:
+        return self.direct and self.block.is_set() and self.closed is None
+
+    def write(self, frames: bytes) -> None:
+        assert self.ready()
+        self.writes += 1
+        self.sent += [orjson.loads(payload) for payload in parse_frames(frames)]
+        if self.pause_after is not None and self.writes >= self.pause_after:
+            self.block.clear()  # as asyncio calls pause_writing() inside write()
 
     async def send_text(self, text: str) -> None:
         await self.block.wait()
@@ -335,6 +385,7 @@ class FakeLevels:
     def __init__(self) -> None:
         self.rows: dict[tuple[str, str], LevelState] = {}
         self.reads: list[list[str]] = []
+        self.fail = False
 
     def set(self, product: str, warehouse: str, version: int, quantity: int = 10) -> bytes:
         self.rows[(product, warehouse)] = LevelState(product, warehouse, quantity, 0, version, T0)
@@ -343,6 +394,9 @@ class FakeLevels:
 
     async def read_levels(self, product_ids: Sequence[str]) -> dict[str, list[LevelState]]:
         self.reads.append(list(product_ids))
+        await asyncio.sleep(0)  # a round trip: other subscribes arrive meanwhile
+        if self.fail:
+            raise ConnectionError("database unavailable")
         return {p: [r for (q, _), r in sorted(self.rows.items()) if q == p] for p in product_ids}
 
 
@@ -358,6 +412,12 @@ async def eventually(condition: Callable[[], bool], timeout: float = 3.0) -> Non
             if condition():
                 return
             await asyncio.sleep(0.01)
+
+
+@pytest.fixture(params=[True, False], ids=["direct", "asgi"])
+def direct(request: pytest.FixtureRequest) -> bool:
+    """Whether the fake socket takes direct writes (uvicorn) or only ASGI sends."""
+    return bool(request.param)
 
 
 @pytest.fixture
@@ -380,9 +440,11 @@ def channel(product: str) -> bytes:
     return f"t:stock:{product}".encode()
 
 
-async def test_hub_snapshot_then_updates_in_order(hub: Hub, levels: FakeLevels) -> None:
+async def test_hub_snapshot_then_updates_in_order(
+    hub: Hub, levels: FakeLevels, direct: bool
+) -> None:
     levels.set("p", "w1", 3)
-    transport = FakeTransport()
+    transport = FakeTransport(direct=direct)
     session = hub.open(transport)
     await hub.execute(session, Subscribe(("p",), {}))
     hub.on_message(channel("p"), levels.set("p", "w1", 3))  # in flight before the read: stale
@@ -406,8 +468,8 @@ async def test_hub_snapshot_then_updates_in_order(hub: Hub, levels: FakeLevels) 
     await session.close(1000, "")
 
 
-async def test_hub_coalesces_a_burst(hub: Hub, levels: FakeLevels) -> None:
-    transport = FakeTransport()
+async def test_hub_coalesces_a_burst(hub: Hub, levels: FakeLevels, direct: bool) -> None:
+    transport = FakeTransport(direct=direct)
     session = hub.open(transport)
     await hub.execute(session, Subscribe(("p",), {}))
     for version in range(1, 6):  # read back to back, as from one socket read
@@ -418,10 +480,10 @@ async def test_hub_coalesces_a_burst(hub: Hub, levels: FakeLevels) -> None:
     await session.close(1000, "")
 
 
-async def test_hub_since_and_empty_snapshot(hub: Hub, levels: FakeLevels) -> None:
+async def test_hub_since_and_empty_snapshot(hub: Hub, levels: FakeLevels, direct: bool) -> None:
     levels.set("p", "w1", 3)
     levels.set("p", "w2", 7)
-    transport = FakeTransport()
+    transport = FakeTransport(direct=direct)
     session = hub.open(transport)
     await hub.execute(session, Subscribe(("p", "none"), {"p": {"w1": 3, "w2": 5}}))
     hub.on_message(channel("p"), levels.set("p", "w1", 3))
@@ -433,12 +495,12 @@ async def test_hub_since_and_empty_snapshot(hub: Hub, levels: FakeLevels) -> Non
     await session.close(1000, "")
 
 
-async def test_hub_gap_triggers_resync(hub: Hub, levels: FakeLevels) -> None:
+async def test_hub_gap_triggers_resync(hub: Hub, levels: FakeLevels, direct: bool) -> None:
     await hub.start()
     try:
         levels.set("p", "w1", 1)
         levels.set("p", "w2", 1)
-        transport = FakeTransport()
+        transport = FakeTransport(direct=direct)
         session = hub.open(transport)
         await hub.execute(session, Subscribe(("p",), {}))
         levels.set("p", "w2", 2)  # its message is "lost"
@@ -457,6 +519,113 @@ async def test_hub_gap_triggers_resync(hub: Hub, levels: FakeLevels) -> None:
     assert transport.closed == (1001, "server shutting down")
 
 
+def writer_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "realtime-session-writer"]
+
+
+async def test_writable_sessions_get_one_direct_write_per_burst_and_no_task(
+    hub: Hub, levels: FakeLevels
+) -> None:
+    transports = [FakeTransport() for _ in range(3)]
+    sessions = [hub.open(t) for t in transports]
+    for session in sessions:
+        await hub.execute(session, Subscribe(("p",), {}))
+    writes = [t.writes for t in transports]
+    for warehouse in ("w1", "w2", "w3"):  # one burst, three rows
+        hub.on_message(channel("p"), levels.set("p", warehouse, 1))
+    assert writer_tasks() == []
+    await settle()
+    for transport, before in zip(transports, writes, strict=True):
+        assert transport.writes == before + 1
+        stock = [(m["warehouse_id"], m["version"]) for m in transport.of_type("stock")]
+        assert stock == [("w1", 1), ("w2", 1), ("w3", 1)]
+    assert hub.stats.deliveries == 9
+    assert writer_tasks() == []
+    for session in sessions:
+        await session.close(1000, "")
+
+
+async def test_backpressure_moves_writes_to_a_writer_that_ends_on_the_newest(
+    hub: Hub, levels: FakeLevels
+) -> None:
+    """The socket pushes back in the middle of a burst: the rest waits (conflated) for a
+    writer task, which catches up once the client reads and then goes away; later
+    updates are written directly again. Versions never go backwards on the way."""
+    transport = FakeTransport()
+    session = hub.open(transport)
+    await hub.execute(session, Subscribe(("p", "q"), {}))
+    transport.pause_after = transport.writes + 1
+    hub.on_message(channel("p"), levels.set("p", "w", 1))  # written; the socket pauses
+    await settle()
+    assert writer_tasks() == []  # nothing is waiting yet
+    for version in range(2, 40):
+        hub.on_message(channel("p"), levels.set("p", "w", version))
+        hub.on_message(channel("q"), levels.set("q", "w", version))
+        await settle()
+    assert len(writer_tasks()) == 1
+    assert session.blocked_since is not None
+    assert len(session.buffer) == 2  # one pending state per row
+    assert hub.stats.conflated > 0
+    transport.pause_after = None
+    transport.block.set()  # the client reads again
+    await settle()
+    assert writer_tasks() == []
+    assert session.blocked_since is None
+    seen: dict[str, int] = {}
+    for message in transport.of_type("stock"):
+        assert message["version"] > seen.get(message["product_id"], 0)
+        seen[message["product_id"]] = message["version"]
+    assert seen == {"p": 39, "q": 39}
+    writes = transport.writes
+    hub.on_message(channel("p"), levels.set("p", "w", 40))
+    await settle()
+    assert transport.writes == writes + 1
+    assert transport.of_type("stock")[-1]["version"] == 40
+    await session.close(1000, "")
+
+
+async def test_concurrent_subscribes_share_snapshot_reads(hub: Hub, levels: FakeLevels) -> None:
+    """A subscribe storm costs a read per round, each product read once, not one read
+    per client; every client still gets its snapshots before ``subscribed``."""
+    for product in ("a", "b", "c"):
+        levels.set(product, "w", 4)
+    transports = [FakeTransport() for _ in range(30)]
+    sessions = [hub.open(t) for t in transports]
+    products = [("a", "b"), ("b", "c"), ("c", "a")]
+    await asyncio.gather(
+        *(hub.execute(s, Subscribe(products[i % 3], {})) for i, s in enumerate(sessions))
+    )
+    assert len(levels.reads) <= 2
+    assert all(len(read) == len(set(read)) for read in levels.reads)
+    for i, transport in enumerate(transports):
+        assert [(m["type"], m.get("product_id")) for m in transport.sent] == [
+            *(("snapshot", p) for p in products[i % 3]),
+            ("subscribed", None),
+        ]
+        assert all(m["levels"][0]["version"] == 4 for m in transport.of_type("snapshot"))
+    for session in sessions:
+        await session.close(1000, "")
+
+
+async def test_failed_snapshot_read_answers_unavailable_and_subscribes_nothing(
+    hub: Hub, levels: FakeLevels
+) -> None:
+    levels.fail = True
+    sessions = [hub.open(FakeTransport()) for _ in range(3)]
+    outcomes = await asyncio.gather(
+        *(hub.execute(s, Subscribe(("p",), {})) for s in sessions), return_exceptions=True
+    )
+    assert all(isinstance(o, ProtocolError) and o.code is ErrorCode.UNAVAILABLE for o in outcomes)
+    assert hub.stats.topics == 0
+    assert hub.stats.subscriptions == 0
+    assert all("p" not in s.buffer for s in sessions)
+    levels.fail = False
+    await hub.execute(sessions[0], Subscribe(("p",), {}))  # the retry works
+    assert hub.stats.subscriptions == 1
+    for session in sessions:
+        await session.close(1000, "")
+
+
 async def test_too_many_subscriptions(levels: FakeLevels, tmp_path: Path) -> None:
     hub = Hub(no_redis(tmp_path), levels, settings=HubSettings(max_subscriptions=2))
     session = hub.open(FakeTransport())
@@ -468,10 +637,12 @@ async def test_too_many_subscriptions(levels: FakeLevels, tmp_path: Path) -> Non
     await session.close(1000, "")
 
 
-async def test_slow_session_is_bounded_and_catches_up(hub: Hub, levels: FakeLevels) -> None:
+async def test_slow_session_is_bounded_and_catches_up(
+    hub: Hub, levels: FakeLevels, direct: bool
+) -> None:
     await hub.start()
     try:
-        transport = FakeTransport()
+        transport = FakeTransport(direct=direct)
         session = hub.open(transport)
         products = [f"p{i}" for i in range(20)]
         await hub.execute(session, Subscribe(tuple(products), {}))
@@ -494,8 +665,8 @@ async def test_slow_session_is_bounded_and_catches_up(hub: Hub, levels: FakeLeve
         await hub.stop()
 
 
-async def test_control_messages_precede_updates_and_ping(hub: Hub) -> None:
-    transport = FakeTransport()
+async def test_control_messages_precede_updates_and_ping(hub: Hub, direct: bool) -> None:
+    transport = FakeTransport(direct=direct)
     session = hub.open(transport)
     await hub.execute(session, Ping())
     await settle()
@@ -507,13 +678,13 @@ async def test_control_messages_precede_updates_and_ping(hub: Hub) -> None:
 
 @pytest.mark.parametrize("close_passes", [True, False])
 async def test_client_that_stops_reading_is_closed(
-    levels: FakeLevels, tmp_path: Path, close_passes: bool
+    levels: FakeLevels, tmp_path: Path, close_passes: bool, direct: bool
 ) -> None:
     settings = HubSettings(send_timeout=0.2, close_timeout=0.1)
     hub = Hub(no_redis(tmp_path), levels, prefix="t", settings=settings)
     await hub.start()
     try:
-        transport = FakeTransport(close_passes=close_passes)
+        transport = FakeTransport(close_passes=close_passes, direct=direct)
         session = hub.open(transport)
         await hub.execute(session, Subscribe(("p",), {}))
         await settle()
@@ -527,3 +698,86 @@ async def test_client_that_stops_reading_is_closed(
         assert hub.stats.topics == 0
     finally:
         await hub.stop()
+
+
+# --- the endpoint on uvicorn (in-process, websockets-sansio as `inventory serve`) ------
+
+
+@contextlib.asynccontextmanager
+async def served(hub: Hub, authenticate: Any = None) -> AsyncIterator[str]:
+    """The hub's route on an in-process uvicorn; yields the WebSocket URL."""
+    config = uvicorn.Config(
+        Starlette(routes=[websocket_route(hub, authenticate)]),
+        host="127.0.0.1",
+        port=0,
+        ws="websockets-sansio",
+        ws_max_size=65536,
+        ws_per_message_deflate=False,
+        lifespan="off",
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/v1/ws"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+async def test_uvicorn_connections_are_written_directly(levels: FakeLevels, tmp_path: Path) -> None:
+    """On uvicorn's websockets-sansio protocol a delivery is a direct frame write: no
+    writer task is created, and what arrives is what the ASGI send would have sent."""
+    hub = Hub(no_redis(tmp_path), levels, prefix="t")
+    levels.set("p", "w", 1)
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+
+    def record(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        created.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with served(hub) as url, connect(url, compression=None) as client:
+        await client.send('{"op":"subscribe","product_ids":["p"]}')
+        snapshot = orjson.loads(await client.recv())
+        assert (snapshot["type"], snapshot["levels"][0]["version"]) == ("snapshot", 1)
+        assert orjson.loads(await client.recv())["type"] == "subscribed"
+        loop.set_task_factory(record)
+        try:
+            hub.on_message(channel("p"), levels.set("p", "w", 2))
+            hub.on_message(channel("p"), levels.set("p", "x", 1))
+            received = [orjson.loads(await client.recv()) for _ in range(2)]
+        finally:
+            loop.set_task_factory(None)
+        assert [(m["warehouse_id"], m["version"]) for m in received] == [("w", 2), ("x", 1)]
+        assert received[0] == orjson.loads(levels.set("p", "w", 2))
+        assert "Session._write_loop" not in created
+        await client.send('{"op":"ping"}')
+        assert orjson.loads(await client.recv()) == {"type": "pong"}
+    assert hub.stats.deliveries == 2
+    await eventually(lambda: hub.stats.connections == 0)
+
+
+async def test_handshake_is_refused_without_a_valid_token(
+    levels: FakeLevels, tmp_path: Path
+) -> None:
+    hub = Hub(no_redis(tmp_path), levels, prefix="t")
+
+    async def authenticate(websocket: WebSocket) -> Response | None:
+        token = websocket.query_params.get("token")
+        if token == "reader":
+            return None
+        return JSONResponse({"error": {"code": "x"}}, 401 if token is None else 403)
+
+    async with served(hub, authenticate) as url:
+        for query, status in (("", 401), ("?token=writer", 403)):
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(url + query):
+                    pass
+            assert refused.value.response.status_code == status
+        assert hub.stats.connections_total == 0
+        async with connect(url + "?token=reader") as client:
+            await client.send('{"op":"ping"}')
+            assert orjson.loads(await client.recv()) == {"type": "pong"}
