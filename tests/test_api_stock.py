@@ -266,6 +266,13 @@ async def test_operations_endpoints(client: httpx.AsyncClient) -> None:
     r = await client.get("/health", headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
     assert len((await client.get("/health")).headers["x-request-id"]) == 32
+    # A request id the logs could be confused by (control characters, too long) is
+    # replaced or cut, never echoed as given.
+    r = await client.get("/health", headers={"X-Request-ID": "a\tb"})
+    assert r.status_code == 200
+    assert len(r.headers["x-request-id"]) == 32
+    r = await client.get("/health", headers={"X-Request-ID": "x" * 500})
+    assert r.headers["x-request-id"] == "x" * 128
 
 
 async def test_openapi_document(client: httpx.AsyncClient) -> None:
