@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -61,6 +61,7 @@ __all__ = [
     "MAX_BODY",
     "Auth",
     "Forbidden",
+    "Handler",
     "MethodNotAllowed",
     "PayloadTooLarge",
     "RouteDoc",
@@ -452,9 +453,12 @@ class RouteDoc:
 
 
 def api_routes(
-    get_service: Callable[[], InventoryService], auth: Auth
+    get_service: Callable[[], InventoryService],
+    auth: Auth,
+    extra: Sequence[tuple[str, str, Handler, RouteDoc]] = (),
 ) -> tuple[list[BaseRoute], dict[str, dict[str, RouteDoc]]]:
-    """The ``/v1`` routes and their documentation (for :mod:`inventory.openapi`)."""
+    """The ``/v1`` routes and their documentation (for :mod:`inventory.openapi`);
+    ``extra`` rows come from feature modules (webhooks)."""
     h = Handlers(get_service, auth)
     table: list[tuple[str, str, Handler, RouteDoc]] = [
         (
@@ -537,6 +541,7 @@ def api_routes(
             h.extend,
             RouteDoc("Extend a reservation", "reserve", ExtendIn, ReservationOut),
         ),
+        *extra,
     ]
     by_path: dict[str, dict[str, Handler]] = {}
     docs: dict[str, dict[str, RouteDoc]] = {}
