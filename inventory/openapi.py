@@ -26,6 +26,7 @@ _ERRORS = {
 _PARAM_PATTERNS = {
     "product_id": r"^[A-Za-z0-9._:-]{1,128}$",
     "warehouse_id": r"^[A-Za-z0-9._-]{1,64}$",
+    "webhook_id": r"^[A-Za-z0-9._-]{1,64}$",
 }
 
 
