@@ -480,9 +480,9 @@ async def test_a_dead_endpoint_does_not_delay_another(
         await wait_until(
             lambda: len(alive.distinct()) >= 20, 20, "all 20 events at the live endpoint"
         )
-        # the dead endpoint holds at most its own in-flight slots, one per product
+        # the dead endpoint saw at most the first event of each product: the rest waits
         assert dead.acked == []
-        assert len(dead.requests) <= webhook_settings.webhook_concurrency
+        assert len({r.event_id for r in dead.requests}) <= 5
         assert {r.payload["data"]["version"] for r in dead.requests} == {1}
 
 

@@ -110,18 +110,20 @@ class Deliverer:
         self._in_flight: dict[int, asyncio.Task[None]] = {}
         self._config: dict[str, Any] = {}
         self._config_read = 0.0
-        self._client = httpx.AsyncClient(
-            timeout=policy.timeout,
-            follow_redirects=False,
-            trust_env=False,
-            limits=httpx.Limits(
-                max_connections=policy.concurrency, max_keepalive_connections=policy.concurrency
-            ),
-        )
+        self._client: httpx.AsyncClient | None = None
 
     async def run(self) -> None:
         """Deliver until the webhook is gone or inactive; survives every other error."""
         failures = 0
+        self._client = httpx.AsyncClient(
+            timeout=self._policy.timeout,
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(
+                max_connections=self._policy.concurrency,
+                max_keepalive_connections=self._policy.concurrency,
+            ),
+        )
         try:
             while True:
                 try:
@@ -160,10 +162,10 @@ class Deliverer:
             if queued is None:
                 return False
             queued_more = queued >= self._policy.batch
-        self._send_ready()
+        due = self._schedule()
         self._export_lag()
         if not queued_more:
-            await self._wait()
+            await self._wait(due)
         return True
 
     async def _queue_new(self) -> int | None:
@@ -191,44 +193,40 @@ class Deliverer:
                 )  # fmt: skip
         return len(rows)
 
-    def _ready(self) -> list[QueuedEvent]:
-        """Due events whose products have no earlier queued event, in queue order."""
+    def _schedule(self) -> datetime | None:
+        """Start the due events whose products have no earlier queued event (queue
+        order, up to the in-flight limit); the time the next waiting one falls due."""
         now = _now()
         blocked: set[str] = set()
-        ready = []
+        ready: list[QueuedEvent] = []
+        later: datetime | None = None
         for event in self._pending.values():
-            if (
-                event.seq not in self._in_flight
-                and event.next_attempt_at <= now
-                and blocked.isdisjoint(event.products)
-            ):
-                ready.append(event)
+            if event.seq not in self._in_flight and blocked.isdisjoint(event.products):
+                if event.next_attempt_at <= now:
+                    ready.append(event)
+                elif later is None or event.next_attempt_at < later:
+                    later = event.next_attempt_at
             blocked.update(event.products)
-        return ready
-
-    def _send_ready(self) -> None:
         room = self._policy.concurrency - len(self._in_flight)
-        if room <= 0:
-            return
-        for event in self._ready()[:room]:
+        for event in ready[: max(room, 0)]:
             task = asyncio.create_task(self._attempt(event), name=f"webhook-{self.webhook_id}")
             self._in_flight[event.seq] = task
             task.add_done_callback(self._landed)
+        return later
 
     def _landed(self, task: asyncio.Task[None]) -> None:
         for seq, running in list(self._in_flight.items()):
             if running is task:
                 del self._in_flight[seq]
 
-    async def _wait(self) -> None:
-        """Until an attempt ends, the next retry is due or the next poll (whichever is
-        first)."""
+    async def _wait(self, due: datetime | None) -> None:
+        """Until an attempt ends, the next retry is due or the next poll of the ledger
+        (whichever is first)."""
         timeout = self._policy.poll_interval
         if len(self._pending) >= self._policy.window:
             timeout = 1.0  # nothing to read: only retries and the config refresh
-        due = [e.next_attempt_at for e in self._pending.values() if e.seq not in self._in_flight]
-        if due:
-            timeout = min(timeout, max(0.0, (min(due) - _now()).total_seconds()))
+        if due is not None:
+            timeout = min(timeout, max(0.0, (due - _now()).total_seconds()))
         if self._in_flight:
             await asyncio.wait(
                 list(self._in_flight.values()),
@@ -246,6 +244,7 @@ class Deliverer:
 
     async def _post(self, body: bytes, event_id: str) -> int:
         """One POST of ``body`` to the checked target; the status code."""
+        assert self._client is not None
         url = parse_url(self._config["url"])
         target = await resolve(url, self._policy.allow_private)
         request_url = httpx.URL(self._config["url"]).copy_with(host=target.address)
@@ -332,6 +331,7 @@ class Dispatcher:
         self._scan_interval = scan_interval
         self._owned: dict[str, asyncio.Task[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._session: asyncpg.Connection | None = None
         self._purged = 0.0
 
     @property
@@ -342,23 +342,28 @@ class Dispatcher:
         self._task = asyncio.create_task(self._run(), name="webhook-dispatcher")
 
     async def stop(self) -> None:
+        """Stop campaigning, then the deliverers, then drop the leases (in that order,
+        outside the cancelled task, so no deliverer outlives the server)."""
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+        await self._release_all()
+
+    async def _release_all(self) -> None:
+        await cancel_and_wait(*self._owned.values())
+        self._owned.clear()
+        if self._session is not None:
+            self._session.terminate()  # drops every lock it held
+            self._session = None
 
     async def _run(self) -> None:
         while True:
-            session: asyncpg.Connection | None = None
             try:
-                session = await asyncpg.connect(self._database_url, timeout=_TIMEOUT)
-                await self._hold(session)
+                self._session = await asyncpg.connect(self._database_url, timeout=_TIMEOUT)
+                await self._hold(self._session)
             except Exception as exc:
                 log.warning("webhook dispatcher lost its database session (%s)", exc)
-            finally:
-                await cancel_and_wait(*self._owned.values())
-                self._owned.clear()
-                if session is not None:
-                    session.terminate()  # drops every lock it held
+            await self._release_all()
             await asyncio.sleep(self._scan_interval)
 
     async def _hold(self, session: asyncpg.Connection) -> None:
