@@ -171,18 +171,21 @@ class Deliverer:
     async def _queue_new(self) -> int | None:
         """Turn new ledger rows into queued events; the number of rows read (None when
         the webhook is gone)."""
-        limit = min(self._policy.batch, self._policy.window - len(self._pending))
-        async with self._store.pool.acquire(timeout=_TIMEOUT) as conn, conn.transaction():
+        limit = max(1, min(self._policy.batch, self._policy.window - len(self._pending)))
+        async with self._store.pool.acquire(timeout=_TIMEOUT) as conn:
             cursor = await self._store.cursor(conn, self.webhook_id)
             if cursor is None:
                 return None
-            rows = await self._store.ledger_rows(conn, cursor, max(limit, 1))
+            rows = await self._store.ledger_rows(conn, cursor, limit)
             if not rows:
-                return 0
-            events = await produce(
-                ProduceContext(conn, self._inventory), rows, self._config["events"]
-            )
-            seqs = await self._store.enqueue(conn, self.webhook_id, events, rows[-1].position)
+                return 0  # the common idle poll: two reads, no transaction
+            async with conn.transaction():
+                if await self._store.cursor(conn, self.webhook_id, lock=True) != cursor:
+                    return 0  # moved meanwhile (a reactivation): read again
+                events = await produce(
+                    ProduceContext(conn, self._inventory), rows, self._config["events"]
+                )
+                seqs = await self._store.enqueue(conn, self.webhook_id, events, rows[-1].position)
         now = _now()
         for event in events:
             seq = seqs.get(event.event_id)

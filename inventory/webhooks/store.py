@@ -208,9 +208,15 @@ class WebhookStore:
         )
         return None if row is None else dict(row)
 
-    async def cursor(self, conn: Conn, webhook_id: str) -> tuple[int, int] | None:
+    async def cursor(
+        self, conn: Conn, webhook_id: str, *, lock: bool = False
+    ) -> tuple[int, int] | None:
+        """The webhook's ledger position (None when it is gone or inactive); ``lock``
+        holds its row until the transaction ends (only to move it: a lock assigns a
+        transaction id, which an idle poll should not cost)."""
         row = await conn.fetchrow(
-            "SELECT cursor_xid, cursor_id FROM webhooks WHERE id = $1 AND active FOR UPDATE",
+            "SELECT cursor_xid, cursor_id FROM webhooks WHERE id = $1 AND active"
+            + (" FOR UPDATE" if lock else ""),
             webhook_id,
             timeout=_TIMEOUT,
         )
