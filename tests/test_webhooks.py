@@ -370,6 +370,7 @@ async def test_events_are_signed_ordered_and_logged(
         types = [r.payload["type"] for r in got]
         assert types.index("reservation.created") == types.index("stock.changed") + 2
 
+        await wait_until(lambda: _has(delivery_log(client, wid), 9), 10, "nine attempts logged")
         r = await client.get(f"/v1/webhooks/{wid}/deliveries?limit=5")
         page = r.json()
         assert SECRET not in r.text
@@ -422,7 +423,10 @@ async def test_failing_receiver_gets_retries_with_backoff_then_delivery(
         # the first event was tried until it succeeded; the second waited for it
         assert versions == [1, 1, 1, 1, 2]
         assert len({r.event_id for r in receiver.requests[:4]}) == 1  # the same id each time
-        log = (await client.get(f"/v1/webhooks/{wid}/deliveries")).json()["deliveries"]
+
+        # the receiver counts an answer before the server has read and recorded it
+        await wait_until(lambda: _has(delivery_log(client, wid), 5), 10, "five attempts logged")
+        log = await delivery_log(client, wid)
         assert [(d["attempt"], d["status_code"]) for d in reversed(log)] == [
             (1, 503), (2, 503), (3, 503), (4, 200), (1, 200)
         ]  # fmt: skip
@@ -541,6 +545,16 @@ async def test_kill_9_mid_delivery_loses_nothing_and_keeps_order(
         await asyncio.to_thread(second.stop)
         for server in (first, second):
             server.log.unlink(missing_ok=True)
+
+
+async def delivery_log(client: httpx.AsyncClient, wid: str) -> list[dict[str, Any]]:
+    r = await client.get(f"/v1/webhooks/{wid}/deliveries")
+    deliveries: list[dict[str, Any]] = r.json()["deliveries"]
+    return deliveries
+
+
+async def _has(entries: Awaitable[list[dict[str, Any]]], count: int) -> bool:
+    return len(await entries) >= count
 
 
 def test_signature_header_round_trip() -> None:
