@@ -140,6 +140,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     tracing: str = "off"
+    max_streams: int = 10_000  # open WebSocket/SSE connections per process
 
     @property
     def embedded(self) -> bool:
@@ -186,6 +187,7 @@ class Settings:
             log_level=_choice(env, "INVENTORY_LOG_LEVEL", "info", LOG_LEVELS),
             log_format=_choice(env, "INVENTORY_LOG_FORMAT", default_log_format(), ("json", "text")),
             tracing=tracing,
+            max_streams=_int(env, "INVENTORY_MAX_STREAMS", 10_000, 1, 1_000_000),
         )
 
     def with_overrides(self, **overrides: Any) -> Settings:
