@@ -97,6 +97,9 @@ class AsgiTransport:
     def write(self, frames: bytes) -> None:
         raise RuntimeError("this transport has no direct writes")
 
+    async def wait_ready(self) -> bool:
+        return False
+
     async def send_text(self, text: str) -> None:
         try:
             await self._send({"type": "websocket.send", "text": text})
@@ -136,6 +139,13 @@ class _SansIOTransport(AsgiTransport):
             and not protocol.disconnected
             and protocol.conn.state is State.OPEN  # no close sent or received
         )
+
+    async def wait_ready(self) -> bool:
+        protocol = self._protocol
+        await protocol.writable.wait()  # set again by resume_writing, or on connection loss
+        if protocol.disconnected:
+            raise TransportClosed
+        return self.ready()  # false once closing: then the ASGI send reports it
 
     def write(self, frames: bytes) -> None:
         # Runs inside the hub's fan-out loop, so it must not raise; a transport closing

@@ -362,6 +362,14 @@ class FakeTransport:
         if self.pause_after is not None and self.writes >= self.pause_after:
             self.block.clear()  # as asyncio calls pause_writing() inside write()
 
+    async def wait_ready(self) -> bool:
+        if not self.direct:
+            return False
+        await self.block.wait()
+        if self.closed is not None:
+            raise TransportClosed
+        return True
+
     async def send_text(self, text: str) -> None:
         await self.block.wait()
         if self.closed is not None:
