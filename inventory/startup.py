@@ -54,9 +54,7 @@ def database_error(url: str, exc: BaseException) -> StartupError:
 async def _ping_redis(url: str, timeout: float) -> None:
     import redis.asyncio as aioredis
 
-    client = aioredis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout
-    )
+    client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         await client.ping()
     finally:

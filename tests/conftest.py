@@ -34,6 +34,7 @@ from inventory.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
 from inventory.store import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVE = [sys.executable, "-m", "inventory.cli", "serve"]
 
 
 def _with_database(url: str, name: str) -> str:
@@ -249,10 +250,7 @@ class ServerProcess:
     def start(self, timeout: float = 30) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "inventory.cli", "serve", "--port", str(self.port),
-                    *self.args,
-                ],  # fmt: skip
+                [*SERVE, "--port", str(self.port), *self.args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

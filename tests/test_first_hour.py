@@ -162,9 +162,10 @@ async def test_access_log_is_off_by_default_and_redacts_nothing_it_should_not_lo
 ) -> None:
     quiet = await server_factory()
     loud = await server_factory(args=["--access-log"])
-    for server in (quiet, loud):
-        r = httpx.get(f"{server.base_url}/v1/warehouses?marker=zz-access")
-        assert r.status_code == 200
+    async with httpx.AsyncClient() as http:
+        for server in (quiet, loud):
+            r = await http.get(f"{server.base_url}/v1/warehouses?marker=zz-access")
+            assert r.status_code == 200
 
     def logged() -> bool:
         return "zz-access" in loud.log.read_text()
