@@ -19,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, Settings, default_data_dir
 from .domain import InventoryError
@@ -172,6 +173,42 @@ def cmd_tokens_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client
+
+    return Client(args.url, os.environ.get("INVENTORY_TOKEN") or None, timeout=60)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .transfer import TransferError, import_file
+
+    with _client(args) as client:
+        try:
+            summary = import_file(client, args.file, args.format)
+        except TransferError as exc:
+            raise CliError(str(exc)) from None
+    print(
+        f"{summary.rows} rows: {summary.imported} imported, {summary.failed} failed",
+        file=sys.stderr,
+    )
+    return 1 if summary.failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .transfer import TransferError, export_rows
+
+    with _client(args) as client, contextlib.ExitStack() as stack:
+        out = sys.stdout
+        if args.output is not None:
+            out = stack.enter_context(args.output.open("w", encoding="utf-8", newline=""))
+        try:
+            count = export_rows(client, out, args.format)
+        except TransferError as exc:
+            raise CliError(str(exc)) from None
+    print(f"exported {count} stock rows", file=sys.stderr)
+    return 0
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = Settings.from_env().with_overrides(data_dir=args.data_dir)
     with servers(settings, redis=False) as settings:
@@ -248,6 +285,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--scopes", default="read", help="comma-separated: read, reserve, admin (default read)"
     )
     new.set_defaults(func=cmd_tokens_new)
+
+    def url_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--url",
+            default="http://127.0.0.1:8000",
+            help="the server's base URL (default http://127.0.0.1:8000); a token is "
+            "taken from INVENTORY_TOKEN",
+        )
+
+    imp = sub.add_parser(
+        "import",
+        help="set on-hand stock from a CSV or JSON lines file, through the HTTP API",
+        description="Set on-hand stock from FILE: CSV with the header "
+        "product_id,warehouse_id,quantity[,reason] or JSON lines (.jsonl) with those keys. "
+        "Rows go in batches of 1,000 through POST /v1/stock/bulk; a failing row is "
+        "reported with its line number and the rest goes on; exit 1 if any row failed.",
+    )
+    imp.add_argument("file", type=Path, metavar="FILE")
+    imp.add_argument("--format", choices=("csv", "jsonl"), help="default: by file name")
+    url_option(imp)
+    imp.set_defaults(func=cmd_import)
+
+    exp = sub.add_parser(
+        "export",
+        help="write every stock row as CSV or JSON lines, through the HTTP API",
+        description="Write every stock row (product_id, warehouse_id, quantity, reserved, "
+        "available, version, updated_at) to standard output or --output.",
+    )
+    exp.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    exp.add_argument("--output", type=Path, metavar="FILE", help="default: standard output")
+    url_option(exp)
+    exp.set_defaults(func=cmd_export)
 
     migrate = sub.add_parser(
         "migrate", help="apply database migrations and exit", description="Apply migrations."
