@@ -59,10 +59,10 @@ async def test_import_reports_bad_rows_by_line_and_goes_on(
     assert [x.split(":")[0] for x in errors] == ["line 3", "line 4", "line 7", "line 8"]
     assert "not_found" in errors[1]
     assert "7 rows: 3 imported, 4 failed" in done.stderr
-    with httpx.Client(base_url=server.base_url) as http:
-        assert http.get(f"/v1/products/{p}-a/stock").json()["quantity"] == 9
-        assert http.get(f"/v1/products/{p}-d/stock").json()["quantity"] == 7
-        moves = http.get(f"/v1/products/{p}-a/movements").json()["movements"]
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        assert (await http.get(f"/v1/products/{p}-a/stock")).json()["quantity"] == 9
+        assert (await http.get(f"/v1/products/{p}-d/stock")).json()["quantity"] == 7
+        moves = (await http.get(f"/v1/products/{p}-a/movements")).json()["movements"]
         assert [(m["quantity"], m["reason"]) for m in moves] == [(5, "count"), (9, "recount")]
 
 
