@@ -338,7 +338,7 @@ def _retry_wait(response: httpx.Response | None, attempt: int, cap: float) -> fl
         raw = response.headers.get("retry-after", "")
         if raw.isdigit():
             return min(cap, float(raw))
-    return min(cap, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+    return min(cap, 0.05 * 2.0**attempt) * random.uniform(0.5, 1.0)
 
 
 def _should_retry(call: _Call[Any], exc: httpx.TransportError) -> bool:
