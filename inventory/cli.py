@@ -222,7 +222,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env().with_overrides(data_dir=args.data_dir)
     with servers(settings, redis=False) as settings:
-        ok = asyncio.run(run_check(settings.database_url or "", sys.stdout))
+        url = settings.database_url or ""
+        try:
+            ok = asyncio.run(run_check(url, sys.stdout))
+        except InventoryError as exc:
+            if exc.code == "unavailable":
+                raise database_error(url, exc) from None
+            raise
     return 0 if ok else 1
 
 
