@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from realtime.hub import Hub
+from realtime.keys import RedisKeys
 from realtime.relay import Relay
 from realtime.tasks import cancel_and_wait
 from realtime.ws import websocket_route
@@ -116,6 +117,8 @@ def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
 
     from .domain import Contention
 
+    names = RedisKeys(settings.redis_prefix)
+
     @contextlib.asynccontextmanager
     async def lock_products(products: Sequence[str]) -> AsyncIterator[None]:
         """Hold the products' locks around a write.
@@ -124,7 +127,7 @@ def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
         the write committed is only logged: the write was version-checked (the row
         version is the fence), and a 503 then would invite a retry that reserves twice.
         """
-        keys = [f"{settings.redis_prefix}:lock:{p}" for p in products]
+        keys = [names.lock_pair(p) for p in products]
         metrics.LOCK_WAITS.inc()
         lock = acquire_many(redis, keys, ttl=settings.lock_ttl, timeout=settings.lock_wait)
         try:

@@ -37,6 +37,7 @@ import logging
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from realtime.keys import RedisKeys
 from realtime.ports import Outbox, OutboxLease, StockChange
 from realtime.protocol import stock_from_change
 from realtime.tasks import cancel_and_wait
@@ -72,7 +73,7 @@ class Relay:
         self._redis = redis
         self._publish_all = redis.register_script(_PUBLISH_ALL)
         self._name = f"{prefix}:stock"
-        self._channel_prefix = f"{self._name}:"
+        self._keys = RedisKeys(prefix)
         self._poll_interval = poll_interval
         self._batch_size = batch_size
         self._campaign_interval = campaign_interval
@@ -162,5 +163,5 @@ class Relay:
     async def _publish(self, batch: list[StockChange]) -> None:
         args: list[str | bytes] = []
         for change in batch:
-            args += (self._channel_prefix + change.product_id, stock_from_change(change))
+            args += (self._keys.stock_channel(change.product_id), stock_from_change(change))
         await self._publish_all(args=args)

@@ -31,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 
 from inventory.embedded import EmbeddedValkey
 from inventory.store_feed import PgOutbox
+from realtime.keys import RedisKeys
 from realtime.relay import Relay
 
 Levels = dict[tuple[str, str], int]
@@ -500,7 +501,7 @@ async def channel_messages(
     """Every stock message of ``product`` published under ``namespace`` meanwhile."""
     redis = aioredis.Redis.from_url(redis_url)
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(f"{namespace}:stock:{product}")
+    await pubsub.subscribe(RedisKeys(namespace).stock_channel(product))
     received: list[dict[str, Any]] = []
 
     async def listen() -> None:
