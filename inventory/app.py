@@ -28,6 +28,7 @@ from starlette.websockets import WebSocket
 from realtime.hub import Hub
 from realtime.keys import RedisKeys
 from realtime.relay import Relay
+from realtime.sharded import RedisClient, redis_from_url
 from realtime.tasks import cancel_and_wait
 from realtime.ws import websocket_route
 
@@ -71,7 +72,7 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis: aioredis.Redis | None = None
+        self.redis: RedisClient | None = None
         self.service: InventoryService | None = None
         self.hub: Hub | None = None
         self.tasks: list[asyncio.Task[Any]] = []
@@ -112,7 +113,7 @@ async def _export_hub_stats(hub: Hub, interval: float = 1.0) -> None:
         await asyncio.sleep(interval)
 
 
-def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
+def _lock_factory(redis: RedisClient, settings: Settings) -> Any:
     from locks import LockError, LockNotAcquired, acquire_many
 
     from .domain import Contention
@@ -193,7 +194,7 @@ def create_app(settings: Settings) -> Starlette:
             max_size=settings.db_pool_max,
             timeout=settings.db_timeout,
         )
-        runtime.redis = aioredis.Redis.from_url(
+        runtime.redis = redis_from_url(
             settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
         )
         lock_products = None

@@ -50,8 +50,6 @@ from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from realtime.keys import RedisKeys
 from realtime.ports import LevelReader, LevelState
 from realtime.protocol import (
@@ -78,7 +76,7 @@ from realtime.session import (
     Transport,
     Update,
 )
-from realtime.subscriber import ChannelSubscriber
+from realtime.sharded import RedisClient, make_subscriber
 from realtime.tasks import cancel_and_wait
 
 __all__ = ["Hub", "HubSettings", "HubStats"]
@@ -129,7 +127,7 @@ class Hub:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         levels: LevelReader,
         *,
         prefix: str = "inventory",
@@ -140,7 +138,7 @@ class Hub:
         self._session_settings = self.settings.session()
         self._levels = levels
         self._keys = RedisKeys(prefix)
-        self._subscriber = ChannelSubscriber(
+        self._subscriber = make_subscriber(
             redis,
             self,
             health_interval=self.settings.redis_health_interval,

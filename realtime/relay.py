@@ -23,6 +23,9 @@ Policy:
   script ~2.6 us; measured on the hot-SKU path, where every reservation is a message).
   Redis runs the batch atomically: other clients wait for it, about a microsecond per
   message.
+* Redis Cluster: the batch goes out as ``SPUBLISH`` commands in one pipeline, one write
+  per shard (:func:`realtime.sharded.publish_sharded`); a script cannot publish to
+  channels of several slots.
 * Redis down: writers are never blocked or failed (nothing Redis-related is on the write
   path). The leader keeps the fetched batch and its cursor and retries with capped
   backoff; the backlog is published in order when Redis returns.
@@ -34,12 +37,13 @@ import asyncio
 import contextlib
 import logging
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from realtime.keys import RedisKeys
 from realtime.ports import Outbox, OutboxLease, StockChange
 from realtime.protocol import stock_from_change
+from realtime.sharded import RedisClient, publish_sharded
 from realtime.tasks import cancel_and_wait
 
 __all__ = ["Relay"]
@@ -61,7 +65,7 @@ class Relay:
     def __init__(
         self,
         outbox: Outbox,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         prefix: str = "inventory",
         poll_interval: float = 0.01,
@@ -161,6 +165,11 @@ class Relay:
                     await self._wake.wait()
 
     async def _publish(self, batch: list[StockChange]) -> None:
+        if isinstance(self._redis, RedisCluster):
+            channel = self._keys.stock_channel
+            pairs = [(channel(c.product_id), stock_from_change(c)) for c in batch]
+            await publish_sharded(self._redis, pairs)
+            return
         args: list[str | bytes] = []
         for change in batch:
             args += (self._keys.stock_channel(change.product_id), stock_from_change(change))

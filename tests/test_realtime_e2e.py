@@ -25,7 +25,7 @@ import httpx
 import orjson
 import psutil
 import pytest
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -33,6 +33,7 @@ from inventory.embedded import EmbeddedValkey
 from inventory.store_feed import PgOutbox
 from realtime.keys import RedisKeys
 from realtime.relay import Relay
+from realtime.sharded import redis_from_url
 
 Levels = dict[tuple[str, str], int]
 
@@ -145,6 +146,16 @@ def valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def server_redis_url(any_redis_url: str) -> str:
+    """Every server test here runs on single-node Redis and on a 3-master Redis Cluster
+    (sharded pub/sub), except those pinned to ``single`` (they stop their own Valkey)."""
+    return any_redis_url
+
+
+single_only = pytest.mark.parametrize("any_redis_url", ["single"], indirect=True)
 
 
 @contextlib.asynccontextmanager
@@ -291,6 +302,7 @@ async def test_bad_input_answers_error_and_keeps_the_connection(server_factory: 
 # --- disturbances ---------------------------------------------------------------------
 
 
+@single_only
 async def test_redis_restart_resyncs_every_client(
     server_factory: Any, db_pool: asyncpg.Pool, valkey: EmbeddedValkey
 ) -> None:
@@ -324,6 +336,7 @@ async def test_redis_restart_resyncs_every_client(
         await asyncio.gather(*(c.converge(expected, timeout=2.0) for c in clients))
 
 
+@single_only
 async def test_change_survives_kill_of_the_writing_process(
     server_factory: Any, db_pool: asyncpg.Pool, valkey: EmbeddedValkey
 ) -> None:
@@ -360,6 +373,7 @@ async def scrape(http: httpx.AsyncClient, name: str) -> float:
 
 
 @pytest.mark.slow
+@single_only
 async def test_clients_that_never_read_do_not_grow_server_memory(
     server_factory: Any, db_pool: asyncpg.Pool, database_url: str
 ) -> None:
@@ -499,14 +513,24 @@ async def channel_messages(
     redis_url: str, namespace: str, product: str
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """Every stock message of ``product`` published under ``namespace`` meanwhile."""
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = redis_from_url(redis_url)
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(RedisKeys(namespace).stock_channel(product))
+    channel = RedisKeys(namespace).stock_channel(product)
     received: list[dict[str, Any]] = []
+    if isinstance(redis, RedisCluster):  # sharded pub/sub, as the relay publishes there
+        await pubsub.ssubscribe(channel)
 
-    async def listen() -> None:
-        async for message in pubsub.listen():
-            received.append(orjson.loads(message["data"]))
+        async def listen() -> None:
+            while True:
+                message = await pubsub.get_sharded_message(True, timeout=1.0)
+                if message is not None:
+                    received.append(orjson.loads(message["data"]))
+    else:
+        await pubsub.subscribe(channel)
+
+        async def listen() -> None:
+            async for message in pubsub.listen():
+                received.append(orjson.loads(message["data"]))
 
     task = asyncio.create_task(listen())
     try:
@@ -532,7 +556,7 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float
 @contextlib.asynccontextmanager
 async def running_relay(database_url: str, redis_url: str, namespace: str) -> AsyncIterator[Relay]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = redis_from_url(redis_url)
     relay = Relay(PgOutbox(pool), redis, prefix=namespace)
     await relay.start()
     try:
@@ -544,7 +568,7 @@ async def running_relay(database_url: str, redis_url: str, namespace: str) -> As
 
 
 async def test_relay_waits_for_older_transactions_and_keeps_order(
-    database_url: str, redis_url: str
+    database_url: str, any_redis_url: str
 ) -> None:
     """Ids commit out of order: the younger transaction's row must wait for the older one,
     else a cursor past it would skip the older row for good."""
@@ -553,8 +577,8 @@ async def test_relay_waits_for_older_transactions_and_keeps_order(
     older, younger = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
     try:
         async with (
-            channel_messages(redis_url, namespace, product) as published,
-            running_relay(database_url, redis_url, namespace) as relay,
+            channel_messages(any_redis_url, namespace, product) as published,
+            running_relay(database_url, any_redis_url, namespace) as relay,
         ):
             await eventually(lambda: relay.leader, 5)
             first = older.transaction()
@@ -616,18 +640,18 @@ async def test_relay_keeps_its_cursor_while_redis_is_down(
 
 
 async def test_relay_leadership_moves_when_the_leader_stops(
-    database_url: str, redis_url: str
+    database_url: str, any_redis_url: str
 ) -> None:
     namespace = unique("rt-relay")
     product = unique("rt-sku")
     conn = await asyncpg.connect(database_url)
     try:
         async with (
-            channel_messages(redis_url, namespace, product) as published,
-            running_relay(database_url, redis_url, namespace) as first,
+            channel_messages(any_redis_url, namespace, product) as published,
+            running_relay(database_url, any_redis_url, namespace) as first,
         ):
             await eventually(lambda: first.leader, 5)
-            async with running_relay(database_url, redis_url, namespace) as second:
+            async with running_relay(database_url, any_redis_url, namespace) as second:
                 await asyncio.sleep(0.2)
                 assert not second.leader  # one leader per database and namespace
                 await write_change(conn, product, "w1")
