@@ -9,8 +9,8 @@ capacity. ``SPUBLISH`` goes to the shard that owns the channel's slot only, and
 ``SSUBSCRIBE`` must be sent to that shard. Stock channels carry their product's hash tag
 (:mod:`realtime.keys`), so the load spreads over the shards by product.
 
-Publishing (:func:`publish_sharded`): one pipeline per batch; redis-py groups the
-``SPUBLISH`` commands by node and sends each group in one write, following ``MOVED``.
+Publishing (:func:`publish_sharded`): the batch's ``SPUBLISH`` commands grouped by the
+node owning each channel's slot, one packed write per node.
 
 Subscribing (:class:`ShardedSubscriber`): one :class:`~realtime.subscriber.ChannelSubscriber`
 per primary in sharded mode, each channel routed to the node owning its slot. The
@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisError, ResponseError
 
 from realtime.subscriber import ChannelSubscriber, SubscriberListener
 from realtime.tasks import cancel_and_wait
@@ -77,11 +78,47 @@ def redis_from_url(url: str, **kwargs: Any) -> RedisClient:
 
 
 async def publish_sharded(redis: RedisCluster, messages: Sequence[tuple[str, bytes]]) -> None:
-    """``SPUBLISH`` each ``(channel, message)``, in order per channel, one pipeline."""
-    async with redis.pipeline(transaction=False) as pipe:
-        for channel, message in messages:
-            pipe.execute_command("SPUBLISH", channel, message)
-        await pipe.execute()
+    """``SPUBLISH`` each ``(channel, message)``: one packed write per shard, in order per
+    channel, shards in parallel.
+
+    Measured at 200 messages a batch on 3 shards: redis-py's cluster pipeline spent
+    ~19 us of CPU per message, this ~12 us (a loaded machine). Any failure (a ``MOVED`` after resharding, a
+    lost node) re-reads the slot map and raises: the relay retries the batch, and the
+    hubs drop what was already delivered by its version.
+    """
+    nodes = redis.nodes_manager
+    groups: dict[str, tuple[ClusterNode, list[tuple[str, str, bytes]]]] = {}
+    for channel, message in messages:
+        node = nodes.get_node_from_slot(key_slot(channel.encode()))
+        group = groups.get(node.name)
+        if group is None:
+            group = groups[node.name] = (node, [])
+        group[1].append(("SPUBLISH", channel, message))
+    try:
+        await asyncio.gather(*(_send_all(node, commands) for node, commands in groups.values()))
+    except (RedisError, OSError):
+        with contextlib.suppress(RedisError, OSError):
+            await nodes.initialize()
+        raise
+
+
+async def _send_all(node: ClusterNode, commands: list[tuple[str, str, bytes]]) -> None:
+    connection = node.acquire_connection()
+    try:
+        await connection.send_packed_command(connection.pack_commands(commands))
+        failed: ResponseError | None = None
+        for _ in commands:
+            try:
+                await connection.read_response()
+            except ResponseError as exc:  # MOVED: the connection itself is fine
+                failed = failed or exc
+    except BaseException:
+        await connection.disconnect()  # replies may be pending: never reuse it
+        raise
+    finally:
+        node.release(connection)
+    if failed is not None:
+        raise failed
 
 
 class _Relay:
