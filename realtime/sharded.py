@@ -86,6 +86,7 @@ async def publish_sharded(redis: RedisCluster, messages: Sequence[tuple[str, byt
     lost node) re-reads the slot map and raises: the relay retries the batch, and the
     hubs drop what was already delivered by its version.
     """
+    await redis.initialize()  # the slot map, once per client (a no-op afterwards)
     nodes = redis.nodes_manager
     groups: dict[str, tuple[ClusterNode, list[tuple[str, str, bytes]]]] = {}
     for channel, message in messages:
