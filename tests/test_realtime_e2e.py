@@ -25,7 +25,10 @@ import httpx
 import orjson
 import psutil
 import pytest
+import redis
+import redis.cluster
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -34,6 +37,7 @@ from inventory.store_feed import PgOutbox
 from realtime.keys import RedisKeys
 from realtime.relay import Relay
 from realtime.sharded import redis_from_url
+from tests.cluster import LocalCluster
 
 Levels = dict[tuple[str, str], int]
 
@@ -251,6 +255,50 @@ async def test_change_through_one_server_is_seen_on_another(server_factory: Any)
             version,
             7,
         )
+
+
+def move_slot(cluster: LocalCluster, channel: str) -> None:
+    """Migrate the slot of ``channel`` (holding no keys) to another master, the way a
+    resharding does (IMPORTING/MIGRATING, then SETSLOT NODE on every node)."""
+    slot = key_slot(channel.encode())
+    nodes = {port: redis.Redis(port=port) for port in cluster.ports}
+    try:
+        with redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.ports[0]) as client:
+            source = int(client.nodes_manager.get_node_from_slot(slot).port)
+        target = next(port for port in cluster.ports if port != source)
+        ids = {port: node.execute_command("CLUSTER MYID") for port, node in nodes.items()}
+        nodes[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+        nodes[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+        assert nodes[source].execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+        for port in (target, source, *(p for p in nodes if p not in (source, target))):
+            nodes[port].execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+@pytest.mark.parametrize("any_redis_url", ["cluster"], indirect=True)
+async def test_stream_follows_a_slot_migration(server_factory: Any, db_pool: asyncpg.Pool) -> None:
+    """A product's channel slot moves to another shard while a client is subscribed
+    (server-side SUNSUBSCRIBE on the old owner): the hub re-reads the slot map,
+    subscribes on the new owner and resyncs, so later updates still arrive."""
+    cluster = await asyncio.to_thread(LocalCluster(3).__enter__)
+    try:
+        namespace = unique("rt-move")
+        server = await server_factory(
+            env={"INVENTORY_REDIS_URL": cluster.url, "INVENTORY_REDIS_PREFIX": namespace}
+        )
+        product, warehouse = unique("rt-sku"), unique("rt-wh")
+        async with http_client(server.base_url) as http, WsClient.open(server.ws_url) as client:
+            await put_warehouse(http, warehouse)
+            await adjust(http, product, warehouse, 5)
+            await client.subscribe([product])
+            await asyncio.to_thread(move_slot, cluster, RedisKeys(namespace).stock_channel(product))
+            for _ in range(3):
+                await adjust(http, product, warehouse, 1)
+                await client.converge(await truth(db_pool, [product]), timeout=5.0)
+    finally:
+        await asyncio.to_thread(cluster.stop)
 
 
 async def test_bad_input_answers_error_and_keeps_the_connection(server_factory: Any) -> None:
