@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
@@ -20,6 +20,7 @@ from realtime.keys import RedisKeys
 ids = st.text(alphabet="abAB09._:-%{}/ é", min_size=1, max_size=40)
 
 
+@settings(deadline=None)
 @given(a=ids, b=ids)
 def test_names_of_different_products_or_kinds_never_collide(a: str, b: str) -> None:
     keys = RedisKeys("inventory")
@@ -31,6 +32,7 @@ def test_names_of_different_products_or_kinds_never_collide(a: str, b: str) -> N
         assert not names_a & names_b
 
 
+@settings(deadline=None)
 @given(product=ids)
 def test_a_products_names_share_one_slot_and_the_channel_decodes(product: str) -> None:
     keys = RedisKeys("inventory")
