@@ -320,17 +320,20 @@ ServerFactory = Callable[..., Awaitable[ServerProcess]]
 
 @pytest.fixture
 async def server_factory(
-    database_url: str, server_redis_url: str, redis_prefix: str
+    database_url: str, redis_url: str, server_redis_url: str, redis_prefix: str
 ) -> AsyncIterator[ServerFactory]:
     """``await server_factory(env={...})`` starts a server; all are stopped at test end."""
     started: list[ServerProcess] = []
+    # The relay lease is per database and prefix: servers on another Redis (the cluster)
+    # take their own prefix, or the session app's relay would lead and publish elsewhere.
+    prefix = redis_prefix if server_redis_url == redis_url else f"{redis_prefix}-other"
 
     async def start(env: dict[str, str] | None = None) -> ServerProcess:
         full = {
             **os.environ,
             "INVENTORY_DATABASE_URL": database_url,
             "INVENTORY_REDIS_URL": server_redis_url,
-            "INVENTORY_REDIS_PREFIX": redis_prefix,
+            "INVENTORY_REDIS_PREFIX": prefix,
             "INVENTORY_SWEEP_INTERVAL": "0.1",
             "INVENTORY_TOKENS": "",
             **(env or {}),
