@@ -25,7 +25,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from realtime.hub import Hub, HubSettings
+from realtime.keys import RedisKeys
 from realtime.relay import Relay
+from realtime.sharded import RedisClient, redis_from_url
 from realtime.sse import sse_route
 from realtime.tasks import cancel_and_wait
 from realtime.tickets import TicketStore
@@ -75,7 +77,7 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis: aioredis.Redis | None = None
+        self.redis: RedisClient | None = None
         self.service: InventoryService | None = None
         self.hub: Hub | None = None
         self.tickets: TicketStore | None = None
@@ -122,10 +124,12 @@ async def _export_hub_stats(hub: Hub, interval: float = 1.0) -> None:
         await asyncio.sleep(interval)
 
 
-def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
+def _lock_factory(redis: RedisClient, settings: Settings) -> Any:
     from locks import LockError, LockNotAcquired, acquire_many
 
     from .domain import Contention
+
+    names = RedisKeys(settings.redis_prefix)
 
     @contextlib.asynccontextmanager
     async def lock_products(products: Sequence[str]) -> AsyncIterator[None]:
@@ -135,7 +139,7 @@ def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
         the write committed is only logged: the write was version-checked (the row
         version is the fence), and a 503 then would invite a retry that reserves twice.
         """
-        keys = [f"{settings.redis_prefix}:lock:{p}" for p in products]
+        keys = [names.lock_pair(p) for p in products]
         metrics.LOCK_WAITS.inc()
         lock = acquire_many(redis, keys, ttl=settings.lock_ttl, timeout=settings.lock_wait)
         try:
@@ -206,7 +210,7 @@ def create_app(settings: Settings) -> Starlette:
             max_size=settings.db_pool_max,
             timeout=settings.db_timeout,
         )
-        runtime.redis = aioredis.Redis.from_url(
+        runtime.redis = redis_from_url(
             settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
         )
         lock_products = None

@@ -11,7 +11,7 @@ hot-SKU fast path and group commit for the rest). Multi-line reservations use on
     ``retry_attempts`` times and within ``retry_deadline`` seconds, then answers
     :class:`~inventory.domain.Contention` (503 with ``Retry-After``).
 ``lock``
-    Take a Redis lock per product (sorted, ``{prefix}:lock:{product_id}``) around the
+    Take a Redis lock per product (sorted, :meth:`realtime.keys.RedisKeys.lock`) around the
     same version-checked write: the lock removes most lost races, the version check stays
     the fence against a holder whose lock expired.
 """

@@ -23,6 +23,9 @@ Policy:
   script ~2.6 us; measured on the hot-SKU path, where every reservation is a message).
   Redis runs the batch atomically: other clients wait for it, about a microsecond per
   message.
+* Redis Cluster: the batch goes out as ``SPUBLISH`` commands in one pipeline, one write
+  per shard (:func:`realtime.sharded.publish_sharded`); a script cannot publish to
+  channels of several slots.
 * Redis down: writers are never blocked or failed (nothing Redis-related is on the write
   path). The leader keeps the fetched batch and its cursor and retries with capped
   backoff; the backlog is published in order when Redis returns.
@@ -34,11 +37,13 @@ import asyncio
 import contextlib
 import logging
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from realtime.keys import RedisKeys
 from realtime.ports import Outbox, OutboxLease, StockChange
 from realtime.protocol import stock_from_change
+from realtime.sharded import RedisClient, publish_sharded
 from realtime.tasks import cancel_and_wait
 
 __all__ = ["Relay"]
@@ -60,7 +65,7 @@ class Relay:
     def __init__(
         self,
         outbox: Outbox,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         prefix: str = "inventory",
         poll_interval: float = 0.01,
@@ -72,7 +77,7 @@ class Relay:
         self._redis = redis
         self._publish_all = redis.register_script(_PUBLISH_ALL)
         self._name = f"{prefix}:stock"
-        self._channel_prefix = f"{self._name}:"
+        self._keys = RedisKeys(prefix)
         self._poll_interval = poll_interval
         self._batch_size = batch_size
         self._campaign_interval = campaign_interval
@@ -160,7 +165,12 @@ class Relay:
                     await self._wake.wait()
 
     async def _publish(self, batch: list[StockChange]) -> None:
+        if isinstance(self._redis, RedisCluster):
+            channel = self._keys.stock_channel
+            pairs = [(channel(c.product_id), stock_from_change(c)) for c in batch]
+            await publish_sharded(self._redis, pairs)
+            return
         args: list[str | bytes] = []
         for change in batch:
-            args += (self._channel_prefix + change.product_id, stock_from_change(change))
+            args += (self._keys.stock_channel(change.product_id), stock_from_change(change))
         await self._publish_all(args=args)

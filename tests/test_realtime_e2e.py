@@ -25,13 +25,19 @@ import httpx
 import orjson
 import psutil
 import pytest
-import redis.asyncio as aioredis
+import redis
+import redis.cluster
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from inventory.embedded import EmbeddedValkey
 from inventory.store_feed import PgOutbox
+from realtime.keys import RedisKeys
 from realtime.relay import Relay
+from realtime.sharded import redis_from_url
+from tests.cluster import LocalCluster
 
 Levels = dict[tuple[str, str], int]
 
@@ -146,6 +152,16 @@ def valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
     server.stop()
 
 
+@pytest.fixture
+def server_redis_url(any_redis_url: str) -> str:
+    """Every server test here runs on single-node Redis and on a 3-master Redis Cluster
+    (sharded pub/sub), except those pinned to ``single`` (they stop their own Valkey)."""
+    return any_redis_url
+
+
+single_only = pytest.mark.parametrize("any_redis_url", ["single"], indirect=True)
+
+
 @contextlib.asynccontextmanager
 async def http_client(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
@@ -241,6 +257,50 @@ async def test_change_through_one_server_is_seen_on_another(server_factory: Any)
         )
 
 
+def move_slot(cluster: LocalCluster, channel: str) -> None:
+    """Migrate the slot of ``channel`` (holding no keys) to another master, the way a
+    resharding does (IMPORTING/MIGRATING, then SETSLOT NODE on every node)."""
+    slot = key_slot(channel.encode())
+    nodes = {port: redis.Redis(port=port) for port in cluster.ports}
+    try:
+        with redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.ports[0]) as client:
+            source = int(client.nodes_manager.get_node_from_slot(slot).port)
+        target = next(port for port in cluster.ports if port != source)
+        ids = {port: node.execute_command("CLUSTER MYID") for port, node in nodes.items()}
+        nodes[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+        nodes[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+        assert nodes[source].execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+        for port in (target, source, *(p for p in nodes if p not in (source, target))):
+            nodes[port].execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+@pytest.mark.parametrize("any_redis_url", ["cluster"], indirect=True)
+async def test_stream_follows_a_slot_migration(server_factory: Any, db_pool: asyncpg.Pool) -> None:
+    """A product's channel slot moves to another shard while a client is subscribed
+    (server-side SUNSUBSCRIBE on the old owner): the hub re-reads the slot map,
+    subscribes on the new owner and resyncs, so later updates still arrive."""
+    cluster = await asyncio.to_thread(LocalCluster(3).__enter__)
+    try:
+        namespace = unique("rt-move")
+        server = await server_factory(
+            env={"INVENTORY_REDIS_URL": cluster.url, "INVENTORY_REDIS_PREFIX": namespace}
+        )
+        product, warehouse = unique("rt-sku"), unique("rt-wh")
+        async with http_client(server.base_url) as http, WsClient.open(server.ws_url) as client:
+            await put_warehouse(http, warehouse)
+            await adjust(http, product, warehouse, 5)
+            await client.subscribe([product])
+            await asyncio.to_thread(move_slot, cluster, RedisKeys(namespace).stock_channel(product))
+            for _ in range(3):
+                await adjust(http, product, warehouse, 1)
+                await client.converge(await truth(db_pool, [product]), timeout=5.0)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
 async def test_bad_input_answers_error_and_keeps_the_connection(server_factory: Any) -> None:
     server = await server_factory()
     product = unique("rt-sku")
@@ -290,6 +350,7 @@ async def test_bad_input_answers_error_and_keeps_the_connection(server_factory: 
 # --- disturbances ---------------------------------------------------------------------
 
 
+@single_only
 async def test_redis_restart_resyncs_every_client(
     server_factory: Any, db_pool: asyncpg.Pool, valkey: EmbeddedValkey
 ) -> None:
@@ -323,6 +384,7 @@ async def test_redis_restart_resyncs_every_client(
         await asyncio.gather(*(c.converge(expected, timeout=2.0) for c in clients))
 
 
+@single_only
 async def test_change_survives_kill_of_the_writing_process(
     server_factory: Any, db_pool: asyncpg.Pool, valkey: EmbeddedValkey
 ) -> None:
@@ -359,6 +421,7 @@ async def scrape(http: httpx.AsyncClient, name: str) -> float:
 
 
 @pytest.mark.slow
+@single_only
 async def test_clients_that_never_read_do_not_grow_server_memory(
     server_factory: Any, db_pool: asyncpg.Pool, database_url: str
 ) -> None:
@@ -498,14 +561,24 @@ async def channel_messages(
     redis_url: str, namespace: str, product: str
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """Every stock message of ``product`` published under ``namespace`` meanwhile."""
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = redis_from_url(redis_url)
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(f"{namespace}:stock:{product}")
+    channel = RedisKeys(namespace).stock_channel(product)
     received: list[dict[str, Any]] = []
+    if isinstance(redis, RedisCluster):  # sharded pub/sub, as the relay publishes there
+        await pubsub.ssubscribe(channel)
 
-    async def listen() -> None:
-        async for message in pubsub.listen():
-            received.append(orjson.loads(message["data"]))
+        async def listen() -> None:
+            while True:
+                message = await pubsub.get_sharded_message(True, timeout=1.0)
+                if message is not None:
+                    received.append(orjson.loads(message["data"]))
+    else:
+        await pubsub.subscribe(channel)
+
+        async def listen() -> None:
+            async for message in pubsub.listen():
+                received.append(orjson.loads(message["data"]))
 
     task = asyncio.create_task(listen())
     try:
@@ -531,7 +604,7 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float
 @contextlib.asynccontextmanager
 async def running_relay(database_url: str, redis_url: str, namespace: str) -> AsyncIterator[Relay]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = redis_from_url(redis_url)
     relay = Relay(PgOutbox(pool), redis, prefix=namespace)
     await relay.start()
     try:
@@ -543,7 +616,7 @@ async def running_relay(database_url: str, redis_url: str, namespace: str) -> As
 
 
 async def test_relay_waits_for_older_transactions_and_keeps_order(
-    database_url: str, redis_url: str
+    database_url: str, any_redis_url: str
 ) -> None:
     """Ids commit out of order: the younger transaction's row must wait for the older one,
     else a cursor past it would skip the older row for good."""
@@ -552,8 +625,8 @@ async def test_relay_waits_for_older_transactions_and_keeps_order(
     older, younger = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
     try:
         async with (
-            channel_messages(redis_url, namespace, product) as published,
-            running_relay(database_url, redis_url, namespace) as relay,
+            channel_messages(any_redis_url, namespace, product) as published,
+            running_relay(database_url, any_redis_url, namespace) as relay,
         ):
             await eventually(lambda: relay.leader, 5)
             first = older.transaction()
@@ -615,18 +688,18 @@ async def test_relay_keeps_its_cursor_while_redis_is_down(
 
 
 async def test_relay_leadership_moves_when_the_leader_stops(
-    database_url: str, redis_url: str
+    database_url: str, any_redis_url: str
 ) -> None:
     namespace = unique("rt-relay")
     product = unique("rt-sku")
     conn = await asyncpg.connect(database_url)
     try:
         async with (
-            channel_messages(redis_url, namespace, product) as published,
-            running_relay(database_url, redis_url, namespace) as first,
+            channel_messages(any_redis_url, namespace, product) as published,
+            running_relay(database_url, any_redis_url, namespace) as first,
         ):
             await eventually(lambda: first.leader, 5)
-            async with running_relay(database_url, redis_url, namespace) as second:
+            async with running_relay(database_url, any_redis_url, namespace) as second:
                 await asyncio.sleep(0.2)
                 assert not second.leader  # one leader per database and namespace
                 await write_change(conn, product, "w1")
