@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket
 
 from realtime.hub import Hub
 from realtime.relay import Relay
-from realtime.tasks import cancel_and_wait
+from realtime.tasks import cancel_and_wait, set_restart_hook, spawn
 from realtime.ws import websocket_route
 
 from . import metrics
@@ -73,6 +73,7 @@ class Runtime:
         self.redis: aioredis.Redis | None = None
         self.service: InventoryService | None = None
         self.hub: Hub | None = None
+        self.relay: Relay | None = None
         self.tasks: list[asyncio.Task[Any]] = []
 
     def get_service(self) -> InventoryService:
@@ -160,7 +161,7 @@ def create_app(settings: Settings) -> Starlette:
     async def ready(request: Request) -> Response:
         if not settings.ready_public:
             auth.check(bearer(request.headers), "read")
-        checks = {"postgres": False, "redis": False}
+        checks = {"postgres": False, "redis": False, "relay": False}
         service = runtime.service
         if service is not None:
             with contextlib.suppress(InventoryError, OSError):
@@ -170,6 +171,9 @@ def create_app(settings: Settings) -> Starlette:
             with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
                 await asyncio.wait_for(runtime.redis.ping(), 2)
                 checks["redis"] = True
+        if runtime.relay is not None:  # some process leads the relay for this redis
+            with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
+                checks["relay"] = await asyncio.wait_for(runtime.relay.lease_held(), 2)
         ok = all(checks.values())
         return json_response(
             {"status": "ready" if ok else "unavailable", "checks": checks}, 200 if ok else 503
@@ -196,7 +200,8 @@ def create_app(settings: Settings) -> Starlette:
         lock_products = None
         if settings.reserve_strategy == "lock":
             lock_products = _lock_factory(runtime.redis, settings)
-        relay = Relay(
+        set_restart_hook(lambda name: metrics.TASK_RESTARTS.labels(name).inc())
+        relay = runtime.relay = Relay(
             PgOutbox(store.pool),
             runtime.redis,
             prefix=settings.redis_prefix,
@@ -220,7 +225,7 @@ def create_app(settings: Settings) -> Starlette:
         runtime.service = service
         await hub.start()
         await relay.start()
-        runtime.tasks.append(asyncio.create_task(_export_hub_stats(hub), name="hub-metrics"))
+        runtime.tasks.append(spawn("hub-metrics", lambda: _export_hub_stats(hub)))
         runtime.tasks.append(
             asyncio.create_task(
                 service.run_sweeper(

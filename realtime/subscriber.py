@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from realtime.tasks import cancel_and_wait
+from realtime.tasks import cancel_and_wait, spawn
 
 __all__ = ["ChannelSubscriber", "SubscriberListener"]
 
@@ -84,7 +84,7 @@ class ChannelSubscriber:
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="realtime-subscriber")
+            self._task = spawn("realtime-subscriber", self._run)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
