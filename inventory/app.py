@@ -1,8 +1,9 @@
 """App factory: wires settings, the store, Redis, the service, realtime and routes.
 
 One :func:`create_app` per server process. Its lifespan opens the PostgreSQL pool and
-the Redis client, starts the expiry sweeper (and the realtime relay and hub), and closes
-them all in reverse order on shutdown.
+the Redis client, starts the expiry sweeper, the idempotency purge, the realtime relay
+and hub (each background loop supervised: restarted if it ends), and closes them all in
+reverse order on shutdown.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import gc
 import logging
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from . import metrics
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
+from .expiry import Expiry
 from .middleware import RequestMiddleware
 from .openapi import openapi_document
 from .service import InventoryService, RetryPolicy
@@ -74,6 +76,7 @@ class Runtime:
         self.service: InventoryService | None = None
         self.hub: Hub | None = None
         self.relay: Relay | None = None
+        self.expiry: Expiry | None = None
         self.tasks: list[asyncio.Task[Any]] = []
 
     def get_service(self) -> InventoryService:
@@ -226,13 +229,18 @@ def create_app(settings: Settings) -> Starlette:
         await hub.start()
         await relay.start()
         runtime.tasks.append(spawn("hub-metrics", lambda: _export_hub_stats(hub)))
+
+        def released(products: Iterable[str]) -> None:
+            for product_id in products:  # stock came back: stop refusing it from memory
+                service.single_line.forget(product_id)
+            service.on_change()
+
+        expiry = runtime.expiry = Expiry(store, batch=settings.sweep_batch, on_released=released)
         runtime.tasks.append(
-            asyncio.create_task(
-                service.run_sweeper(
-                    settings.sweep_interval, settings.sweep_batch, settings.idempotency_ttl_hours
-                ),
-                name="expiry-sweeper",
-            )
+            spawn("expiry-sweeper", lambda: expiry.run_sweeper(settings.sweep_interval))
+        )
+        runtime.tasks.append(
+            spawn("idempotency-purge", lambda: expiry.run_purge(settings.idempotency_ttl_hours))
         )
         try:
             yield
