@@ -44,10 +44,7 @@ async def _seed(url: str, reservations: int) -> None:
     try:
         await service.put_warehouse(Warehouse("w0", "w0", None, WarehouseStatus.ACTIVE))
         await asyncio.gather(
-            *(
-                service.change_stock(f"p{p}", "w0", quantity=reservations)
-                for p in range(PRODUCTS)
-            )
+            *(service.change_stock(f"p{p}", "w0", quantity=reservations) for p in range(PRODUCTS))
         )
         for start in range(0, reservations, 256):
             await asyncio.gather(
