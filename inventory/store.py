@@ -1,4 +1,4 @@
-"""PostgreSQL store: the only module with SQL (with :mod:`inventory.store_feed`).
+"""PostgreSQL store: SQL and error translation (also in :mod:`.store_feed`, :mod:`.expiry`).
 
 Returns domain objects and raises domain errors: asyncpg's exceptions never leave this
 module. Connection failures become :class:`~inventory.domain.Unavailable` (503), a lost

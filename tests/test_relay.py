@@ -141,3 +141,32 @@ async def test_ready_reports_a_deployment_without_a_relay_leader(
 
 async def _is(answer: Any, code: int) -> bool:
     return bool((await answer)[0] == code)
+
+
+async def test_relay_follows_a_new_redis_id(scratch_database: str, redis_url: str) -> None:
+    """Redis came back with another id (e.g. a restart without persistence, where another
+    process asked first): the leader steps down and leads again under the new name, on a
+    cursor of its own."""
+    namespace, product = unique("rt-id"), unique("rt-sku")
+    pool = await asyncpg.create_pool(scratch_database, min_size=1, max_size=2)
+    redis = aioredis.Redis.from_url(redis_url)
+    writer = await asyncpg.connect(scratch_database)
+    relay = Relay(PgOutbox(pool), redis, prefix=namespace, campaign_interval=0.1)
+    try:
+        async with channel_messages(redis_url, namespace, product) as published:
+            await relay.start()
+            await wait_until(lambda: relay.leader, 5, "the relay to lead")
+            first = relay.lease_name
+            await redis.set(relay_keys(namespace)[0], "another")
+            await wait_until(
+                lambda: relay.lease_name == f"{namespace}:stock@another", 5, "a new name"
+            )
+            await wait_until(lambda: relay.leader, 5, "the relay to lead again")
+            assert first != relay.lease_name
+            await write_change(writer, product, "w1")
+            await wait_until(lambda: len(published) == 1, 3, "the change published")
+    finally:
+        await relay.stop()
+        await writer.close()
+        await redis.aclose()
+        await pool.close()
