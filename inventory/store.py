@@ -85,6 +85,10 @@ _CONNECTION_ERRORS = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
+    # A pooled session the server terminated can fail its next command with "cannot
+    # switch to state ...; another operation is in progress" before asyncpg has noticed
+    # the connection is gone (seen when every session of the database was killed).
+    asyncpg.InternalClientError,
 )
 
 
