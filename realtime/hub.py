@@ -77,7 +77,7 @@ from realtime.session import (
     Update,
 )
 from realtime.sharded import RedisClient, make_subscriber
-from realtime.tasks import cancel_and_wait
+from realtime.tasks import cancel_and_wait, spawn
 
 __all__ = ["MAX_CONNECTIONS", "Hub", "HubFull", "HubSettings", "HubStats"]
 
@@ -167,8 +167,8 @@ class Hub:
     async def start(self) -> None:
         await self._subscriber.start()
         self._tasks = [
-            asyncio.create_task(self._resync_loop(), name="realtime-hub-resync"),
-            asyncio.create_task(self._reap_loop(), name="realtime-hub-reaper"),
+            spawn("realtime-hub-resync", self._resync_loop),
+            spawn("realtime-hub-reaper", self._reap_loop),
         ]
 
     async def stop(self) -> None:

@@ -47,7 +47,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from realtime.tasks import cancel_and_wait
+from realtime.tasks import cancel_and_wait, spawn
 
 __all__ = ["ChannelSubscriber", "SubscriberListener"]
 
@@ -107,7 +107,7 @@ class ChannelSubscriber:
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="realtime-subscriber")
+            self._task = spawn("realtime-subscriber", self._run)
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -385,31 +385,47 @@ async def test_redis_restart_resyncs_every_client(
 
 
 @single_only
-async def test_change_survives_kill_of_the_writing_process(
+async def test_each_redis_gets_its_own_relay_leader(
     server_factory: Any, db_pool: asyncpg.Pool, valkey: EmbeddedValkey
 ) -> None:
-    """B commits while its relay cannot publish (its Redis is gone), then is SIGKILLed:
-    the relay leadership moves to A, which publishes from the durable cursor."""
-    namespace = unique("rt-kill")
-    writer = await server_factory(
+    """Two processes on one database and prefix but different Redis servers: each Redis
+    has its own relay leader and stream (the lease and cursor are per database and
+    Redis). Changes written through either process reach subscribers of both, also
+    while the other Redis is down and after its process was SIGKILLed."""
+    namespace = unique("rt-redis")
+    other = await server_factory(
         env={"INVENTORY_REDIS_URL": valkey.url, "INVENTORY_REDIS_PREFIX": namespace}
-    )  # started first: its relay leads this namespace
-    reader = await server_factory(env={"INVENTORY_REDIS_PREFIX": namespace})
+    )  # started first: under a prefix-only lease it would lead for both
+    main = await server_factory(env={"INVENTORY_REDIS_PREFIX": namespace})
     products = [unique("rt-sku") for _ in range(3)]
     warehouse = unique("rt-wh")
-    async with http_client(writer.base_url) as http, WsClient.open(reader.ws_url) as client:
+    async with (
+        http_client(other.base_url) as http,
+        http_client(main.base_url) as main_http,
+        WsClient.open(main.ws_url) as client,
+        WsClient.open(other.ws_url) as other_client,
+    ):
+        for server_http in (http, main_http):
+            body = (await server_http.get("/ready")).json()
+            assert body["checks"]["relay"] is True, body
         await put_warehouse(http, warehouse)
         for product in products:
             await adjust(http, product, warehouse, 3)
         await client.subscribe(products)
+        await other_client.subscribe(products)
+        await adjust(main_http, products[0], warehouse, 1)
+        expected = await truth(db_pool, products)
+        await asyncio.gather(
+            client.converge(expected, timeout=3.0), other_client.converge(expected, timeout=3.0)
+        )
 
         valkey.stop()
-        for product in products:
+        for product in products:  # written through the process whose Redis is down
             await adjust(http, product, warehouse, 2)
-        with pytest.raises(TimeoutError):  # stuck in the outbox: nobody else publishes it
-            await client.until(lambda m: m["type"] == "stock", timeout=0.5)
-        writer.kill()
-        await client.converge(await truth(db_pool, products), timeout=5.0)
+        await client.converge(await truth(db_pool, products), timeout=3.0)
+        other.kill()
+        await adjust(main_http, products[1], warehouse, 1)
+        await client.converge(await truth(db_pool, products), timeout=3.0)
 
 
 async def scrape(http: httpx.AsyncClient, name: str) -> float:
@@ -615,11 +631,12 @@ async def running_relay(database_url: str, redis_url: str, namespace: str) -> As
         await pool.close()
 
 
-async def test_relay_waits_for_older_transactions_and_keeps_order(
+async def test_relay_publishes_in_commit_order_and_skips_nothing(
     database_url: str, any_redis_url: str
 ) -> None:
-    """Ids commit out of order: the younger transaction's row must wait for the older one,
-    else a cursor past it would skip the older row for good."""
+    """Ids and xids commit out of order: the younger transaction's row is published as
+    soon as it commits (not held back by the open older one), and the older row still
+    arrives when it commits later, although the cursor has moved past its xid and id."""
     namespace = unique("rt-relay")
     product = unique("rt-sku")
     older, younger = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
@@ -634,14 +651,62 @@ async def test_relay_waits_for_older_transactions_and_keeps_order(
             await write_change(older, product, "w-old")
             async with younger.transaction():
                 await write_change(younger, product, "w-young")
-            await asyncio.sleep(0.5)
-            assert published == []  # final only once every older transaction has finished
+            await eventually(lambda: len(published) == 1, 5)
+            assert published[0]["warehouse_id"] == "w-young"
             await first.commit()
             await eventually(lambda: len(published) == 2, 5)
-            assert [m["warehouse_id"] for m in published] == ["w-old", "w-young"]
+            assert [m["warehouse_id"] for m in published] == ["w-young", "w-old"]
     finally:
         await older.close()
         await younger.close()
+
+
+@contextlib.asynccontextmanager
+async def open_foreign_transaction(url: str, sql: str | None = None) -> AsyncIterator[None]:
+    """A session on ``url`` inside a transaction that has an xid and stays open (as an
+    idle-in-transaction psql session), optionally after running ``sql``."""
+    conn = await asyncpg.connect(url)
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.fetchval("SELECT pg_current_xact_id()")
+        if sql is not None:
+            await conn.execute(sql)
+        yield
+        await transaction.rollback()
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("where", ["another database", "an unrelated table"])
+async def test_relay_does_not_wait_for_foreign_transactions(
+    database_url: str, scratch_database: str, redis_url: str, where: str
+) -> None:
+    """A transaction that writes no ledger row, open in another database of the same
+    server or in this one (writing only an unrelated table), holds nothing back: the
+    update arrives while it is still open."""
+    namespace = unique("rt-relay")
+    product = unique("rt-sku")
+    conn = await asyncpg.connect(database_url)
+    if where == "another database":
+        foreign = open_foreign_transaction(scratch_database)
+    else:
+        await conn.execute("CREATE TABLE IF NOT EXISTS unrelated_to_ledger (x int)")
+        foreign = open_foreign_transaction(
+            database_url, "INSERT INTO unrelated_to_ledger VALUES (1)"
+        )
+    try:
+        async with (
+            channel_messages(redis_url, namespace, product) as published,
+            running_relay(database_url, redis_url, namespace) as relay,
+            foreign,
+        ):
+            await eventually(lambda: relay.leader, 5)
+            await write_change(conn, product, "w1")
+            await eventually(lambda: len(published) == 1, 3)
+            assert published[0]["version"] == 1
+    finally:
+        await conn.close()
 
 
 async def test_relay_keeps_its_cursor_while_redis_is_down(
@@ -653,19 +718,22 @@ async def test_relay_keeps_its_cursor_while_redis_is_down(
     product = unique("rt-sku")
     conn = await asyncpg.connect(database_url)
 
+    relay_name: list[str] = []
+
     async def cursor() -> tuple[int, int]:
         row = await conn.fetchrow(
-            "SELECT last_xid, last_id FROM relay_cursor WHERE name = $1", f"{namespace}:stock"
+            "SELECT last_ticket, last_id FROM relay_cursor WHERE name = $1", relay_name[0]
         )
-        return (row["last_xid"], row["last_id"]) if row is not None else (0, 0)
+        return (row["last_ticket"], row["last_id"]) if row is not None else (0, 0)
 
     async def newest() -> tuple[int, int]:
         row = await conn.fetchrow(
-            "SELECT xid, id FROM movements WHERE product_id = $1 ORDER BY id DESC LIMIT 1",
+            """SELECT c.ticket, m.id FROM movements m JOIN ledger_commits c USING (xid)
+               WHERE m.product_id = $1 ORDER BY m.id DESC LIMIT 1""",
             product,
         )
         assert row is not None
-        return (row["xid"], row["id"])
+        return (row["ticket"], row["id"])
 
     async def caught_up() -> bool:
         return await cursor() == await newest()
@@ -673,6 +741,8 @@ async def test_relay_keeps_its_cursor_while_redis_is_down(
     try:
         async with running_relay(database_url, valkey.url, namespace) as relay:
             await eventually(lambda: relay.leader, 5)
+            assert relay.lease_name is not None
+            relay_name.append(relay.lease_name)
             await write_change(conn, product, "w1")
             await eventually(caught_up, 5)
             published = await cursor()
