@@ -418,7 +418,12 @@ class Handlers:
         lines = [RequestedLine(x.product_id, x.quantity, x.warehouse_id) for x in body.lines]
         result = await self.service.reserve(lines, body.ttl_seconds, body.reference, idempotency)
         if isinstance(result, Replay):
-            return Response(result.body, result.status_code, media_type="application/json")
+            return Response(
+                result.body,
+                result.status_code,
+                {"Idempotent-Replayed": "true"},
+                media_type="application/json",
+            )
         return json_response(reservation_out(result), 201)
 
     async def get_reservation(self, request: Request) -> Response:
