@@ -60,12 +60,12 @@ from .store import body_hash
 
 __all__ = [
     "MAX_BODY",
+    "PRODUCT_ID_SCHEMA",
     "Auth",
     "Forbidden",
     "Link",
     "Messages",
     "MethodNotAllowed",
-    "PRODUCT_ID_SCHEMA",
     "PayloadTooLarge",
     "QueryParam",
     "RouteDoc",

@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import secrets
 import subprocess
 import sys
@@ -52,7 +51,7 @@ import schemathesis
 from schemathesis.config import SchemathesisConfig
 
 from inventory.app_docs import api_document
-from tests import fuzz_checks
+from tests import fuzz_checks  # noqa: F401  (registers the project's checks)
 from tests.conftest import ROOT, ServerProcess
 
 MAX_EXAMPLES = int(os.environ.get("INVENTORY_FUZZ_EXAMPLES", "25"))
