@@ -519,6 +519,7 @@ class RouteDoc:
     media_type: str = "application/json"
     optional_auth: bool = False
     tickets: bool = False  # also accepts a stream ticket (``?ticket=``) instead of a token
+    example: Any = None  # a request body to show (and for the fuzzer's examples phase)
     # Streaming routes: their messages by direction ("client", "server"), as ``x-messages``.
     messages: dict[str, Messages] = field(default_factory=dict)
 
@@ -579,6 +580,7 @@ def api_routes(
             RouteDoc(
                 "Create or update a warehouse", "admin", WarehouseIn, WarehouseOut,
                 operation_id="putWarehouse", tag="Warehouses", errors=_WRITE, also=(201,),
+                example={"name": "Main", "location": "Berlin", "status": "active"},
                 description="201 when the warehouse was created, 200 when it was updated. "
                 "Only `active` warehouses are allocated from; status does not affect "
                 "existing reservations.",
@@ -625,6 +627,7 @@ def api_routes(
             RouteDoc(
                 "Receive or remove stock", "admin", AdjustmentIn, LevelOut,
                 operation_id="adjustStock", tag="Stock", errors=_STOCK_WRITE,
+                example={"delta": 10, "reason": "receipt"},
                 description="Adds `delta` (non-zero) to on-hand; creates the row on first "
                 "receipt. Removing more than `available` is 409 `insufficient_stock`; a "
                 "stale `expected_version` 409 `version_conflict`.",
@@ -638,6 +641,7 @@ def api_routes(
             RouteDoc(
                 "Set on-hand (cycle count)", "admin", SetQuantityIn, LevelOut,
                 operation_id="setStock", tag="Stock", errors=_STOCK_WRITE,
+                example={"quantity": 40, "reason": "cycle count", "expected_version": 3},
                 description="Creates the row when missing; below `reserved` is 409 "
                 "`insufficient_stock`. Setting the quantity a row already has writes nothing.",
                 links=_STOCK_LINKS,
@@ -670,6 +674,10 @@ def api_routes(
             RouteDoc(
                 "Reserve stock (all lines or none)", "reserve", ReserveIn, ReservationOut, 201,
                 operation_id="createReservation", tag="Reservations", idempotent=True,
+                example={
+                    "lines": [{"product_id": "sku-1", "quantity": 2}],
+                    "ttl_seconds": 600, "reference": "order-42",
+                },
                 errors=("not_found", "insufficient_stock", "warehouse_unavailable", *_WRITE),
                 description="Lines without `warehouse_id` are allocated from active "
                 "warehouses (the one with the most available first, split when none holds "
@@ -725,6 +733,7 @@ def api_routes(
             RouteDoc(
                 "Extend a reservation", "reserve", ExtendIn, ReservationOut,
                 operation_id="extendReservation", tag="Reservations", errors=_FINISH,
+                example={"ttl_seconds": 900},
                 description="`expires_at` becomes now + `ttl_seconds` (which may shorten "
                 "it); only for an active reservation, else 409 `invalid_state`.",
                 links=_READ_BACK,

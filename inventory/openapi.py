@@ -222,10 +222,10 @@ def _operation(path: str, doc: RouteDoc, register: Any) -> dict[str, Any]:
             security.append({})
     op["security"] = security
     if doc.request is not None:
-        op["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": _schema(doc.request, register)}},
-        }
+        body: dict[str, Any] = {"schema": _schema(doc.request, register)}
+        if doc.example is not None:
+            body["example"] = doc.example
+        op["requestBody"] = {"required": True, "content": {"application/json": body}}
     if doc.messages:
         op["x-messages"] = {
             direction: _ref(register(messages.kind, messages.name))
