@@ -159,6 +159,7 @@ def test_schemathesis_run_every_check(live_server: ServerProcess, tmp_path: Path
         check=False,
     )
     assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
+    print(run.stdout)  # the report, shown with -s (CI's fuzz step) or -rP
     for phase in PHASES.split(","):  # each phase ran, none was skipped
         assert f"✅  {phase.title()} (in" in run.stdout, run.stdout
 
