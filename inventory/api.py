@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import UUID
@@ -63,6 +63,7 @@ __all__ = [
     "PRODUCT_ID_SCHEMA",
     "Auth",
     "Forbidden",
+    "Handler",
     "Link",
     "Messages",
     "MethodNotAllowed",
@@ -549,9 +550,12 @@ _STOCK_LINKS = (
 
 
 def api_routes(
-    get_service: Callable[[], InventoryService], auth: Auth
+    get_service: Callable[[], InventoryService],
+    auth: Auth,
+    extra: Sequence[tuple[str, str, Handler, RouteDoc]] = (),
 ) -> tuple[list[BaseRoute], dict[str, dict[str, RouteDoc]]]:
-    """The ``/v1`` routes and their documentation (for :mod:`inventory.openapi`)."""
+    """The ``/v1`` routes and their documentation (for :mod:`inventory.openapi`);
+    ``extra`` rows come from feature modules (webhooks)."""
     h = Handlers(get_service, auth)
     table: list[tuple[str, str, Handler, RouteDoc]] = [
         (
@@ -739,6 +743,7 @@ def api_routes(
                 links=_READ_BACK,
             ),
         ),
+        *extra,
     ]  # fmt: skip
     by_path: dict[str, dict[str, Handler]] = {}
     docs: dict[str, dict[str, RouteDoc]] = {}

@@ -41,6 +41,9 @@ from .service import InventoryService, RetryPolicy
 from .store import connect
 from .store_feed import PgLevelReader, PgOutbox
 from .tracing import instrument
+from .webhooks.api import webhook_routes
+from .webhooks.delivery import Dispatcher, policy_from
+from .webhooks.store import WebhookStore
 
 __all__ = ["app_from_env", "create_app", "tune_gc"]
 
@@ -155,7 +158,11 @@ def create_app(settings: Settings) -> Starlette:
     runtime = Runtime(settings)
     auth = Auth(settings.tokens)
 
-    routes, docs = api_routes(runtime.get_service, auth)
+    routes, docs = api_routes(
+        runtime.get_service,
+        auth,
+        webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
+    )
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -232,9 +239,14 @@ def create_app(settings: Settings) -> Starlette:
                 name="expiry-sweeper",
             )
         )
+        webhooks = Dispatcher(
+            settings.database_url, WebhookStore(store.pool), store, policy_from(settings)
+        )
+        webhooks.start()
         try:
             yield
         finally:
+            await webhooks.stop()
             await cancel_and_wait(*runtime.tasks)
             await hub.stop()  # closes WebSockets with 1001
             await relay.stop()

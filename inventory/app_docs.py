@@ -13,6 +13,7 @@ from .api import PRODUCT_ID_SCHEMA, Auth, Messages, QueryParam, RouteDoc, api_ro
 from .doc_schemas import HealthOut, ReadyOut, StreamTicketOut, WsClientMessage, WsServerMessage
 from .openapi import openapi_document
 from .service import InventoryService
+from .webhooks.api import webhook_routes
 
 __all__ = ["APP_DOCS", "api_document"]
 
@@ -108,5 +109,6 @@ def _no_service() -> InventoryService:
 
 def api_document() -> dict[str, Any]:
     """``/openapi.json`` for every route, built without a server (also for tests)."""
-    _, docs = api_routes(_no_service, Auth({}))
+    auth = Auth({})
+    _, docs = api_routes(_no_service, auth, webhook_routes(_no_service, auth, False))
     return openapi_document({**docs, **APP_DOCS})

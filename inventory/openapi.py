@@ -44,6 +44,7 @@ _STATUS_TEXT = {
 _PARAM_SCHEMAS = {
     "product_id": {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,128}$"},
     "warehouse_id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
+    "webhook_id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
     "reservation_id": {"type": "string", "format": "uuid"},
 }
 _HEADERS = {
