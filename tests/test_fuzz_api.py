@@ -10,7 +10,8 @@ Every built-in check runs (the equivalent of ``schemathesis run --checks all``) 
 phase: examples, coverage (boundary values, missing and undeclared parameters,
 undeclared methods), fuzzing (positive and negative data) per operation, then the
 stateful phase, which follows the document's OpenAPI links (create a warehouse, receive
-stock, reserve, then read, commit, release or extend that reservation). Among the checks:
+stock, reserve, then read, commit, release or extend that reservation; create, read,
+delete a webhook). Among the checks:
 
 - ``not_a_server_error``: no 5xx at all. The server is healthy and nothing else uses its
   products, so even 503 (``contention``/``unavailable``) would be a finding here.
@@ -24,8 +25,10 @@ stock, reserve, then read, commit, release or extend that reservation). Among th
   ``use_after_free``, ``ensure_resource_availability`` (a created reservation is readable).
 - ``error_shape`` (below): the spec's error body on every non-2xx answer.
 
-``positive_data_acceptance`` runs wrapped (``positive_data_accepted``) for the one answer
-where SPEC refuses a schema-valid request because of an earlier one.
+The project's checks and hook live in tests/fuzz_checks.py: ``positive_data_acceptance``
+runs wrapped (a refused webhook target is about the network, not the schema), and each
+valid ``Idempotency-Key`` gets a fresh suffix so reservations are judged on their own
+body, not refused for reusing a key the generator drew before.
 
 After all of it the server's log must not contain the configured token.
 
@@ -69,7 +72,7 @@ _config = SchemathesisConfig.from_dict(
     {
         "auth": {"openapi": {"bearer": {"bearer": TOKEN}}},
         "phases": {"stateful": {"max-steps": 12}},
-        # Replaced by positive_data_accepted below (one documented exception).
+        # Replaced by fuzz_checks.positive_data_accepted (one documented exception).
         "checks": {"positive_data_acceptance": {"enabled": False}},
     }
 )
