@@ -154,8 +154,12 @@ def test_schemathesis_run_every_check(live_server: ServerProcess, tmp_path: Path
         command.append("--seed=1")
     run = subprocess.run(
         command,
-        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz_checks"},
-        cwd=ROOT,
+        env={
+            **os.environ,
+            "SCHEMATHESIS_HOOKS": "tests.fuzz_checks",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        },
+        cwd=tmp_path,  # the command line keeps a cache (.schemathesis/) in its directory
         capture_output=True,
         text=True,
         timeout=900,
