@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 from uuid import UUID
 
@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .domain import (
+    PRODUCT_ID_RE,
     Contention,
     InventoryError,
     NotFound,
@@ -59,11 +60,15 @@ from .store import body_hash
 
 __all__ = [
     "MAX_BODY",
+    "PRODUCT_ID_SCHEMA",
     "Auth",
     "Forbidden",
     "Handler",
+    "Link",
+    "Messages",
     "MethodNotAllowed",
     "PayloadTooLarge",
+    "QueryParam",
     "RouteDoc",
     "Unauthorized",
     "api_routes",
@@ -71,6 +76,7 @@ __all__ = [
     "error_response",
     "json_response",
     "status_for",
+    "status_of_code",
 ]
 
 MAX_BODY = 64 * 1024
@@ -126,7 +132,11 @@ _STATUS = {
 
 
 def status_for(exc: InventoryError) -> int:
-    return _STATUS.get(exc.code, 500)
+    return status_of_code(exc.code)
+
+
+def status_of_code(code: str) -> int:
+    return _STATUS.get(code, 500)
 
 
 def json_response(
@@ -244,7 +254,7 @@ def _reservation_id(request: Request) -> UUID:
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     if not re.fullmatch(r"-?\d{1,19}", raw) or not lo <= int(raw) <= hi:
         raise ValidationFailed(f"{name} must be an integer from {lo} to {hi}", {"field": name})
@@ -342,16 +352,19 @@ class Handlers:
     async def stock_list(self, request: Request) -> Response:
         self._identity(request, "read")
         raw = request.query_params.get("product_ids", "")
-        ids = list(dict.fromkeys(x for x in raw.split(",") if x))
-        if not ids:
+        if not raw:
             raise ValidationFailed("product_ids is required", {"field": "product_ids"})
-        if len(ids) > MAX_STOCK_QUERY:
+        # Exactly what OpenAPI states: 1-500 comma-separated ids, an empty one included
+        # ("a,,b") is invalid; repeats count towards the 500 and are answered once.
+        entries = raw.split(",", MAX_STOCK_QUERY)
+        if len(entries) > MAX_STOCK_QUERY:
             raise ValidationFailed(
                 f"at most {MAX_STOCK_QUERY} product_ids", {"field": "product_ids"}
             )
-        bad = [x for x in ids if not is_product_id(x)]
+        bad = [x for x in entries if not is_product_id(x)]
         if bad:
             raise ValidationFailed(f"invalid product id {bad[0][:140]!r}", {"field": "product_ids"})
+        ids = list(dict.fromkeys(entries))
         levels, warehouses = await self.service.stock(ids)
         by_product: dict[str, list[StockLevel]] = {}
         for lv in levels:
@@ -451,14 +464,93 @@ def _render_reservation(outcome: Reservation | InventoryError) -> tuple[int, byt
 
 
 @dataclass(frozen=True, slots=True)
+class QueryParam:
+    """A documented query parameter (``schema`` is JSON Schema; arrays are comma-separated)."""
+
+    name: str
+    schema: dict[str, Any]
+    description: str = ""
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """An OpenAPI link from a route's success answer to the operation ``operation_id``.
+
+    ``parameters`` and ``request_body`` hold runtime expressions (``$response.body#/id``,
+    ``$request.path.product_id``); clients and the stateful fuzzer follow them.
+    """
+
+    operation_id: str
+    parameters: dict[str, str] = field(default_factory=dict)
+    request_body: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Messages:
+    """A message type (or a union of tagged ones) of a streaming route, documented as the
+    component ``name``."""
+
+    name: str
+    kind: Any
+
+
+@dataclass(frozen=True, slots=True)
 class RouteDoc:
-    """What OpenAPI says about a route: its request schema, answer schema and scope."""
+    """Everything OpenAPI says about one operation, declared next to its handler.
+
+    :mod:`inventory.openapi` derives the rest from these facts: a ``scope`` means 401/403,
+    parameters or a body mean 422, a body means 400/413/415, ``idempotent`` means the
+    ``Idempotency-Key``/``Idempotent-Replayed`` headers and ``idempotency_key_reused``.
+    ``errors`` lists the other error codes the operation can answer (their statuses come
+    from :func:`status_of_code`); nothing else is listed, so a client sees exactly what
+    each call can return. ``scope`` ``None`` is an open route; ``optional_auth`` one that
+    is open unless configured otherwise (``/ready``, ``/metrics``).
+    """
 
     summary: str
-    scope: str
+    scope: str | None
     request: type | None = None
     response: type | None = None
     status: int = 200
+    operation_id: str = ""
+    tag: str = ""
+    description: str = ""
+    errors: tuple[str, ...] = ()
+    query: tuple[QueryParam, ...] = ()
+    also: tuple[int, ...] = ()  # further success statuses with the same body
+    idempotent: bool = False
+    links: tuple[Link, ...] = ()
+    media_type: str = "application/json"
+    optional_auth: bool = False
+    tickets: bool = False  # also accepts a stream ticket (``?ticket=``) instead of a token
+    example: Any = None  # a request body to show (and for the fuzzer's examples phase)
+    # Streaming routes: their messages by direction ("client", "server"), as ``x-messages``.
+    messages: dict[str, Messages] = field(default_factory=dict)
+
+
+_READ = ("unavailable",)
+_WRITE = ("conflict", "contention", "unavailable")
+_STOCK_WRITE = ("not_found", "insufficient_stock", "version_conflict", "is_kit", *_WRITE)
+_FINISH = ("not_found", "invalid_state", *_WRITE)
+PRODUCT_ID_SCHEMA = {"type": "string", "pattern": f"^{PRODUCT_ID_RE.pattern}$"}
+_READ_BACK = (Link("getReservation", {"reservation_id": "$response.body#/id"}),)
+_STOCK_LINKS = (
+    Link("getProductStock", {"product_id": "$request.path.product_id"}),
+    Link("listMovements", {"product_id": "$request.path.product_id"}),
+    Link(
+        "createReservation",
+        request_body={
+            "lines": [
+                {
+                    "product_id": "$request.path.product_id",
+                    "warehouse_id": "$request.path.warehouse_id",
+                    "quantity": 1,
+                }
+            ]
+        },
+    ),
+)
 
 
 def api_routes(
@@ -474,84 +566,189 @@ def api_routes(
             "/v1/warehouses",
             "GET",
             h.list_warehouses,
-            RouteDoc("List warehouses", "read", None, WarehousesOut),
+            RouteDoc(
+                "List warehouses", "read", None, WarehousesOut,
+                operation_id="listWarehouses", tag="Warehouses", errors=_READ,
+                description="Every warehouse, ordered by id.",
+            ),
         ),
         (
             "/v1/warehouses/{warehouse_id}",
             "GET",
             h.get_warehouse,
-            RouteDoc("Read a warehouse", "read", None, WarehouseOut),
+            RouteDoc(
+                "Read a warehouse", "read", None, WarehouseOut,
+                operation_id="getWarehouse", tag="Warehouses", errors=("not_found", *_READ),
+            ),
         ),
         (
             "/v1/warehouses/{warehouse_id}",
             "PUT",
             h.put_warehouse,
-            RouteDoc("Create or update a warehouse", "admin", WarehouseIn, WarehouseOut),
+            RouteDoc(
+                "Create or update a warehouse", "admin", WarehouseIn, WarehouseOut,
+                operation_id="putWarehouse", tag="Warehouses", errors=_WRITE, also=(201,),
+                example={"name": "Main", "location": "Berlin", "status": "active"},
+                description="201 when the warehouse was created, 200 when it was updated. "
+                "Only `active` warehouses are allocated from; status does not affect "
+                "existing reservations.",
+                links=(
+                    Link("getWarehouse", {"warehouse_id": "$response.body#/id"}),
+                    Link("adjustStock", {"warehouse_id": "$response.body#/id"}),
+                ),
+            ),
         ),
         (
             "/v1/stock",
             "GET",
             h.stock_list,
-            RouteDoc("Stock of up to 500 products", "read", None, StockListOut),
+            RouteDoc(
+                "Stock of up to 500 products", "read", None, StockListOut,
+                operation_id="listStock", tag="Stock", errors=_READ,
+                query=(
+                    QueryParam(
+                        "product_ids",
+                        {"type": "array", "items": PRODUCT_ID_SCHEMA, "minItems": 1,
+                         "maxItems": MAX_STOCK_QUERY},
+                        "Comma-separated product ids (repeats are answered once).",
+                        required=True,
+                    ),
+                ),
+                description="Products without any stock row are listed in `missing`.",
+            ),
         ),
         (
             "/v1/products/{product_id}/stock",
             "GET",
             h.product_stock,
-            RouteDoc("Stock of one product", "read", None, ProductStockOut),
+            RouteDoc(
+                "Stock of one product", "read", None, ProductStockOut,
+                operation_id="getProductStock", tag="Stock", errors=("not_found", *_READ),
+                description="404 when the product has no stock row anywhere. `reservable` "
+                "sums `available` over active warehouses only.",
+            ),
         ),
         (
             "/v1/products/{product_id}/stock/{warehouse_id}/adjustments",
             "POST",
             h.adjust,
-            RouteDoc("Receive or remove stock", "admin", AdjustmentIn, LevelOut),
+            RouteDoc(
+                "Receive or remove stock", "admin", AdjustmentIn, LevelOut,
+                operation_id="adjustStock", tag="Stock", errors=_STOCK_WRITE,
+                example={"delta": 10, "reason": "receipt"},
+                description="Adds `delta` (non-zero) to on-hand; creates the row on first "
+                "receipt. Removing more than `available` is 409 `insufficient_stock`; a "
+                "stale `expected_version` 409 `version_conflict`.",
+                links=_STOCK_LINKS,
+            ),
         ),
         (
             "/v1/products/{product_id}/stock/{warehouse_id}",
             "PUT",
             h.set_quantity,
-            RouteDoc("Set on-hand (cycle count)", "admin", SetQuantityIn, LevelOut),
+            RouteDoc(
+                "Set on-hand (cycle count)", "admin", SetQuantityIn, LevelOut,
+                operation_id="setStock", tag="Stock", errors=_STOCK_WRITE,
+                example={"quantity": 40, "reason": "cycle count", "expected_version": 3},
+                description="Creates the row when missing; below `reserved` is 409 "
+                "`insufficient_stock`. Setting the quantity a row already has writes nothing.",
+                links=_STOCK_LINKS,
+            ),
         ),
         (
             "/v1/products/{product_id}/movements",
             "GET",
             h.movements,
-            RouteDoc("Movement ledger of a product", "read", None, MovementsOut),
+            RouteDoc(
+                "Movement ledger of a product", "read", None, MovementsOut,
+                operation_id="listMovements", tag="Stock", errors=("not_found", *_READ),
+                query=(
+                    QueryParam(
+                        "after", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                        "Movement id to continue after (`next_after` of the previous page).",
+                    ),
+                    QueryParam(
+                        "limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                        "Page size (default 100).",
+                    ),
+                ),
+                description="Oldest first, paged by id; `next_after` is null on the last page.",
+            ),
         ),
         (
             "/v1/reservations",
             "POST",
             h.reserve,
             RouteDoc(
-                "Reserve stock (all lines or none)", "reserve", ReserveIn, ReservationOut, 201
+                "Reserve stock (all lines or none)", "reserve", ReserveIn, ReservationOut, 201,
+                operation_id="createReservation", tag="Reservations", idempotent=True,
+                example={
+                    "lines": [{"product_id": "sku-1", "quantity": 2}],
+                    "ttl_seconds": 600, "reference": "order-42",
+                },
+                errors=("not_found", "insufficient_stock", "warehouse_unavailable", *_WRITE),
+                description="Lines without `warehouse_id` are allocated from active "
+                "warehouses (the one with the most available first, split when none holds "
+                "the line). Short stock is 409 `insufficient_stock` listing every short "
+                "product; nothing is reserved then.",
+                links=tuple(
+                    Link(op, {"reservation_id": "$response.body#/id"})
+                    for op in (
+                        "getReservation", "commitReservation", "releaseReservation",
+                        "extendReservation",
+                    )
+                ),
             ),
         ),
         (
             "/v1/reservations/{reservation_id}",
             "GET",
             h.get_reservation,
-            RouteDoc("Read a reservation", "read", None, ReservationOut),
+            RouteDoc(
+                "Read a reservation", "read", None, ReservationOut,
+                operation_id="getReservation", tag="Reservations", errors=("not_found", *_READ),
+                description="A reservation past `expires_at` reads as `expired` at once.",
+            ),
         ),
         (
             "/v1/reservations/{reservation_id}/commit",
             "POST",
             h.commit,
-            RouteDoc("Commit a reservation", "reserve", None, ReservationOut),
+            RouteDoc(
+                "Commit a reservation", "reserve", None, ReservationOut,
+                operation_id="commitReservation", tag="Reservations", errors=_FINISH,
+                description="Active to committed: the stock leaves. Repeating it answers the "
+                "same body; a released or expired reservation is 409 `invalid_state`.",
+                links=_READ_BACK,
+            ),
         ),
         (
             "/v1/reservations/{reservation_id}/release",
             "POST",
             h.release,
-            RouteDoc("Release a reservation", "reserve", None, ReservationOut),
+            RouteDoc(
+                "Release a reservation", "reserve", None, ReservationOut,
+                operation_id="releaseReservation", tag="Reservations", errors=_FINISH,
+                description="Active to released: the stock returns. Repeating it answers the "
+                "same body; a committed or expired reservation is 409 `invalid_state`.",
+                links=_READ_BACK,
+            ),
         ),
         (
             "/v1/reservations/{reservation_id}/extend",
             "POST",
             h.extend,
-            RouteDoc("Extend a reservation", "reserve", ExtendIn, ReservationOut),
+            RouteDoc(
+                "Extend a reservation", "reserve", ExtendIn, ReservationOut,
+                operation_id="extendReservation", tag="Reservations", errors=_FINISH,
+                example={"ttl_seconds": 900},
+                description="`expires_at` becomes now + `ttl_seconds` (which may shorten "
+                "it); only for an active reservation, else 409 `invalid_state`.",
+                links=_READ_BACK,
+            ),
         ),
         *extra,
-    ]
+    ]  # fmt: skip
     from .catalog_api import catalog_routes
 
     table += catalog_routes(get_service, auth)
@@ -559,6 +756,8 @@ def api_routes(
     docs: dict[str, dict[str, RouteDoc]] = {}
     for path, method, handler, doc in table:
         by_path.setdefault(path, {})[method] = handler
+        if not doc.operation_id:
+            doc = replace(doc, operation_id=_camel(handler.__name__))
         docs.setdefault(path, {})[method.lower()] = doc
     # Starlette tries routes in order: the busiest paths first (none of them overlap).
     busiest = sorted(
@@ -572,6 +771,11 @@ def api_routes(
         Route(path, _dispatch(by_path[path]), methods=list(by_path[path])) for path in busiest
     ]
     return routes, docs
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
 
 def _dispatch(methods: dict[str, Handler]) -> Handler:

@@ -12,22 +12,14 @@ import json
 import sys
 from typing import Any
 
-from .api import Auth, api_routes
-from .domain import Unavailable
-from .openapi import openapi_document
-from .service import InventoryService
+from .app_docs import api_document
 
 __all__ = ["openapi", "render"]
 
 
 def openapi() -> dict[str, Any]:
     """The server's OpenAPI document, built without a database."""
-
-    def no_service() -> InventoryService:
-        raise Unavailable("documentation only")
-
-    _, docs = api_routes(no_service, Auth({}))
-    return openapi_document(docs)
+    return api_document()
 
 
 def _type(schema: dict[str, Any]) -> str:
@@ -65,6 +57,21 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|") if "\\|" not in text else text
 
 
+def _scope(security: list[dict[str, list[str]]]) -> str:
+    """The token scope an operation needs (``open`` when none; ``, optional`` when an
+    empty alternative makes the token optional)."""
+    scopes = [s for alternative in security for s in alternative.get("bearer", [])]
+    if not scopes:
+        return "open"
+    return scopes[0] + (", optional" if {} in security else "")
+
+
+def _error_codes(response: dict[str, Any]) -> list[str]:
+    schema = response.get("content", {}).get("application/json", {}).get("schema", {})
+    code = schema.get("properties", {}).get("error", {}).get("properties", {}).get("code", {})
+    return list(code.get("enum", []))
+
+
 def render(doc: dict[str, Any]) -> str:
     out = [
         "# HTTP API reference",
@@ -79,20 +86,27 @@ def render(doc: dict[str, Any]) -> str:
         "| method and path | summary | scope | body | answer |",
         "| --- | --- | --- | --- | --- |",
     ]
+    statuses: dict[str, tuple[str, set[str]]] = {}
     for path, item in doc["paths"].items():
         for method, op in item.items():
-            scope = op["security"][0]["bearer"][0]
+            scope = _scope(op.get("security", []))
+            for code, response in op["responses"].items():
+                if code[0] in "45":
+                    _, codes = statuses.setdefault(code, (response["description"], set()))
+                    codes.update(_error_codes(response))
             body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
-            ok = next(code for code in op["responses"] if code.startswith("2"))
+            ok = next((c for c in op["responses"] if c[0] in "12"), "")  # 101: WebSocket
             answer = op["responses"][ok].get("content", {}).get("application/json", {})
             out.append(
                 f"| `{method.upper()} {path}` | {op['summary']} | {scope} | "
                 f"{_type(body['schema']) if body else ''} | "
                 f"{ok} {_type(answer['schema']) if answer else ''} |"
             )
-    errors = next(iter(next(iter(doc["paths"].values())).values()))["responses"]
-    out += ["", "## Error statuses", "", "| status | meaning |", "| --- | --- |"]
-    out += [f"| {code} | {r['description']} |" for code, r in errors.items() if code[0] in "45"]
+    out += ["", "## Error statuses", "", "| status | meaning | codes |", "| --- | --- | --- |"]
+    out += [
+        f"| {code} | {text} | {', '.join(f'`{c}`' for c in sorted(codes))} |"
+        for code, (text, codes) in sorted(statuses.items())
+    ]
     out += ["", "## Schemas", ""]
     for name, schema in sorted(doc["components"]["schemas"].items()):
         out += [f"### {name}", ""]

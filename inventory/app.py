@@ -36,6 +36,7 @@ from realtime.ws import websocket_route
 
 from . import metrics
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
+from .app_docs import APP_DOCS
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
 from .expiry import Expiry
@@ -65,7 +66,9 @@ async def _inventory_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
+        response = error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
+        response.headers.update(exc.headers or {})  # Allow (RFC 9110)
+        return response
     if exc.status_code == 404:
         return error_response(NotFound(f"no route for {request.url.path}"))
     return json_response(
@@ -202,7 +205,7 @@ def create_app(settings: Settings) -> Starlette:
             {"status": "ready" if ok else "unavailable", "checks": checks}, 200 if ok else 503
         )
 
-    document = openapi_document(docs)
+    document = openapi_document({**docs, **APP_DOCS})
 
     async def openapi(request: Request) -> Response:
         return json_response(document)

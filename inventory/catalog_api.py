@@ -17,8 +17,14 @@ from starlette.responses import Response
 
 from . import bulk, catalog
 from .api import (
+    _READ,
+    _WRITE,
+    MAX_PAGE,
+    PRODUCT_ID_SCHEMA,
     Auth,
     Handler,
+    Link,
+    QueryParam,
     RouteDoc,
     _int_param,
     _product_id,
@@ -50,7 +56,6 @@ __all__ = [
     "catalog_routes",
 ]
 
-MAX_PAGE = 1000
 BULK_MAX_BODY = 1024 * 1024
 Units = Annotated[int, Meta(ge=0, le=MAX_STOCK)]
 
@@ -203,11 +208,11 @@ class CatalogHandlers:
 
     async def list_products(self, request: Request) -> Response:
         self._identity(request, "read")
-        after = request.query_params.get("after", "")
-        if after and not is_product_id(after):
+        after = request.query_params.get("after")
+        if after is not None and not is_product_id(after):
             raise ValidationFailed("after must be a product id", {"field": "after"})
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
-        ids = await catalog.list_product_ids(self.service.store, after, limit)
+        ids = await catalog.list_product_ids(self.service.store, after or "", limit)
         products = await self._products(ids)
         return json_response(ProductsOut(products, ids[-1] if len(ids) == limit else None))
 
@@ -282,15 +287,57 @@ Row = tuple[str, str, Handler, RouteDoc]
 def catalog_routes(get_service: Callable[[], InventoryService], auth: Auth) -> list[Row]:
     """``(path, method, handler, doc)`` for :func:`inventory.api.api_routes`'s table."""
     h = CatalogHandlers(get_service, auth)
+    after_product = QueryParam(
+        "after",
+        {"type": "string", "pattern": PRODUCT_ID_SCHEMA["pattern"]},
+        "`product_id` to continue after (`next_after` of the previous page).",
+    )
+    limit = QueryParam(
+        "limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}, "Page size (default 100)."
+    )
     return [
-        ("/v1/products", "GET", h.list_products,
-         RouteDoc("List products (byte order of product_id)", "read", None, ProductsOut)),
-        ("/v1/products/{product_id}", "GET", h.get_product,
-         RouteDoc("Read a product's settings and stock", "read", None, ProductOut)),
-        ("/v1/products/{product_id}", "PUT", h.put_product,
-         RouteDoc("Create or replace a product's settings", "admin", ProductIn, ProductOut)),
-        ("/v1/reservations", "GET", h.list_reservations,
-         RouteDoc("List reservations, oldest first", "read", None, ReservationsOut)),
-        ("/v1/stock/bulk", "POST", h.bulk_stock,
-         RouteDoc("Up to 1,000 adjustments and sets", "admin", BulkIn, BulkOut)),
+        ("/v1/products", "GET", h.list_products, RouteDoc(
+            "List products (byte order of product_id)", "read", None, ProductsOut,
+            operation_id="listProducts", tag="Products", errors=_READ,
+            query=(after_product, limit),
+            description="Every product with a stock row or settings, ordered by `product_id` "
+            "(byte order); `next_after` is null on the last page.",
+        )),
+        ("/v1/products/{product_id}", "GET", h.get_product, RouteDoc(
+            "Read a product's settings and stock", "read", None, ProductOut,
+            operation_id="getProduct", tag="Products", errors=("not_found", *_READ),
+        )),
+        ("/v1/products/{product_id}", "PUT", h.put_product, RouteDoc(
+            "Create or replace a product's settings", "admin", ProductIn, ProductOut,
+            operation_id="putProduct", tag="Products", also=(201,),
+            errors=("is_kit", "has_stock", "is_component", *_WRITE),
+            example={"name": "Blue mug", "safety_stock": 2, "low_stock_threshold": 10},
+            description="201 when the product had no settings yet, 200 when they were "
+            "replaced (an omitted field takes its default).",
+            links=(Link("getProduct", {"product_id": "$request.path.product_id"}),),
+        )),
+        ("/v1/reservations", "GET", h.list_reservations, RouteDoc(
+            "List reservations, oldest first", "read", None, ReservationsOut,
+            operation_id="listReservations", tag="Reservations", errors=_READ,
+            query=(
+                QueryParam("reference", {"type": "string", "minLength": 1, "maxLength": 255}),
+                QueryParam("customer_id", {"type": "string", "minLength": 1, "maxLength": 128}),
+                QueryParam(
+                    "status", {"enum": ["active", "committed", "released", "expired"]}
+                ),
+                QueryParam(
+                    "after", {"type": "string", "minLength": 1},
+                    "The opaque `next_after` of the previous page.",
+                ),
+                limit,
+            ),
+        )),
+        ("/v1/stock/bulk", "POST", h.bulk_stock, RouteDoc(
+            "Up to 1,000 adjustments and sets", "admin", BulkIn, BulkOut,
+            operation_id="bulkChangeStock", tag="Stock", errors=("bulk_failed", *_WRITE),
+            example={"items": [{"product_id": "mug", "warehouse_id": "w1", "delta": 5}]},
+            description="Items are applied in order, each with the usual rules; `status` per "
+            "item is what it alone would have answered. With `atomic: true`, any failing "
+            "item -> 409 `bulk_failed` and nothing is written.",
+        )),
     ]  # fmt: skip

@@ -1,7 +1,7 @@
 """Request and response schemas: they validate bodies, encode answers and make OpenAPI.
 
 msgspec is used because one declaration gives strict validation (no ``"1"`` for 1, no
-floats for integers, unknown fields refused), fast JSON encoding and a JSON Schema for
+fractional numbers for integers, unknown fields refused), fast JSON encoding and a JSON Schema for
 ``/openapi.json``, so documentation cannot drift from what is enforced.
 """
 
@@ -68,7 +68,9 @@ class WarehouseIn(_In):
 
 
 class AdjustmentIn(_In):
-    delta: Annotated[int, Meta(ge=-MAX_STOCK, le=MAX_STOCK)]
+    delta: Annotated[
+        int, Meta(ge=-MAX_STOCK, le=MAX_STOCK, extra_json_schema={"not": {"const": 0}})
+    ]  # 0 is refused by the handler (422): the schema says so
     reason: Text | None = None
     expected_version: Version | None = None
 
@@ -204,8 +206,40 @@ def decode(body: bytes, kind: type[T]) -> tuple[T, Any]:
     try:
         return msgspec.convert(raw, kind), raw
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        raise ValidationFailed(message, {"field": _field(message)}) from None
+        error = exc
+    # Retried only after a failure: the common body pays nothing for this.
+    if _integral_floats_as_ints(raw):
+        try:
+            return msgspec.convert(raw, kind), raw
+        except msgspec.ValidationError as exc:
+            error = exc
+    message = str(error)
+    raise ValidationFailed(message, {"field": _field(message)}) from None
+
+
+def _integral_floats_as_ints(raw: Any) -> bool:
+    """Make every float without a fractional part (``1094.0``) in ``raw`` an int, in
+    place; whether any was found.
+
+    JSON has one number type and JSON Schema calls ``1094.0`` an integer, so the
+    OpenAPI document promises it is accepted; msgspec's strict conversion would refuse
+    it. No request field is a float, so the rewrite cannot change a float field. The
+    rewritten body is the one hashed for idempotency, so ``1`` and ``1.0`` are the same
+    body. Iterative, so nesting depth costs no recursion; a bare number is left alone
+    (no request body is one).
+    """
+    changed = False
+    stack = [raw] if isinstance(raw, dict | list) else []
+    while stack:
+        node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, item in list(items):
+            if type(item) is float and item.is_integer():
+                node[key] = int(item)
+                changed = True
+            elif isinstance(item, dict | list):
+                stack.append(item)
+    return changed
 
 
 def _field(message: str) -> str | None:

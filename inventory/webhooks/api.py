@@ -20,6 +20,8 @@ from ..api import (
     MAX_PAGE,
     Auth,
     Handler,
+    Link,
+    QueryParam,
     RouteDoc,
     _int_param,
     bearer,
@@ -34,6 +36,7 @@ from .store import Delivery, Webhook, WebhookStore
 from .targets import MAX_URL, TargetRefused, parse_url, resolve
 
 __all__ = [
+    "URL_PATTERN",
     "DeliveriesOut",
     "DeliveryOut",
     "WebhookIn",
@@ -42,6 +45,12 @@ __all__ = [
     "webhook_routes",
 ]
 
+_READ = ("unavailable",)  # documented error codes every webhook route can answer
+URL_PATTERN = (
+    r"^[hH][tT][tT][pP][sS]?://[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?"
+    r"(?::(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+    r"(?:[/?#][^ \t\r\n\x00]*)?$"
+)
 EventType = Literal[
     "stock.changed", "stock.low", "stock.out", "stock.back", "reservation.created",
     "reservation.committed", "reservation.released", "reservation.expired",
@@ -51,7 +60,9 @@ assert set(EventType.__args__) == set(EVENT_TYPES)  # type: ignore[attr-defined]
 
 
 class WebhookIn(Struct, forbid_unknown_fields=True):
-    url: Annotated[str, Meta(min_length=1, max_length=MAX_URL)]
+    # A form parse_url accepts, stated so OpenAPI says it too: a host name or IPv4
+    # address, a port within 0-65535, no credentials, no white space.
+    url: Annotated[str, Meta(min_length=1, max_length=MAX_URL, pattern=URL_PATTERN)]
     events: Annotated[list[EventType], Meta(min_length=1, max_length=len(EVENT_TYPES))]
     # printable ASCII, long enough not to be guessed
     secret: Annotated[str, Meta(min_length=16, max_length=256, pattern=r"^[\x21-\x7e]+$")]
@@ -163,15 +174,64 @@ def webhook_routes(
             "/v1/webhooks",
             "GET",
             h.list_webhooks,
-            RouteDoc("List webhooks", "admin", None, WebhooksOut),
+            RouteDoc(
+                "List webhooks", "admin", None, WebhooksOut,
+                operation_id="listWebhooks", tag="Webhooks", errors=_READ,
+            ),
         ),
-        (one, "GET", h.get, RouteDoc("Read a webhook", "admin", None, WebhookOut)),
-        (one, "PUT", h.put, RouteDoc("Create or update a webhook", "admin", WebhookIn, WebhookOut)),
-        (one, "DELETE", h.delete, RouteDoc("Delete a webhook", "admin", None, None, 204)),
+        (
+            one, "GET", h.get,
+            RouteDoc(
+                "Read a webhook", "admin", None, WebhookOut,
+                operation_id="getWebhook", tag="Webhooks", errors=("not_found", *_READ),
+            ),
+        ),
+        (
+            one, "PUT", h.put,
+            RouteDoc(
+                "Create or update a webhook", "admin", WebhookIn, WebhookOut,
+                operation_id="putWebhook", tag="Webhooks", also=(201,), errors=_READ,
+                description="201 when created, 200 when updated. A `url` whose host does "
+                "not resolve, or resolves to a loopback, private or link-local address, is "
+                "422 (unless `INVENTORY_WEBHOOK_ALLOW_PRIVATE=true`). Receives the events "
+                "that happen after it was registered.",
+                example={
+                    "url": "https://hooks.example.com/inventory",
+                    "events": ["stock.changed", "reservation.created"],
+                    "secret": "a-long-shared-secret-0123456789",
+                },
+                links=(
+                    Link("getWebhook", {"webhook_id": "$response.body#/id"}),
+                    Link("deleteWebhook", {"webhook_id": "$response.body#/id"}),
+                    Link("listWebhookDeliveries", {"webhook_id": "$response.body#/id"}),
+                ),
+            ),
+        ),
+        (
+            one, "DELETE", h.delete,
+            RouteDoc(
+                "Delete a webhook", "admin", None, None, 204,
+                operation_id="deleteWebhook", tag="Webhooks", errors=("not_found", *_READ),
+            ),
+        ),
         (
             f"{one}/deliveries",
             "GET",
             h.deliveries,
-            RouteDoc("Delivery attempts, newest first", "admin", None, DeliveriesOut),
+            RouteDoc(
+                "Delivery attempts, newest first", "admin", None, DeliveriesOut,
+                operation_id="listWebhookDeliveries", tag="Webhooks",
+                errors=("not_found", *_READ),
+                query=(
+                    QueryParam(
+                        "after", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                        "`next_after` of the previous page.",
+                    ),
+                    QueryParam(
+                        "limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                        "Page size (default 100).",
+                    ),
+                ),
+            ),
         ),
-    ]
+    ]  # fmt: skip
