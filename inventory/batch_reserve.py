@@ -23,18 +23,20 @@ while the lane's previous batch was in flight. A batch is one transaction:
 statement, when the row locks are held, so an ``active`` answer has its full TTL ahead
 even when the transaction started long before (``now()`` is the transaction's start).
 
-Isolation: a member whose row was busy is retried on its own, in a *waiting* batch keyed
-by the member's product set (so requests for one busy product still combine with each
-other), which locks the rows ``FOR UPDATE`` with ``lock_timeout`` set to what is left of
-the member's bound (``wait_bound``, ``INVENTORY_DB_TIMEOUT``); when that runs out the
-answer is 503 ``contention`` with ``Retry-After``. While a product has waiting batches in
-this process, new requests for it go straight to the waiting path instead of splitting
-out of a lane batch again. Waiting batches are capped (``wait_slots``) so that they cannot
-take every pooled connection from the lanes.
+Isolation: a member whose rows were busy is retried on its own, in a *waiting* batch
+keyed by the member's product set (so requests for one busy product still combine with
+each other). A waiting batch first locks the rows of the products found busy, waiting
+(``lock_timeout`` set to what is left of the members' bound, ``wait_bound``, i.e.
+``INVENTORY_DB_TIMEOUT``) while holding nothing else, then the rest like a lane batch
+(members that find another row busy go round again). When the bound runs out the answer
+is 503 ``contention`` with ``Retry-After``. While a product has requests on the waiting
+path in this process, new requests for it go straight there instead of splitting out of
+a lane batch again. Waiting batches are capped (``wait_slots``) so that they cannot take
+every pooled connection from the lanes.
 
 Deadlock freedom: lane batches never wait for a row; waiting batches wait for rows only
-in (product, warehouse) order and before claiming any key; keys are claimed in key order
-and after the rows. So no cycle of waits can form (the lock strategy's Redis locks are
+in (product, warehouse) order, holding no other row and no key; keys are claimed in key
+order and after the rows. So no cycle of waits can form (the lock strategy's Redis locks are
 taken in sorted order too). With the ``lock`` strategy a waiting batch holds the Redis
 locks only for slices of ``WAIT_SLICE`` seconds, so a lane batch that needs one of those
 locks waits at most that long.
@@ -58,7 +60,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Final
 from uuid import UUID
@@ -117,13 +119,15 @@ class ReserveRequest:
 class _Member:
     request: ReserveRequest
     deadline: float  # time.monotonic() after which a busy row means 503
+    busy: frozenset[str] = frozenset()  # products found busy last time: wait for these
 
 
+@dataclass(frozen=True, slots=True)
 class _Busy:
-    """A member's row was held by another transaction: retry it on its own."""
+    """A member's rows were held by another transaction: retry it on its own."""
 
+    products: frozenset[str]
 
-_BUSY: Final = _Busy()
 
 Outcome = Reservation | Replay | InventoryError
 MemberOutcome = Outcome | _Busy
@@ -237,13 +241,15 @@ class ReservationEngine:
         """Reserve every line of ``request`` or none; raises the request's
         :class:`~inventory.domain.InventoryError`."""
         self._refuse_sold_out(request)
-        member = _Member(request, time.monotonic() + self._wait_bound)
-        if not any(p in self._waiting for p in request.products):
+        deadline = time.monotonic() + self._wait_bound
+        waiting = frozenset(p for p in request.products if p in self._waiting)
+        if not waiting:
             lane = lane_of(request.products[0], self._lanes)
-            outcome = await self.lanes.submit(lane, member)
+            outcome = await self.lanes.submit(lane, _Member(request, deadline))
             if not isinstance(outcome, _Busy):
                 return _answer(outcome)
-        return await self._wait(member)
+            waiting = outcome.products
+        return await self._wait(_Member(request, deadline, waiting))
 
     def forget(self, product_id: str) -> None:
         """Stock of the product changed here: stop refusing it from memory."""
@@ -273,6 +279,7 @@ class ReservationEngine:
                 outcome = await self.waiters.submit(products, member)
                 if not isinstance(outcome, _Busy):
                     return _answer(outcome)
+                member = replace(member, busy=outcome.products)
                 if time.monotonic() >= member.deadline:
                     raise Contention(
                         "a stock row of this reservation is held by another transaction; retry",
@@ -286,12 +293,12 @@ class ReservationEngine:
                     self._waiting[p] -= 1
 
     async def _run_lane(self, lane: int, batch: Sequence[_Member]) -> list[MemberOutcome]:
-        return await self._run_batch(batch, None)
+        return await self._run_batch(batch, 0.0)
 
     async def _run_waiting(
         self, products: tuple[str, ...], batch: Sequence[_Member]
     ) -> list[MemberOutcome]:
-        busy: list[MemberOutcome] = [_BUSY] * len(batch)
+        busy: list[MemberOutcome] = [_Busy(m.busy) for m in batch]
         remaining = min(m.deadline for m in batch) - time.monotonic()
         if remaining <= 0:
             return busy
@@ -310,9 +317,9 @@ class ReservationEngine:
         finally:
             self._wait_slots.release()
 
-    async def _run_batch(self, batch: Sequence[_Member], wait: float | None) -> list[MemberOutcome]:
-        """One transaction for ``batch``; ``wait`` None: skip busy rows, else wait for
-        them at most ``wait`` seconds."""
+    async def _run_batch(self, batch: Sequence[_Member], wait: float) -> list[MemberOutcome]:
+        """One transaction for ``batch``: wait at most ``wait`` seconds for the rows of
+        the products its members found busy before, skip the others' busy rows."""
         products = sorted({p for m in batch for p in m.request.products})
         metrics.BATCHES.inc()
         metrics.BATCH_MEMBERS.inc(len(batch))
@@ -323,7 +330,7 @@ class ReservationEngine:
                 async with self._lock_products(products):
                     results = await self._apply(products, batch, wait)
         except RowsBusy:  # a waiting batch whose lock_timeout ran out
-            return [_BUSY] * len(batch)
+            return [_Busy(m.busy) for m in batch]
         except VersionMiss:  # the rows are locked: only a bug or manual SQL gets here
             metrics.VERSION_CONFLICTS.inc()
             raise Contention("the stock row changed under the batch; retry") from None
@@ -332,15 +339,16 @@ class ReservationEngine:
         return results
 
     async def _apply(
-        self, products: Sequence[str], batch: Sequence[_Member], wait: float | None
+        self, products: Sequence[str], batch: Sequence[_Member], wait: float
     ) -> list[MemberOutcome]:
         results: list[MemberOutcome | None] = [None] * len(batch)
         requests = [m.request for m in batch]
+        wait_for = frozenset[str]().union(*(m.busy for m in batch))
         async with self.store.transaction() as conn:
-            levels, warehouses, busy = await self.store.lock_rows(conn, products, wait)
+            levels, warehouses, busy = await self.store.lock_rows(conn, products, wait_for, wait)
             for i, request in enumerate(requests):
-                if busy.intersection(request.products):
-                    results[i] = _BUSY
+                if found := busy.intersection(request.products):
+                    results[i] = _Busy(frozenset(found))
             keys = _Keys(requests, results)
             await keys.claim(self.store, conn)
             live = [i for i, r in enumerate(results) if r is None and i not in keys.repeats]

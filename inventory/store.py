@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -373,25 +373,35 @@ class Store:
         return [_level(r) for r in rows]
 
     async def lock_rows(
-        self, conn: Conn, product_ids: Sequence[str], wait: float | None
+        self,
+        conn: Conn,
+        product_ids: Sequence[str],
+        wait_for: Collection[str] = (),
+        wait: float = 0.0,
     ) -> tuple[list[StockLevel], dict[str, Warehouse], set[str]]:
         """Lock the products' stock rows in (product, warehouse) order.
 
-        ``wait`` None: skip rows another transaction holds (``SKIP LOCKED``, never
-        waits); otherwise wait for them at most ``wait`` seconds (``lock_timeout``, then
-        :class:`RowsBusy`, the transaction being unusable). Returns the locked rows, the
-        warehouses they are in, and the products with a row that could not be locked.
+        Rows of ``wait_for`` products are locked first, waiting at most ``wait`` seconds
+        (``lock_timeout``; then :class:`RowsBusy`, the transaction being unusable) while
+        holding nothing else; the others never wait: rows another transaction holds are
+        skipped (``SKIP LOCKED``). Returns the locked rows, the warehouses they are in,
+        and the products with a row that could not be locked.
         """
-        if wait is None:
-            rows = await conn.fetch(_LOCK_FREE_ROWS, list(product_ids))
-        else:
+        rows: list[Row] = []
+        rest = list(product_ids)
+        if wait_for:
             await conn.execute(
                 "SELECT set_config('lock_timeout', $1, true)", f"{max(1, int(wait * 1000))}ms"
             )
             try:
-                rows = await conn.fetch(_LOCK_ALL_ROWS, list(product_ids))
+                # The client-side command timeout must not fire before lock_timeout.
+                rows = await conn.fetch(_LOCK_ALL_ROWS, sorted(wait_for), timeout=wait + 1)
             except asyncpg.LockNotAvailableError:
                 raise RowsBusy() from None
+            await conn.execute("SELECT set_config('lock_timeout', '0', true)")
+            rest = [p for p in rest if p not in wait_for]
+        if rest:
+            rows += await conn.fetch(_LOCK_FREE_ROWS, rest)
         busy = {r["product_id"] for r in rows if not r["locked"]}
         locked = [_level(r) for r in rows if r["locked"]]
         return locked, {r["id"]: _warehouse(r) for r in rows if r["locked"]}, busy

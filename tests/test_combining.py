@@ -272,7 +272,7 @@ async def test_opposite_multi_line_orders_under_load_never_deadlock(
     products = [(await make_stock(40, 40))[0] for _ in range(4)]
     bodies = []
     for i in range(160):
-        chosen = products[i % 3 : i % 3 + 2] + [products[3]]
+        chosen = [*products[i % 3 : i % 3 + 2], products[3]]
         if i % 2:
             chosen.reverse()
         bodies.append({"lines": [{"product_id": p, "quantity": 1 + i % 2} for p in chosen]})
