@@ -209,10 +209,10 @@ def create_app(settings: Settings) -> Starlette:
             store,
             lock_products=lock_products,
             on_change=relay.wake,
-            lanes=settings.reserve_lanes,
+            lanes=settings.process_lanes,
             wait_bound=settings.db_timeout,
             # Requests waiting for a busy row never take the lanes' connections.
-            wait_slots=max(1, settings.db_pool_max - settings.reserve_lanes - 2),
+            wait_slots=max(1, settings.db_pool_max - settings.process_lanes - 2),
         )
         runtime.service = service
         await hub.start()

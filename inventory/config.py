@@ -138,6 +138,13 @@ class Settings:
     tracing: str = "off"
 
     @property
+    def process_lanes(self) -> int:
+        """Reservation lanes of one worker process: ``reserve_lanes`` is for the whole
+        server, split over its workers, so that more workers do not mean more, smaller
+        batch transactions at the same load."""
+        return max(1, -(-self.reserve_lanes // self.workers))
+
+    @property
     def embedded(self) -> bool:
         """True when at least one of the two servers must be started locally."""
         return self.database_url is None or self.redis_url is None
@@ -194,4 +201,5 @@ class Settings:
         if self.redis_url:
             env["INVENTORY_REDIS_URL"] = self.redis_url
         env["INVENTORY_RESERVE_STRATEGY"] = self.reserve_strategy
+        env["INVENTORY_WORKERS"] = str(self.workers)
         return env
