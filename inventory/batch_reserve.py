@@ -279,7 +279,7 @@ class ReservationEngine:
                 outcome = await self.waiters.submit(products, member)
                 if not isinstance(outcome, _Busy):
                     return _answer(outcome)
-                member = replace(member, busy=outcome.products)
+                member = replace(member, busy=member.busy | outcome.products)
                 if time.monotonic() >= member.deadline:
                     raise Contention(
                         "a stock row of this reservation is held by another transaction; retry",
@@ -345,7 +345,10 @@ class ReservationEngine:
         requests = [m.request for m in batch]
         wait_for = frozenset[str]().union(*(m.busy for m in batch))
         async with self.store.transaction() as conn:
-            levels, warehouses, busy = await self.store.lock_rows(conn, products, wait_for, wait)
+            keyed = any(r.idempotency is not None for r in requests)
+            levels, warehouses, busy = await self.store.lock_rows(
+                conn, products, wait_for, wait, then_claims=keyed
+            )
             for i, request in enumerate(requests):
                 if found := busy.intersection(request.products):
                     results[i] = _Busy(frozenset(found))

@@ -378,6 +378,8 @@ class Store:
         product_ids: Sequence[str],
         wait_for: Collection[str] = (),
         wait: float = 0.0,
+        *,
+        then_claims: bool = False,
     ) -> tuple[list[StockLevel], dict[str, Warehouse], set[str]]:
         """Lock the products' stock rows in (product, warehouse) order.
 
@@ -385,7 +387,9 @@ class Store:
         (``lock_timeout``; then :class:`RowsBusy`, the transaction being unusable) while
         holding nothing else; the others never wait: rows another transaction holds are
         skipped (``SKIP LOCKED``). Returns the locked rows, the warehouses they are in,
-        and the products with a row that could not be locked.
+        and the products with a row that could not be locked. ``then_claims``: the
+        transaction claims idempotency keys next, so the ``lock_timeout`` is lifted
+        again (a claim waits for a racing transaction's key as long as it takes).
         """
         rows: list[Row] = []
         rest = list(product_ids)
@@ -398,7 +402,8 @@ class Store:
                 rows = await conn.fetch(_LOCK_ALL_ROWS, sorted(wait_for), timeout=wait + 1)
             except asyncpg.LockNotAvailableError:
                 raise RowsBusy() from None
-            await conn.execute("SELECT set_config('lock_timeout', '0', true)")
+            if then_claims:
+                await conn.execute("SELECT set_config('lock_timeout', '0', true)")
             rest = [p for p in rest if p not in wait_for]
         if rest:
             rows += await conn.fetch(_LOCK_FREE_ROWS, rest)

@@ -13,6 +13,7 @@ import pytest
 from inventory.batch_reserve import ReservationEngine, ReserveRequest
 from inventory.check import check_database
 from inventory.combining import Combiner
+from inventory.config import Settings
 from inventory.domain import InsufficientStock, NotFound, RequestedLine, Reservation
 
 StockFactory = Callable[..., Awaitable[tuple[str, list[str]]]]
@@ -285,3 +286,14 @@ async def test_opposite_multi_line_orders_under_load_never_deadlock(
         wanted = sum(x["quantity"] for b in granted for x in b["lines"] if x["product_id"] == pid)
         assert stock["reserved"] == wanted <= 80
     assert not any((await check_database(database_url)).values())
+
+
+@pytest.mark.parametrize(
+    ("workers", "lanes", "per_process"), [(1, 4, 4), (2, 4, 2), (3, 4, 2), (4, 4, 1), (8, 4, 1)]
+)
+def test_lanes_are_split_over_the_workers(workers: int, lanes: int, per_process: int) -> None:
+    """More workers must not mean more, smaller batches at the same load: the lanes
+    are the server's, and every worker process learns how many workers there are."""
+    settings = Settings(workers=workers, reserve_lanes=lanes)
+    assert settings.process_lanes == per_process
+    assert Settings.from_env(settings.to_env()).workers == workers
