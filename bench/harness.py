@@ -87,10 +87,11 @@ LEGEND = """\
 rate/s: 201s (hot, spread, multi-line), 409s (sold-out), 200s (stock-read) or finished
 reserve+commit cycles per second; latency of those requests (cycle: both requests).
 pgbench/s: under pgbench at the same client count, committed per second: the minimal
-1-line/5-line reservation transaction for writes, the server's own SQL for reads; bare/s: a bare Starlette endpoint, same generator and request shape (per
-cycle: half its rate). gen/srv: CPU cores used by the load generator and the server
-(all workers); box: share of the whole machine busy (includes other processes);
-us/req: server CPU per HTTP request. bound: what ran out first, judged from those."""
+1-line/5-line reservation transaction for writes, the server's own SQL for reads;
+bare/s: a bare Starlette endpoint, same generator and request shape (per cycle: half its
+rate). gen/srv: CPU cores used by the load generator and the server (all workers); box:
+share of the whole machine busy (includes other processes); us/req: server CPU per HTTP
+request. bound: what ran out first, judged from those."""
 
 
 class InvariantViolation(Exception):
@@ -132,7 +133,7 @@ class RoundResult:
     machine_busy: float
     requests: float  # every recorded HTTP request per second, whatever its label or status
     late: int = 0  # paced scenarios: units the generator started behind schedule
-    batch_mean: float | None = None  # single-line requests per combined transaction
+    batch_mean: float | None = None  # reservation requests per combined transaction
     ceilings: dict[str, dict[str, float]] = field(default_factory=dict)
     bare_rate: float | None = None
     bare_latency: dict[str, float] | None = None
