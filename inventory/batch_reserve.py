@@ -30,9 +30,10 @@ each other). A waiting batch first locks the rows of the products found busy, wa
 ``INVENTORY_DB_TIMEOUT``) while holding nothing else, then the rest like a lane batch
 (members that find another row busy go round again). When the bound runs out the answer
 is 503 ``contention`` with ``Retry-After``. While a product has requests on the waiting
-path in this process, new requests for it go straight there instead of splitting out of
-a lane batch again. Waiting batches are capped (``wait_slots``) so that they cannot take
-every pooled connection from the lanes.
+path in this process, or was found busy in the last ``CONTENDED_TTL`` seconds (a hot
+product that the batches of several processes take turns on), new requests for it go
+straight there instead of costing a lane batch a try. Waiting batches are capped
+(``wait_slots``) so that they cannot take every pooled connection from the lanes.
 
 Deadlock freedom: lane batches never wait for a row; waiting batches wait for rows only
 in (product, warehouse) order, holding no other row and no key; keys are claimed in key
@@ -86,6 +87,7 @@ from .idempotency import Idempotency, Replay, replay_stored
 from .store import Conn, IdempotencyRecord, RowsBusy, Store, VersionMiss
 
 __all__ = [
+    "CONTENDED_TTL",
     "WAIT_SLICE",
     "BatchState",
     "LockFactory",
@@ -97,6 +99,8 @@ __all__ = [
 
 #: With Redis product locks, the longest a waiting batch holds them per attempt (seconds).
 WAIT_SLICE: Final = 0.1
+#: How long a product found busy by a lane batch sends its requests to the waiting path.
+CONTENDED_TTL: Final = 0.5
 
 LockFactory = Callable[[Sequence[str]], contextlib.AbstractAsyncContextManager[Any]]
 
@@ -225,6 +229,7 @@ class ReservationEngine:
         self._wait_bound = wait_bound
         self._wait_slots = asyncio.Semaphore(wait_slots)
         self._waiting: dict[str, int] = {}  # product -> members on the waiting path
+        self._contended: dict[str, float] = {}  # product -> found busy, until (monotonic)
         self.lanes: Combiner[int, _Member, MemberOutcome] = Combiner(
             self._run_lane, max_batch=max_batch
         )
@@ -242,7 +247,7 @@ class ReservationEngine:
         :class:`~inventory.domain.InventoryError`."""
         self._refuse_sold_out(request)
         deadline = time.monotonic() + self._wait_bound
-        waiting = frozenset(p for p in request.products if p in self._waiting)
+        waiting = frozenset(p for p in request.products if self._is_contended(p))
         if not waiting:
             lane = lane_of(request.products[0], self._lanes)
             outcome = await self.lanes.submit(lane, _Member(request, deadline))
@@ -254,6 +259,24 @@ class ReservationEngine:
     def forget(self, product_id: str) -> None:
         """Stock of the product changed here: stop refusing it from memory."""
         self._sold_out.pop(product_id, None)
+
+    def _is_contended(self, product_id: str) -> bool:
+        if product_id in self._waiting:
+            return True
+        until = self._contended.get(product_id)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._contended[product_id]
+        return False
+
+    def _note_contended(self, products: Iterable[str]) -> None:
+        now = time.monotonic()
+        if len(self._contended) > 10_000:  # forget the stale ones now and then
+            self._contended = {p: t for p, t in self._contended.items() if t > now}
+        for product_id in products:
+            self._contended[product_id] = now + CONTENDED_TTL
 
     def _refuse_sold_out(self, request: ReserveRequest) -> None:
         if request.idempotency is not None or len(request.lines) != 1:
@@ -349,6 +372,7 @@ class ReservationEngine:
             levels, warehouses, busy = await self.store.lock_rows(
                 conn, products, wait_for, wait, then_claims=keyed
             )
+            self._note_contended(busy)
             for i, request in enumerate(requests):
                 if found := busy.intersection(request.products):
                     results[i] = _Busy(frozenset(found))
