@@ -42,7 +42,7 @@ from .domain import InventoryError, NotFound, Unavailable
 from .expiry import Expiry
 from .middleware import RequestMiddleware
 from .openapi import openapi_document
-from .service import InventoryService, RetryPolicy
+from .service import InventoryService
 from .store import connect
 from .store_feed import PgLevelReader, PgOutbox
 from .stream_auth import StreamAuth
@@ -242,15 +242,12 @@ def create_app(settings: Settings) -> Starlette:
         runtime.tickets = TicketStore(runtime.redis, prefix=settings.redis_prefix)
         service = InventoryService(
             store,
-            retry=RetryPolicy(
-                attempts=settings.retry_attempts,
-                base_delay=settings.retry_base_delay,
-                max_delay=settings.retry_max_delay,
-                deadline=settings.retry_deadline,
-            ),
             lock_products=lock_products,
             on_change=relay.wake,
-            lanes=settings.reserve_lanes,
+            lanes=settings.process_lanes,
+            wait_bound=settings.db_timeout,
+            # Requests waiting for a busy row never take the lanes' connections.
+            wait_slots=max(1, settings.db_pool_max - settings.process_lanes - 2),
         )
         runtime.service = service
         await hub.start()
@@ -259,7 +256,7 @@ def create_app(settings: Settings) -> Starlette:
 
         def released(products: Iterable[str]) -> None:
             for product_id in products:  # stock came back: stop refusing it from memory
-                service.single_line.forget(product_id)
+                service.engine.forget(product_id)
             service.on_change()
 
         expiry = runtime.expiry = Expiry(store, batch=settings.sweep_batch, on_released=released)

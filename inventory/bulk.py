@@ -89,7 +89,7 @@ async def apply(
         except _Abort:
             raise BulkFailed("an item failed, so nothing was written", results) from None
         for product_id in changed:
-            service.single_line.forget(product_id)
+            service.engine.forget(product_id)
         if changed:
             service.on_change()
         return results
