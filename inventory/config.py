@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,6 +78,20 @@ def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str,
     return value
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    """``INVENTORY_CORS_ORIGINS``: comma-separated ``scheme://host[:port]`` origins."""
+    origins = []
+    for item in (x.strip() for x in raw.split(",")):
+        if not item:
+            continue
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", item) or item.endswith("/"):
+            raise ConfigError(
+                f"INVENTORY_CORS_ORIGINS: {item!r} is not an origin like https://shop.example"
+            )
+        origins.append(item.lower())
+    return tuple(origins)
+
+
 def parse_tokens(raw: str) -> dict[str, frozenset[str]]:
     """Parse ``INVENTORY_TOKENS``: a JSON object token -> list of scopes.
 
@@ -140,6 +155,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     tracing: str = "off"
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def embedded(self) -> bool:
@@ -186,6 +202,7 @@ class Settings:
             log_level=_choice(env, "INVENTORY_LOG_LEVEL", "info", LOG_LEVELS),
             log_format=_choice(env, "INVENTORY_LOG_FORMAT", default_log_format(), ("json", "text")),
             tracing=tracing,
+            cors_origins=_origins(env.get("INVENTORY_CORS_ORIGINS", "")),
         )
 
     def with_overrides(self, **overrides: Any) -> Settings:

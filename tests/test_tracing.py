@@ -62,7 +62,7 @@ async def traced_app(settings: Settings) -> AsyncIterator[Traced]:
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
                 yield Traced(app, provider, exporter, c)
     finally:
         uninstrument()
