@@ -156,6 +156,7 @@ class Settings:
     log_format: str = "json"
     tracing: str = "off"
     cors_origins: tuple[str, ...] = ()
+    header_timeout: float = 30.0
 
     @property
     def embedded(self) -> bool:
@@ -203,6 +204,7 @@ class Settings:
             log_format=_choice(env, "INVENTORY_LOG_FORMAT", default_log_format(), ("json", "text")),
             tracing=tracing,
             cors_origins=_origins(env.get("INVENTORY_CORS_ORIGINS", "")),
+            header_timeout=_float(env, "INVENTORY_HEADER_TIMEOUT", 30.0, 0.1, 3600),
         )
 
     def with_overrides(self, **overrides: Any) -> Settings:

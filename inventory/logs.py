@@ -4,12 +4,20 @@ Every record carries the request id of the HTTP request it was logged under (a
 context variable set by the request-id middleware) and, with tracing on, the trace and
 span ids of the span it was logged in. Nothing here ever logs a header or a
 token; configuration values with secrets are never passed to the logger.
+
+Other code may (uvicorn logs WebSocket request lines with their query string, libraries
+log URLs and exceptions), so :class:`RedactFilter` sits on every handler of the logging
+configuration and rewrites each record, whatever its logger and level, before it is
+formatted: :func:`redact` replaces credentials (``Authorization`` values, bearer tokens,
+``token=``/``ticket=``/``secret=`` parameters, ``"secret"`` fields) with ``[REDACTED]`` in
+the message, its arguments, extra fields, the exception text and the stack.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -19,7 +27,9 @@ import orjson
 
 __all__ = [
     "JsonFormatter",
+    "RedactFilter",
     "configure_logging",
+    "redact",
     "request_id_var",
     "set_trace_ids",
     "uvicorn_log_config",
@@ -49,6 +59,57 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
 }
 
 
+REDACTED = "[REDACTED]"
+
+_SECRETS = re.compile(
+    # Authorization: <scheme> <credential> (header lines, reprs of header lists, JSON)
+    r"(authorization['\"]?\s*[:=,]\s*(?:b?['\"])?)(?:(?:bearer|basic|token)\s+)?"
+    r"[^\s'\",;}\])]+"
+    # a bearer credential anywhere else
+    r"|(bearer)\s+[A-Za-z0-9._~+/=:-]+"
+    # URL and form parameters that carry credentials
+    r"|((?:^|[?&;\s])(?:access_)?(?:token|ticket|secret|password|api_key|apikey)=)[^&\s'\"#]+"
+    # JSON or repr fields
+    r"|(['\"](?:secret|token|ticket|password)['\"]\s*:\s*b?['\"])[^'\"]*",
+    re.IGNORECASE,
+)
+
+
+def _keep_prefix(match: re.Match[str]) -> str:
+    prefix = next((g for g in match.groups() if g is not None), "")
+    if match.group(2) is not None:  # "bearer <token>"
+        return f"{prefix} {REDACTED}"
+    return prefix + REDACTED
+
+
+def redact(text: str) -> str:
+    """``text`` with every credential replaced by ``[REDACTED]``."""
+    return _SECRETS.sub(_keep_prefix, text)
+
+
+class RedactFilter(logging.Filter):
+    """Redacts credentials from every record passing the handler it is attached to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format: let the handler report it as usual
+            return True
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and isinstance(value, str):
+                record.__dict__[key] = redact(value)
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "msg", "request_id"?, "trace_id"?, "span_id"?, "exc"?,
     ...extra}``."""
@@ -68,7 +129,9 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
-        if record.exc_info:
+        if record.exc_text:  # as redacted by RedactFilter
+            entry["exc"] = record.exc_text
+        elif record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
 
@@ -85,10 +148,12 @@ def uvicorn_log_config(fmt: str, level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": _formatter(fmt)},
+        "filters": {"redact": {"()": RedactFilter}},
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
+                "filters": ["redact"],  # every handler: records of every logger pass here
                 "stream": "ext://sys.stderr",
             }
         },
