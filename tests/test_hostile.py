@@ -33,6 +33,12 @@ from .conftest import ServerFactory, ServerProcess
 
 KiB = 1024
 PROBE_DEADLINE = 2.0  # a normal request must be answered within this while under attack
+WS_HEAD = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
 
 
 async def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[int, dict[str, Any]]:
@@ -147,9 +153,7 @@ async def test_head_limits(server_factory: ServerFactory) -> None:
     assert status == 414
     assert code_of(body) == "uri_too_long"
     # The WebSocket handshake goes through the same parser.
-    ws_head = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", **padding(MAX_HEAD + 1000)}  # fmt: skip
-    status, _ = await exchange(port, request("/v1/ws", ws_head))
+    status, _ = await exchange(port, request("/v1/ws", {**WS_HEAD, **padding(MAX_HEAD + 1000)}))
     assert status == 431
     # A body is not part of the head: a small head with 60 KiB of body in one write passes.
     body_bytes = b'{"name": "pad", "status": "active"}' + b" " * (60 * KiB)
@@ -166,7 +170,7 @@ async def test_head_limits(server_factory: ServerFactory) -> None:
 
 async def _push_line(port: int, total: int) -> int:
     """Send a request line of ``total`` bytes that never ends; how much got out."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
     sent = 0
     chunk = b"a," * (128 * KiB)
     try:
@@ -252,10 +256,8 @@ async def test_websocket_handshake_origin_and_host(server_factory: ServerFactory
             pass
     assert refused.value.response.status_code == 403
     assert b"forbidden_origin" in refused.value.response.body
-    ws_head = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
     status, body = await exchange(
-        server.port, request("/v1/ws", ws_head).replace(b"localhost", b"rebind.evil.example")
+        server.port, request("/v1/ws", WS_HEAD).replace(b"localhost", b"rebind.evil.example")
     )
     assert status == 403
     assert code_of(body) == "forbidden_origin"
