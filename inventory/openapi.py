@@ -16,10 +16,12 @@ __all__ = ["openapi_document"]
 _ERRORS = {
     "400": "Malformed JSON (`invalid_json`)",
     "401": "Missing or unknown token (`unauthorized`)",
-    "403": "Token lacks the scope (`forbidden`)",
+    "403": "Token lacks the scope (`forbidden`), or a foreign Host/Origin without tokens "
+    "(`forbidden_origin`)",
     "404": "Unknown id (`not_found`)",
     "409": "Rule violation (`insufficient_stock`, `version_conflict`, ...)",
     "413": "Body over 64 KiB (`payload_too_large`)",
+    "415": "Body not sent as application/json (`unsupported_media_type`)",
     "422": "Schema or id violation (`validation_error`)",
     "503": "Contention or a dependency is down; see Retry-After",
 }
