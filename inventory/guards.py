@@ -99,9 +99,15 @@ def _origin_key(origin: str) -> tuple[str, str, int] | None:
 class LoopbackGuard:
     """The loopback-mode checks (see the module doc); add it only in loopback mode."""
 
+    _CACHE_SIZE = 256
+
     def __init__(self, app: ASGIApp, allowed_origins: Iterable[str] = ()) -> None:
         self.app = app
         self.allowed = {key for o in allowed_origins if (key := _origin_key(o))}
+        # Verdicts by (scheme, host, origin, checks origin): parsing a host and an origin
+        # costs ~20 us, and a server sees the same few pairs again and again. Bounded:
+        # cleared when full, so varied hostile values only cost the parse.
+        self._verdicts: dict[tuple[str, bytes | None, bytes | None, bool], str | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -109,10 +115,21 @@ class LoopbackGuard:
             host = origin = None
             for name, value in scope["headers"]:
                 if name == b"host":
-                    host = value.decode("latin-1")
+                    host = value
                 elif name == b"origin":
-                    origin = value.decode("latin-1")
-            refusal = self._refusal(scope, host, origin)
+                    origin = value
+            checks_origin = origin is not None and (
+                kind == "websocket"
+                or scope["method"] not in SAFE_METHODS
+                or scope["path"] in STREAM_PATHS
+            )
+            key = (scope["scheme"], host, origin if checks_origin else None, checks_origin)
+            try:
+                refusal = self._verdicts[key]
+            except KeyError:
+                if len(self._verdicts) >= self._CACHE_SIZE:
+                    self._verdicts.clear()
+                refusal = self._verdicts[key] = self._refusal(*key)
             if refusal is not None:
                 response = _error_response(ForbiddenOrigin(refusal))
                 if kind == "websocket":
@@ -122,22 +139,22 @@ class LoopbackGuard:
                 return
         await self.app(scope, receive, send)
 
-    def _refusal(self, scope: Scope, host: str | None, origin: str | None) -> str | None:
-        if host is None or not is_loopback_host(host):
+    def _refusal(
+        self, scheme: str, host: bytes | None, origin: bytes | None, checks_origin: bool
+    ) -> str | None:
+        if host is None or not is_loopback_host(host.decode("latin-1")):
             return "without tokens the server only answers requests addressed to localhost"
-        if origin is None:
+        if not checks_origin or origin is None:
             return None
-        handshake = scope["type"] == "websocket" or scope["path"] in STREAM_PATHS
-        if not handshake and scope["method"] in SAFE_METHODS:
-            return None
-        key = _origin_key(origin)
-        if key is not None and (key in self.allowed or key == _own_origin(scope, host)):
+        key = _origin_key(origin.decode("latin-1"))
+        if key is not None and (
+            key in self.allowed or key == _own_origin(scheme, host.decode("latin-1"))
+        ):
             return None
         return "cross-origin requests are refused without tokens (see INVENTORY_CORS_ORIGINS)"
 
 
-def _own_origin(scope: Scope, host: str) -> tuple[str, str, int] | None:
-    scheme: str = scope["scheme"]
+def _own_origin(scheme: str, host: str) -> tuple[str, str, int] | None:
     scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
     name, port = _split_host(host)
     if name is None:

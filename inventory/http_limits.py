@@ -10,19 +10,27 @@ process by whatever the client sends.
 :class:`LimitedHttpToolsProtocol` (installed by ``inventory serve`` as uvicorn's ``http``
 class) counts while the head arrives:
 
-- precisely, in the parser callbacks: URL pieces (``on_url`` is called for every piece
-  that arrived, not only at the end of the line) and every completed header; past
-  :data:`MAX_HEAD` the callback raises, and the refusal replaces uvicorn's 400;
-- coarsely, per chunk read from the socket: bytes received while a head is still
-  incomplete after the parser consumed them. This bounds a single header that never ends
-  (httptools buffers it internally, out of the callbacks' sight). The chunk in which the
-  head began is not counted (part of it may be the previous pipelined request), so the
-  bound is :data:`MAX_HEAD` plus one read (at most 256 KiB with uvloop) per connection.
+- while it arrives, per chunk read from the socket: bytes received while a head is still
+  incomplete after the parser consumed them. Past :data:`MAX_HEAD` the connection is
+  answered 414 (when most of it is the URL) or 431 and closed. This bounds URLs and
+  headers that never end (httptools buffers a header internally until it ends). The
+  chunk in which the head began is not counted (part of it may be the previous pipelined
+  request), so memory is bounded by :data:`MAX_HEAD` plus one read (at most 256 KiB with
+  uvloop) per connection;
+- exactly, when the head is complete: URL plus headers are summed, but only when what
+  arrived since the head began could exceed the limit, so an ordinary request costs no
+  per-header work (a per-header callback doubled the parser callbacks' cost). Past the
+  limit the callback raises and the refusal replaces uvicorn's 400.
 
 A head must also arrive in full within ``INVENTORY_HEADER_TIMEOUT`` seconds (default 30)
 of its first byte, or of the connection opening: slowloris clients that dribble headers
 (or never send one) are answered 408 (or simply closed when nothing arrived) instead of
 holding a connection for ever. Between requests uvicorn's keep-alive timeout applies.
+
+A refused connection gets its answer and a FIN, then its further input is read and
+dropped for up to :data:`LINGER_SECONDS` or :data:`LINGER_BYTES` before the close: closing
+with unread input would make the kernel reset the connection and could destroy the answer
+before the client reads it (the "lingering close" of other HTTP servers).
 
 The WebSocket handshake of ``/v1/ws`` is parsed by this same protocol before uvicorn hands
 the connection to its WebSocket protocol, so the cap covers it too.
@@ -42,10 +50,20 @@ from typing import Any
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["MAX_HEAD", "LimitedHttpToolsProtocol", "check_compatible"]
+__all__ = [
+    "LINGER_BYTES",
+    "LINGER_SECONDS",
+    "MAX_HEAD",
+    "LimitedHttpToolsProtocol",
+    "check_compatible",
+]
 
 MAX_HEAD = 16 * 1024
 """Request line plus headers, in bytes (names, values and their separators)."""
+
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 1 << 20
+"""After a refusal, input is read and dropped for at most this long and this much."""
 
 _REASONS = {
     408: ("Request Timeout", "request_timeout", "the request head did not arrive in time"),
@@ -62,8 +80,6 @@ _OVERRIDDEN = (
     "connection_lost",
     "data_received",
     "on_message_begin",
-    "on_url",
-    "on_header",
     "on_headers_complete",
     "send_400_response",
 )
@@ -73,6 +89,9 @@ def check_compatible() -> None:
     """Raise ``RuntimeError`` unless uvicorn's protocol still has what this class hooks."""
     missing = [name for name in _OVERRIDDEN if not callable(getattr(HttpToolsProtocol, name, None))]
     params = inspect.signature(HttpToolsProtocol.__init__).parameters
+    source = inspect.getsource(HttpToolsProtocol)
+    if "self.url += url" not in source or "self.headers.append((name, value))" not in source:
+        missing.append("url and headers kept in self.url and self.headers")
     if missing or "config" not in params or "server_state" not in params:
         raise RuntimeError(
             "inventory.http_limits: this uvicorn's HttpToolsProtocol changed "
@@ -114,9 +133,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = False  # a request began and its headers are not complete yet
         self._began_now = False  # ... and it began in the chunk being parsed
-        self._head_bytes = 0  # counted in the callbacks
+        self._chunk = 0  # size of the chunk being parsed
         self._head_chunks = 0  # whole chunks received while the head stayed incomplete
         self._refused: int | None = None
+        self._lingered = 0  # bytes dropped after a refusal
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -128,34 +148,39 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._refused is not None:
+        if self._refused is not None:  # lingering after a refusal: dropped
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self.transport.close()
             return
         self._began_now = False
+        self._chunk = len(data)
         super().data_received(data)  # a refusal in a callback arrives as send_400_response
         if self._in_head and self._refused is None and not self._began_now:
             self._head_chunks += len(data)
             if self._head_chunks > MAX_HEAD:
-                self._refuse(431)
+                # Mostly URL so far: the line is what does not end.
+                self._refuse(414 if 2 * len(self.url) > self._head_chunks else 431)
 
     # Parser callbacks.
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = self._began_now = True
-        self._head_bytes = self._head_chunks = 0
+        self._head_chunks = 0
         self._arm_head_timer()
-
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url), 414)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4, 431)  # "name: value\r\n"
-        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._cancel_head_timer()
+        # The head is within what arrived since it began: only a large one is measured.
+        if self._head_chunks + self._chunk > MAX_HEAD:
+            if len(self.url) > MAX_HEAD:
+                self._refused = 414
+            elif len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers) > MAX_HEAD:
+                self._refused = 431
+            if self._refused is not None:
+                raise _Refused  # the parser stops; uvicorn calls send_400_response
         super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
@@ -166,12 +191,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     # Internals.
 
-    def _count(self, n: int, status: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > MAX_HEAD:
-            self._refused = status if not self.headers else 431
-            raise _Refused
-
     def _refuse(self, status: int) -> None:
         self._refused = status
         self._write_refusal()
@@ -180,8 +199,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         assert self._refused is not None
         self._cancel_head_timer()
         self.logger.info("refused a request head: HTTP %d", self._refused)
-        if not self.transport.is_closing():
-            self.transport.write(_refusal(self._refused))
+        if self.transport.is_closing():
+            return
+        self.transport.write(_refusal(self._refused))
+        if self.transport.can_write_eof():
+            # Closing with unread input makes the kernel send a reset, which can destroy
+            # the answer before the client reads it. So: send it and a FIN, then keep
+            # reading (and dropping) for a moment, bounded in time and bytes.
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        else:
             self.transport.close()
 
     def _arm_head_timer(self) -> None:

@@ -46,7 +46,8 @@ async def exchange(port: int, data: bytes, timeout: float = 10) -> tuple[int, di
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(data)
-        await writer.drain()
+        with contextlib.suppress(ConnectionError):  # refused before all of it was sent
+            await writer.drain()
         async with asyncio.timeout(timeout):
             raw = await reader.read(1 << 20)
             head, _, body = raw.partition(b"\r\n\r\n")
@@ -130,7 +131,7 @@ def test_protocol_hooks_match_this_uvicorn() -> None:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     assert issubclass(LimitedHttpToolsProtocol, HttpToolsProtocol)
-    for name in ("on_url", "on_header", "on_headers_complete", "on_message_begin"):
+    for name in ("on_headers_complete", "on_message_begin", "send_400_response"):
         assert name in vars(HttpToolsProtocol), name  # still uvicorn's own parser callbacks
 
 
@@ -145,7 +146,7 @@ async def test_head_limits(server_factory: ServerFactory) -> None:
     assert status == 431
     assert code_of(body) == "request_header_fields_too_large"
     # One header that never ends: refused while it is still arriving.
-    status, body = await exchange(port, request()[:-2] + b"X-Big: " + b"b" * (1 << 20))
+    status, body = await exchange(port, request()[:-2] + b"X-Big: " + b"b" * (512 * KiB))
     assert status == 431
     # A request line over it: 414.
     long_path = "/v1/stock?product_ids=" + "a," * (MAX_HEAD // 2)
@@ -200,7 +201,9 @@ async def test_unterminated_request_lines_keep_memory_bounded(
             sent = await asyncio.wait_for(
                 asyncio.gather(*(_push_line(server.port, 40 << 20) for _ in range(3))), 60
             )
-            assert all(s < 4 << 20 for s in sent), sent  # cut off long before the end
+            # Cut off long before the end: what got out is the server's 16 KiB plus what
+            # the kernel's socket buffers on both sides took before the close was seen.
+            assert all(s < 16 << 20 for s in sent), sent
     print(f"server grew by {(process.memory_info().rss - before) / 2**20:.1f} MiB; "
           f"probe answers {probe.answers}, slowest {probe.slowest:.3f} s")  # fmt: skip
     grown = process.memory_info().rss - before
