@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -61,6 +61,7 @@ __all__ = [
     "MAX_BODY",
     "Auth",
     "Forbidden",
+    "Handler",
     "MethodNotAllowed",
     "PayloadTooLarge",
     "RouteDoc",
@@ -124,6 +125,10 @@ _STATUS = {
     "warehouse_unavailable": 409,
     "invalid_state": 409,
     "conflict": 409,
+    "is_kit": 409,
+    "has_stock": 409,
+    "is_component": 409,
+    "bulk_failed": 409,
     "idempotency_key_reused": 422,
     "contention": 503,
     "unavailable": 503,
@@ -204,22 +209,22 @@ def bearer(headers: Any) -> str | None:
 # --- request helpers ------------------------------------------------------------------
 
 
-async def read_body(request: Request) -> bytes:
-    """The JSON body, refusing other media types and more than :data:`MAX_BODY` bytes
-    (without reading them all)."""
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The JSON body, refusing other media types and more than ``limit`` bytes (without
+    reading them all)."""
     media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
         raise UnsupportedMediaType("the body must be sent as Content-Type: application/json")
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY:
-        raise PayloadTooLarge(f"the body exceeds {MAX_BODY} bytes")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"the body exceeds {limit} bytes")
     chunks = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
-            if size > MAX_BODY:
-                raise PayloadTooLarge(f"the body exceeds {MAX_BODY} bytes")
+            if size > limit:
+                raise PayloadTooLarge(f"the body exceeds {limit} bytes")
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientDisconnected("the client disconnected before the body arrived") from None
@@ -419,7 +424,12 @@ class Handlers:
         lines = [RequestedLine(x.product_id, x.quantity, x.warehouse_id) for x in body.lines]
         result = await self.service.reserve(lines, body.ttl_seconds, body.reference, idempotency)
         if isinstance(result, Replay):
-            return Response(result.body, result.status_code, media_type="application/json")
+            return Response(
+                result.body,
+                result.status_code,
+                {"Idempotent-Replayed": "true"},
+                media_type="application/json",
+            )
         return json_response(reservation_out(result), 201)
 
     async def get_reservation(self, request: Request) -> Response:
@@ -466,9 +476,12 @@ class RouteDoc:
 
 
 def api_routes(
-    get_service: Callable[[], InventoryService], auth: Auth
+    get_service: Callable[[], InventoryService],
+    auth: Auth,
+    extra: Sequence[tuple[str, str, Handler, RouteDoc]] = (),
 ) -> tuple[list[BaseRoute], dict[str, dict[str, RouteDoc]]]:
-    """The ``/v1`` routes and their documentation (for :mod:`inventory.openapi`)."""
+    """The ``/v1`` routes and their documentation (for :mod:`inventory.openapi`);
+    ``extra`` rows come from feature modules (webhooks)."""
     h = Handlers(get_service, auth)
     table: list[tuple[str, str, Handler, RouteDoc]] = [
         (
@@ -551,7 +564,11 @@ def api_routes(
             h.extend,
             RouteDoc("Extend a reservation", "reserve", ExtendIn, ReservationOut),
         ),
+        *extra,
     ]
+    from .catalog_api import catalog_routes
+
+    table += catalog_routes(get_service, auth)
     by_path: dict[str, dict[str, Handler]] = {}
     docs: dict[str, dict[str, RouteDoc]] = {}
     for path, method, handler, doc in table:

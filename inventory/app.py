@@ -23,11 +23,12 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket
 
-from realtime.hub import Hub
+from realtime.hub import Hub, HubSettings
 from realtime.relay import Relay
+from realtime.sse import sse_route
 from realtime.tasks import cancel_and_wait
+from realtime.tickets import TicketStore
 from realtime.ws import websocket_route
 
 from . import metrics
@@ -40,7 +41,11 @@ from .openapi import openapi_document
 from .service import InventoryService, RetryPolicy
 from .store import connect
 from .store_feed import PgLevelReader, PgOutbox
+from .stream_auth import StreamAuth
 from .tracing import instrument
+from .webhooks.api import webhook_routes
+from .webhooks.delivery import Dispatcher, policy_from
+from .webhooks.store import WebhookStore
 
 __all__ = ["app_from_env", "create_app", "tune_gc"]
 
@@ -82,6 +87,7 @@ class Runtime:
         self.redis: aioredis.Redis | None = None
         self.service: InventoryService | None = None
         self.hub: Hub | None = None
+        self.tickets: TicketStore | None = None
         self.tasks: list[asyncio.Task[Any]] = []
 
     def get_service(self) -> InventoryService:
@@ -92,6 +98,11 @@ class Runtime:
     def get_hub(self) -> Hub:
         assert self.hub is not None, "the hub starts with the lifespan"
         return self.hub
+
+    def get_tickets(self) -> TicketStore:
+        if self.tickets is None:
+            raise Unavailable("the server is starting")
+        return self.tickets
 
 
 _HUB_COUNTERS = {
@@ -161,7 +172,12 @@ def create_app(settings: Settings) -> Starlette:
     runtime = Runtime(settings)
     auth = Auth(settings.tokens)
 
-    routes, docs = api_routes(runtime.get_service, auth)
+    routes, docs = api_routes(
+        runtime.get_service,
+        auth,
+        webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
+    )
+    stream_auth = StreamAuth(auth, runtime.get_tickets)
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -212,8 +228,12 @@ def create_app(settings: Settings) -> Starlette:
             poll_interval=settings.relay_poll_interval,
         )
         hub = runtime.hub = Hub(
-            runtime.redis, PgLevelReader(store.pool), prefix=settings.redis_prefix
+            runtime.redis,
+            PgLevelReader(store.pool),
+            prefix=settings.redis_prefix,
+            settings=HubSettings(max_connections=settings.max_streams),
         )
+        runtime.tickets = TicketStore(runtime.redis, prefix=settings.redis_prefix)
         service = InventoryService(
             store,
             retry=RetryPolicy(
@@ -238,9 +258,14 @@ def create_app(settings: Settings) -> Starlette:
                 name="expiry-sweeper",
             )
         )
+        webhooks = Dispatcher(
+            settings.database_url, WebhookStore(store.pool), store, policy_from(settings)
+        )
+        webhooks.start()
         try:
             yield
         finally:
+            await webhooks.stop()
             await cancel_and_wait(*runtime.tasks)
             await hub.stop()  # closes WebSockets with 1001
             await relay.stop()
@@ -253,15 +278,6 @@ def create_app(settings: Settings) -> Starlette:
             auth.check(bearer(request.headers), "read")
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
 
-    async def authenticate_ws(websocket: WebSocket) -> Response | None:
-        """Bearer header or ``token`` query parameter with the ``read`` scope."""
-        token = bearer(websocket.headers) or websocket.query_params.get("token")
-        try:
-            auth.check(token, "read")
-        except InventoryError as exc:
-            return error_response(exc)
-        return None
-
     async def dashboard(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
 
@@ -273,7 +289,9 @@ def create_app(settings: Settings) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        websocket_route(runtime.get_hub, authenticate_ws if auth.enabled else None),
+        Route("/v1/stream-tickets", stream_auth.create_ticket, methods=["POST"]),
+        websocket_route(runtime.get_hub, stream_auth.authenticate),
+        sse_route(runtime.get_hub, stream_auth.authenticate),
     ]
     app = Starlette(
         routes=all_routes,

@@ -155,6 +155,12 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     tracing: str = "off"
+    webhook_allow_private: bool = False
+    webhook_retry_base: float = 5.0
+    webhook_retry_max: float = 3600.0
+    webhook_retry_window: float = 86400.0
+    webhook_concurrency: int = 8
+    max_streams: int = 10_000  # open WebSocket/SSE connections per process
     cors_origins: tuple[str, ...] = ()
     header_timeout: float = 30.0
 
@@ -203,6 +209,14 @@ class Settings:
             log_level=_choice(env, "INVENTORY_LOG_LEVEL", "info", LOG_LEVELS),
             log_format=_choice(env, "INVENTORY_LOG_FORMAT", default_log_format(), ("json", "text")),
             tracing=tracing,
+            webhook_allow_private=_bool(env, "INVENTORY_WEBHOOK_ALLOW_PRIVATE", False),
+            webhook_retry_base=_float(env, "INVENTORY_WEBHOOK_RETRY_BASE", 5.0, 0.01, 3600),
+            webhook_retry_max=_float(env, "INVENTORY_WEBHOOK_RETRY_MAX", 3600.0, 0.01, 86400),
+            webhook_retry_window=_float(
+                env, "INVENTORY_WEBHOOK_RETRY_WINDOW", 86400.0, 1, 7 * 86400
+            ),
+            webhook_concurrency=_int(env, "INVENTORY_WEBHOOK_CONCURRENCY", 8, 1, 256),
+            max_streams=_int(env, "INVENTORY_MAX_STREAMS", 10_000, 1, 1_000_000),
             cors_origins=_origins(env.get("INVENTORY_CORS_ORIGINS", "")),
             header_timeout=_float(env, "INVENTORY_HEADER_TIMEOUT", 30.0, 0.1, 3600),
         )

@@ -5,12 +5,13 @@ context variable set by the request-id middleware) and, with tracing on, the tra
 span ids of the span it was logged in. Nothing here ever logs a header or a
 token; configuration values with secrets are never passed to the logger.
 
-Other code may (uvicorn logs WebSocket request lines with their query string, libraries
-log URLs and exceptions), so :class:`RedactFilter` sits on every handler of the logging
-configuration and rewrites each record, whatever its logger and level, before it is
-formatted: :func:`redact` replaces credentials (``Authorization`` values, bearer tokens,
-``token=``/``ticket=``/``secret=`` parameters, ``"secret"`` fields) with ``[REDACTED]`` in
-the message, its arguments, extra fields, the exception text and the stack.
+Every line is also redacted on its way out (:func:`redact`), whoever logged it: uvicorn
+logs WebSocket handshakes with their query string at INFO, and with debug logging the
+``websockets`` protocol logs request headers and uvicorn's trace level whole ASGI scopes.
+Credentials in those (``Authorization`` values, bearer tokens, ``ticket=``/``token=``/
+``secret=``/``password=`` parameters, ``"secret"``/``"token"`` fields of JSON or reprs, as
+in a webhook registration body) become ``[redacted]`` before the line is written, at every
+level. :func:`redact` also cleans span attributes (:mod:`inventory.tracing`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import orjson
 
 __all__ = [
     "JsonFormatter",
-    "RedactFilter",
+    "TextFormatter",
     "configure_logging",
     "redact",
     "request_id_var",
@@ -52,62 +53,46 @@ def set_trace_ids(getter: TraceIds | None) -> None:
     _trace_ids = getter
 
 
+_REDACTIONS = (
+    # A credential as a query parameter, in a URL or a raw query string (b'ticket=...').
+    (
+        re.compile(
+            r"(?i)((?:^|[?&;\s'\"(])"
+            r"(?:ticket|token|access_token|secret|password|api_key|apikey)=)[^&\s'\"#\\]+"
+        ),
+        r"\1[redacted]",
+    ),
+    # A credential field of a JSON object or a repr: "secret": "x", 'token': b'x', and
+    # the same with escaped quotes (a JSON body inside a JSON log line).
+    (
+        re.compile(
+            r"(?i)((?:\\?['\"])(?:secret|token|ticket|password)\\?['\"]\s*:\s*b?\\?['\"])"
+            r"[^'\"\\]*"
+        ),
+        r"\1[redacted]",
+    ),
+    # An Authorization header's value: "authorization: x", ('authorization', b'x'), ...
+    (
+        re.compile(r"(?i)(authorization['\"]?\s*[:=,]\s*(?:b?['\"])?)[^'\"\r\n\\]+"),
+        r"\1[redacted]",
+    ),
+    # A bearer credential wherever it appears.
+    (re.compile(r"(?i)\b(bearer\s+)[^\s'\"\\,;]+"), r"\1[redacted]"),
+)
+
+
+def redact(line: str) -> str:
+    """``line`` with every credential it carries replaced by ``[redacted]``."""
+    for pattern, replacement in _REDACTIONS:
+        line = pattern.sub(replacement, line)
+    return line
+
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
     "asctime",
     "color_message",  # uvicorn's ANSI-coloured copy of msg
 }
-
-
-REDACTED = "[REDACTED]"
-
-_SECRETS = re.compile(
-    # Authorization: <scheme> <credential> (header lines, reprs of header lists, JSON)
-    r"(authorization['\"]?\s*[:=,]\s*(?:b?['\"])?)(?:(?:bearer|basic|token)\s+)?"
-    r"[^\s'\",;}\])]+"
-    # a bearer credential anywhere else
-    r"|(bearer)\s+[A-Za-z0-9._~+/=:-]+"
-    # URL and form parameters that carry credentials
-    r"|((?:^|[?&;\s])(?:access_)?(?:token|ticket|secret|password|api_key|apikey)=)[^&\s'\"#]+"
-    # JSON or repr fields
-    r"|(['\"](?:secret|token|ticket|password)['\"]\s*:\s*b?['\"])[^'\"]*",
-    re.IGNORECASE,
-)
-
-
-def _keep_prefix(match: re.Match[str]) -> str:
-    prefix = next((g for g in match.groups() if g is not None), "")
-    if match.group(2) is not None:  # "bearer <token>"
-        return f"{prefix} {REDACTED}"
-    return prefix + REDACTED
-
-
-def redact(text: str) -> str:
-    """``text`` with every credential replaced by ``[REDACTED]``."""
-    return _SECRETS.sub(_keep_prefix, text)
-
-
-class RedactFilter(logging.Filter):
-    """Redacts credentials from every record passing the handler it is attached to."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken format: let the handler report it as usual
-            return True
-        clean = redact(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text)
-        if record.stack_info:
-            record.stack_info = redact(record.stack_info)
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD and isinstance(value, str):
-                record.__dict__[key] = redact(value)
-        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -116,7 +101,9 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -129,17 +116,22 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
-        if record.exc_text:  # as redacted by RedactFilter
-            entry["exc"] = record.exc_text
-        elif record.exc_info:
+        if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return redact(orjson.dumps(entry, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    """Readable lines for a terminal, redacted like the JSON ones."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def _formatter(fmt: str) -> dict[str, Any]:
     if fmt == "json":
         return {"()": JsonFormatter}
-    return {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    return {"()": TextFormatter, "format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
 
 
 def uvicorn_log_config(fmt: str, level: str) -> dict[str, Any]:
@@ -148,12 +140,10 @@ def uvicorn_log_config(fmt: str, level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": _formatter(fmt)},
-        "filters": {"redact": {"()": RedactFilter}},
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
-                "filters": ["redact"],  # every handler: records of every logger pass here
                 "stream": "ext://sys.stderr",
             }
         },

@@ -39,6 +39,10 @@ __all__ = [
     "RETRIES",
     "SWEEPS",
     "VERSION_CONFLICTS",
+    "WEBHOOK_ATTEMPTS",
+    "WEBHOOK_FAILURES",
+    "WEBHOOK_LAG",
+    "WEBHOOK_QUEUE",
     "WS_CONFLATED",
     "WS_CONNECTIONS",
     "WS_DELIVERIES",
@@ -92,6 +96,30 @@ WS_SLOW_DISCONNECTS = Counter(
 )
 REDIS_RECONNECTS = Counter("inventory_redis_reconnects_total", "Pub/sub reconnects to Redis")
 RESYNCS = Counter("inventory_ws_resyncs_total", "Resyncs of subscribed products from PostgreSQL")
+
+# Webhooks: labelled by webhook id (a registered slug), never by URL or secret.
+WEBHOOK_ATTEMPTS = Counter(
+    "inventory_webhook_attempts_total",
+    "Webhook delivery attempts by outcome (success, http_error, error)",
+    ["webhook_id", "outcome"],
+)
+WEBHOOK_FAILURES = Counter(
+    "inventory_webhook_failures_total",
+    "Webhook events given up after the retry window",
+    ["webhook_id"],
+)
+WEBHOOK_QUEUE = Gauge(
+    "inventory_webhook_queue_events",
+    "Events queued for an endpoint and not yet acknowledged",
+    ["webhook_id"],
+    multiprocess_mode="livemax",
+)
+WEBHOOK_LAG = Gauge(
+    "inventory_webhook_lag_seconds",
+    "Age of the oldest unacknowledged event of an endpoint",
+    ["webhook_id"],
+    multiprocess_mode="livemax",
+)
 
 
 def render() -> bytes:

@@ -5,6 +5,9 @@
  *   socket message -> model (Maps, version-checked) -> "dirty" sets -> one DOM pass per
  *   animation frame (requestAnimationFrame), so bursts of updates never cost more than one
  *   render per frame.
+ * Before each (re)connect the page trades its token (sent in a header) for a single-use
+ * stream ticket (POST /v1/stream-tickets) and opens /v1/ws?ticket=...: the token itself
+ * never goes into a URL, where logs and proxies would keep it.
  * After any disconnect the socket reconnects with exponential backoff and jitter and
  * re-subscribes with `since` (the versions on screen); until the server has answered every
  * subscribe, the table is marked stale, so a number from before the disconnect is never
@@ -47,6 +50,7 @@
     body: $("stock-body"),
     captionMeta: $("caption-meta"),
     empty: $("empty"),
+    more: $("more-products"),
     stats: $("stats"),
   };
   const numberFormat = new Intl.NumberFormat();
@@ -83,6 +87,7 @@
     stale: true, // what is on screen may be behind the server
     pendingSubscribes: 0,
     attempt: 0,
+    generation: 0, // bumped by every connect(): a superseded ticket request gives up
     reconnectTimer: 0,
     lastRx: 0,
     lastPing: 0,
@@ -306,11 +311,27 @@
     }
   }
 
-  function socketUrl() {
+  /**
+   * A single-use ticket for the stream (POST /v1/stream-tickets with the token in the
+   * Authorization header), or null when the server refuses the token. Throws when the
+   * server cannot be reached or cannot issue one right now.
+   */
+  async function streamTicket() {
+    const t = token();
+    const response = await fetch("/v1/stream-tickets", {
+      method: "POST",
+      headers: t ? { Authorization: `Bearer ${t}` } : {},
+      cache: "no-store",
+    });
+    if (response.status === 401 || response.status === 403) return null;
+    if (!response.ok) throw new Error(`the ticket request answered ${response.status}`);
+    return (await response.json()).ticket;
+  }
+
+  function socketUrl(ticket) {
     const url = new URL("/v1/ws", window.location.href);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-    const t = token();
-    if (t) url.searchParams.set("token", t);
+    url.searchParams.set("ticket", ticket);
     return url.toString();
   }
 
@@ -350,12 +371,28 @@
     flush();
   }
 
-  function connect() {
+  async function connect() {
     window.clearTimeout(conn.reconnectTimer);
     conn.reconnectTimer = 0;
+    const generation = ++conn.generation;
+    let ticket;
+    try {
+      ticket = await streamTicket();
+    } catch {
+      ticket = undefined; // unreachable: retried with backoff below
+    }
+    if (generation !== conn.generation || conn.socket) return; // superseded meanwhile
+    if (ticket === undefined) {
+      scheduleReconnect();
+      return;
+    }
+    if (ticket === null) {
+      showUnauthorized();
+      return;
+    }
     let socket;
     try {
-      socket = new WebSocket(socketUrl());
+      socket = new WebSocket(socketUrl(ticket));
     } catch (error) {
       showNotice(`Cannot open the WebSocket: ${error.message}`);
       scheduleReconnect();
@@ -425,12 +462,18 @@
     }
     if (response.status !== 401 && response.status !== 403) return false;
     if (conn.socket) return true; // a new token was entered meanwhile
+    showUnauthorized();
+    return true;
+  }
+
+  function showUnauthorized() {
     setState(
       "unauthorized",
-      t ? "Token rejected: enter a token with the read scope" : "Token needed: enter a read token",
+      token()
+        ? "Token rejected: enter a token with the read scope"
+        : "Token needed: enter a read token",
     );
     ui.tokenInput.focus();
-    return true;
   }
 
   function scheduleReconnect(code) {
@@ -845,6 +888,40 @@
     enumerable: false,
   });
 
+  // ---------------------------------------------------------------- product listing
+
+  /**
+   * Without ?products, watch the products the server has: the first page of
+   * GET /v1/products, then more on request. While the server has none yet (a fresh
+   * server before `inventory demo` seeds it), ask again every few seconds.
+   */
+  const LIST_PAGE = 50;
+  let listAfter = "";
+
+  async function listProducts() {
+    const url = new URL("/v1/products", window.location.href);
+    url.searchParams.set("limit", String(LIST_PAGE));
+    if (listAfter) url.searchParams.set("after", listAfter);
+    const t = token();
+    let page = null;
+    try {
+      const response = await fetch(url, { headers: t ? { Authorization: `Bearer ${t}` } : {} });
+      if (response.ok) page = await response.json();
+      else if (response.status !== 401) showNotice(`Listing products failed (${response.status}).`);
+    } catch {
+      // unreachable: the connection state already says so; try again below
+    }
+    if (page === null || (!page.products.length && !listAfter && !products.length)) {
+      window.setTimeout(listProducts, 3000);
+      return;
+    }
+    addProducts(page.products.map((p) => p.product_id));
+    listAfter = page.next_after || "";
+    ui.more.hidden = !listAfter || products.length >= MAX_PRODUCTS;
+  }
+
+  ui.more.addEventListener("click", () => listProducts());
+
   // ---------------------------------------------------------------- start
 
   const initial = parseProductList(
@@ -856,6 +933,7 @@
   }
   ui.tokenInput.value = token();
   addProducts(initial.ids);
+  if (!initial.ids.length && !initial.bad.length) listProducts();
   structureDirty = true;
   scheduleFrame();
   window.setInterval(tick, 1000);
