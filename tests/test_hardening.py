@@ -181,7 +181,7 @@ async def test_on_hand_bound(client: httpx.AsyncClient, make_stock: MakeStock) -
     [
         ("TRACE", "/v1/warehouses", "GET, HEAD, OPTIONS"),
         ("DELETE", "/v1/warehouses", "GET, HEAD, OPTIONS"),
-        ("PATCH", "/v1/reservations", "OPTIONS, POST"),
+        ("PATCH", "/v1/reservations", "GET, HEAD, OPTIONS, POST"),
         ("POST", "/health", "GET, HEAD, OPTIONS"),
         ("PUT", "/static/dashboard.js", "GET, HEAD, OPTIONS"),
     ],
