@@ -69,6 +69,7 @@ import psutil
 import redis.asyncio as aioredis
 
 from bench.stack import ServerProcess, backing_servers, scratch_databases
+from realtime.keys import RedisKeys
 
 __all__ = ["main", "run_fanout_bench", "serve_bare"]
 
@@ -244,7 +245,7 @@ class _Publisher:
 
     def __init__(self, redis: aioredis.Redis, prefix: str, product_id: str) -> None:
         self._redis = redis
-        self._channel = f"{prefix}:stock:{product_id}"
+        self._channel = RedisKeys(prefix).stock_channel(product_id)
         self.product_id = product_id
         self._sent = 0
 
@@ -271,7 +272,7 @@ async def serve_bare(port: int, redis_url: str, prefix: str) -> None:
     redis = aioredis.Redis.from_url(redis_url)
     async with serve(handler, "127.0.0.1", port, compression=None, max_size=65536) as server:
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.psubscribe(f"{prefix}:stock:*")
+        await pubsub.psubscribe(RedisKeys(prefix).stock_pattern)
         print("ready", flush=True)
         async for message in pubsub.listen():
             broadcast(server.connections, message["data"].decode())

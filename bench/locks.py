@@ -64,7 +64,7 @@ async def _uncontended(client: Redis, seconds: float) -> tuple[float, float]:
     release_sha = await client.script_load(_RELEASE)
 
     async def ours() -> None:
-        async with Lock(client, key, TTL):
+        async with Lock(client, key, TTL, fence_key=f"{key}:fence"):
             pass
 
     async def ceiling() -> None:
@@ -140,7 +140,10 @@ async def run_lock_bench(
             ours, ceiling = await _uncontended(client, seconds)
             row = {"uncontended_pairs_per_s": ours, "ceiling_pairs_per_s": ceiling}
             contended = await _contended(
-                client, seconds, lambda k: Lock(client, k, TTL), redis_py=False
+                client,
+                seconds,
+                lambda k: Lock(client, k, TTL, fence_key=f"{k}:fence"),
+                redis_py=False,
             )
             baseline = await _contended(
                 client, seconds, lambda k: client.lock(k, timeout=TTL), redis_py=True

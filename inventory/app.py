@@ -1,8 +1,9 @@
 """App factory: wires settings, the store, Redis, the service, realtime and routes.
 
 One :func:`create_app` per server process. Its lifespan opens the PostgreSQL pool and
-the Redis client, starts the expiry sweeper (and the realtime relay and hub), and closes
-them all in reverse order on shutdown.
+the Redis client, starts the expiry sweeper, the idempotency purge, the realtime relay
+and hub (each background loop supervised: restarted if it ends), and closes them all in
+reverse order on shutdown.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import gc
 import logging
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from realtime.hub import Hub, HubSettings
+from realtime.keys import RedisKeys
 from realtime.relay import Relay
+from realtime.sharded import RedisClient, redis_from_url
 from realtime.sse import sse_route
-from realtime.tasks import cancel_and_wait
+from realtime.tasks import cancel_and_wait, set_restart_hook, spawn
 from realtime.tickets import TicketStore
 from realtime.ws import websocket_route
 
@@ -35,6 +38,7 @@ from . import metrics
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
+from .expiry import Expiry
 from .guards import Cors, LoopbackGuard
 from .middleware import RequestMiddleware
 from .openapi import openapi_document
@@ -84,10 +88,12 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis: aioredis.Redis | None = None
+        self.redis: RedisClient | None = None
         self.service: InventoryService | None = None
         self.hub: Hub | None = None
         self.tickets: TicketStore | None = None
+        self.relay: Relay | None = None
+        self.expiry: Expiry | None = None
         self.tasks: list[asyncio.Task[Any]] = []
 
     def get_service(self) -> InventoryService:
@@ -131,10 +137,12 @@ async def _export_hub_stats(hub: Hub, interval: float = 1.0) -> None:
         await asyncio.sleep(interval)
 
 
-def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
+def _lock_factory(redis: RedisClient, settings: Settings) -> Any:
     from locks import LockError, LockNotAcquired, acquire_many
 
     from .domain import Contention
+
+    names = RedisKeys(settings.redis_prefix)
 
     @contextlib.asynccontextmanager
     async def lock_products(products: Sequence[str]) -> AsyncIterator[None]:
@@ -144,7 +152,7 @@ def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
         the write committed is only logged: the write was version-checked (the row
         version is the fence), and a 503 then would invite a retry that reserves twice.
         """
-        keys = [f"{settings.redis_prefix}:lock:{p}" for p in products]
+        keys = [names.lock_pair(p) for p in products]
         metrics.LOCK_WAITS.inc()
         lock = acquire_many(redis, keys, ttl=settings.lock_ttl, timeout=settings.lock_wait)
         try:
@@ -185,7 +193,7 @@ def create_app(settings: Settings) -> Starlette:
     async def ready(request: Request) -> Response:
         if not settings.ready_public:
             auth.check(bearer(request.headers), "read")
-        checks = {"postgres": False, "redis": False}
+        checks = {"postgres": False, "redis": False, "relay": False}
         service = runtime.service
         if service is not None:
             with contextlib.suppress(InventoryError, OSError):
@@ -195,6 +203,9 @@ def create_app(settings: Settings) -> Starlette:
             with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
                 await asyncio.wait_for(runtime.redis.ping(), 2)
                 checks["redis"] = True
+        if runtime.relay is not None:  # some process leads the relay for this redis
+            with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
+                checks["relay"] = await asyncio.wait_for(runtime.relay.lease_held(), 2)
         ok = all(checks.values())
         return json_response(
             {"status": "ready" if ok else "unavailable", "checks": checks}, 200 if ok else 503
@@ -215,13 +226,14 @@ def create_app(settings: Settings) -> Starlette:
             max_size=settings.db_pool_max,
             timeout=settings.db_timeout,
         )
-        runtime.redis = aioredis.Redis.from_url(
+        runtime.redis = redis_from_url(
             settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15
         )
         lock_products = None
         if settings.reserve_strategy == "lock":
             lock_products = _lock_factory(runtime.redis, settings)
-        relay = Relay(
+        set_restart_hook(lambda name: metrics.TASK_RESTARTS.labels(name).inc())
+        relay = runtime.relay = Relay(
             PgOutbox(store.pool),
             runtime.redis,
             prefix=settings.redis_prefix,
@@ -249,14 +261,19 @@ def create_app(settings: Settings) -> Starlette:
         runtime.service = service
         await hub.start()
         await relay.start()
-        runtime.tasks.append(asyncio.create_task(_export_hub_stats(hub), name="hub-metrics"))
+        runtime.tasks.append(spawn("hub-metrics", lambda: _export_hub_stats(hub)))
+
+        def released(products: Iterable[str]) -> None:
+            for product_id in products:  # stock came back: stop refusing it from memory
+                service.single_line.forget(product_id)
+            service.on_change()
+
+        expiry = runtime.expiry = Expiry(store, batch=settings.sweep_batch, on_released=released)
         runtime.tasks.append(
-            asyncio.create_task(
-                service.run_sweeper(
-                    settings.sweep_interval, settings.sweep_batch, settings.idempotency_ttl_hours
-                ),
-                name="expiry-sweeper",
-            )
+            spawn("expiry-sweeper", lambda: expiry.run_sweeper(settings.sweep_interval))
+        )
+        runtime.tasks.append(
+            spawn("idempotency-purge", lambda: expiry.run_purge(settings.idempotency_ttl_hours))
         )
         webhooks = Dispatcher(
             settings.database_url, WebhookStore(store.pool), store, policy_from(settings)

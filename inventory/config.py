@@ -149,7 +149,7 @@ class Settings:
     lock_wait: float = 2.0
     reserve_lanes: int = 4
     sweep_interval: float = 0.25
-    sweep_batch: int = 200
+    sweep_batch: int = 1000
     idempotency_ttl_hours: int = 48
     relay_poll_interval: float = 0.01
     log_level: str = "info"

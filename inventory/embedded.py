@@ -14,12 +14,20 @@ Policy:
 - A PostgreSQL left running by a killed parent is found through ``postmaster.pid`` and
   reused (and then not stopped by us). Valkey is a child that dies with its parent
   (``PR_SET_PDEATHSIG``).
+- One Valkey per data directory: its owner holds an exclusive ``flock`` on
+  ``<data_dir>/valkey/owner.lock`` (released by the kernel when the owner dies, so a
+  crash leaves nothing stale). A second ``inventory serve`` on the same data directory
+  refuses to start with a message saying which process owns it and what to do (more
+  processes: ``--workers``; a second server: shared URLs). Reusing the owner's Valkey
+  instead would tie the second server to the first one's lifetime (the Valkey dies with
+  its parent), and starting a second Valkey would split locks and pub/sub in two.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import importlib.util
 import logging
 import os
@@ -212,6 +220,32 @@ class EmbeddedValkey:
     workdir: Path
     port: int | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    _owner: int | None = field(default=None, init=False)  # fd holding owner.lock
+
+    def _own(self) -> None:
+        """Take the data directory's Valkey; :class:`EmbeddedError` if a process has it."""
+        if self._owner is not None:
+            return
+        path = self.workdir / "owner.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 100, 0).decode(errors="replace").split()
+            os.close(fd)
+            who = f"process {owner[0]}, Valkey on port {owner[1]}" if len(owner) == 2 else "?"
+            raise EmbeddedError(
+                f"another inventory server already runs on the data directory "
+                f"{self.workdir.parent} ({who}). Run one server per data directory (use "
+                f"--workers for more processes), or start the second one with "
+                f"INVENTORY_DATABASE_URL and INVENTORY_REDIS_URL pointing at shared servers"
+            ) from None
+        self._owner = fd
+
+    def _disown(self) -> None:
+        fd, self._owner = self._owner, None
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
     @property
     def url(self) -> str:
@@ -228,7 +262,11 @@ class EmbeddedValkey:
         if not os.access(binary, os.X_OK):
             Path(binary).chmod(0o755)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._own()
+        assert self._owner is not None
         self.port = self.port or free_port()
+        os.ftruncate(self._owner, 0)
+        os.pwrite(self._owner, f"{os.getpid()} {self.port}\n".encode(), 0)
         self._proc = subprocess.Popen(
             [
                 binary,
@@ -257,14 +295,14 @@ class EmbeddedValkey:
 
     def stop(self, timeout: float = 5) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._disown()
 
     def kill(self) -> None:
         """Stop abruptly (SIGKILL), keeping the port so :meth:`start` brings it back there."""

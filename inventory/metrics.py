@@ -38,6 +38,7 @@ __all__ = [
     "RESYNCS",
     "RETRIES",
     "SWEEPS",
+    "TASK_RESTARTS",
     "VERSION_CONFLICTS",
     "WEBHOOK_ATTEMPTS",
     "WEBHOOK_FAILURES",
@@ -95,6 +96,11 @@ WS_SLOW_DISCONNECTS = Counter(
     "inventory_ws_slow_disconnects_total", "Connections closed for not reading"
 )
 REDIS_RECONNECTS = Counter("inventory_redis_reconnects_total", "Pub/sub reconnects to Redis")
+TASK_RESTARTS = Counter(
+    "inventory_task_restarts_total",
+    "Background tasks restarted by their supervisor after ending unexpectedly",
+    ["task"],
+)
 RESYNCS = Counter("inventory_ws_resyncs_total", "Resyncs of subscribed products from PostgreSQL")
 
 # Webhooks: labelled by webhook id (a registered slug), never by URL or secret.

@@ -1,4 +1,4 @@
-"""Use cases: warehouses, stock changes, reservations, expiry.
+"""Use cases: warehouses, stock changes, reservations (expiry: :mod:`inventory.expiry`).
 
 Each use case is one database transaction through :class:`~inventory.store.Store`; the
 rules come from :mod:`inventory.domain`. Single-line reservations are combined
@@ -11,7 +11,7 @@ hot-SKU fast path and group commit for the rest). Multi-line reservations use on
     ``retry_attempts`` times and within ``retry_deadline`` seconds, then answers
     :class:`~inventory.domain.Contention` (503 with ``Retry-After``).
 ``lock``
-    Take a Redis lock per product (sorted, ``{prefix}:lock:{product_id}``) around the
+    Take a Redis lock per product (sorted, :meth:`realtime.keys.RedisKeys.lock`) around the
     same version-checked write: the lock removes most lost races, the version check stays
     the fence against a holder whose lock expired.
 """
@@ -43,7 +43,6 @@ from .domain import (
     Reservation,
     ReservationStatus,
     StockLevel,
-    Unavailable,
     Warehouse,
     allocate,
     row_deltas,
@@ -330,41 +329,3 @@ class InventoryService:
             extended = reservation.extend(ttl_seconds, now)
             await self.store.update_reservation(conn, extended)
         return extended
-
-    async def expire_due(self, batch: int) -> int:
-        """Expire due reservations, each in its own transaction; returns how many.
-
-        ``FOR UPDATE SKIP LOCKED`` lets the sweepers of several processes share the work:
-        a reservation another sweeper (or a racing commit) holds is skipped, never
-        released twice.
-        """
-        expired = 0
-        for reservation_id in await self.store.due_reservations(batch):
-            async with self.store.transaction() as conn:
-                if not await self.store.lock_due_reservation(conn, reservation_id):
-                    continue
-                reservation, now = await self.store.get_reservation(reservation_id, conn)
-                await self._finish_locked(conn, reservation, ReservationStatus.EXPIRED, now)
-            expired += 1
-        metrics.SWEEPS.inc()
-        metrics.EXPIRED.inc(expired)
-        if expired:
-            self.on_change()
-        return expired
-
-    async def run_sweeper(self, interval: float, batch: int, purge_hours: int) -> None:
-        """Expire due reservations forever; also purge old idempotency keys hourly."""
-        next_purge = 0.0
-        while True:
-            try:
-                n = await self.expire_due(batch)
-                if time.monotonic() >= next_purge:
-                    await self.store.purge_idempotency_keys(purge_hours)
-                    next_purge = time.monotonic() + 3600
-            except Unavailable:
-                n = 0
-            except Exception:  # never let one bad pass end expiry in this process
-                log.exception("expiry sweep failed; retrying")
-                n = 0
-            if n < batch:
-                await asyncio.sleep(interval)

@@ -29,7 +29,7 @@ def where(url: str) -> str:
     except ValueError:
         return "(an unparsable URL)"
     if port is None:
-        port = {"redis": 6379, "rediss": 6379}.get(parts.scheme, 5432)
+        port = 6379 if parts.scheme.startswith("redis") else 5432
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -52,9 +52,9 @@ def database_error(url: str, exc: BaseException) -> StartupError:
 
 
 async def _ping_redis(url: str, timeout: float) -> None:
-    import redis.asyncio as aioredis
+    from realtime.sharded import redis_from_url
 
-    client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    client = redis_from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
     try:
         await client.ping()
     finally:

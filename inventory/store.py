@@ -1,4 +1,4 @@
-"""PostgreSQL store: the only module with SQL (with :mod:`inventory.store_feed`).
+"""PostgreSQL store: SQL and error translation (also in :mod:`.store_feed`, :mod:`.expiry`).
 
 Returns domain objects and raises domain errors: asyncpg's exceptions never leave this
 module. Connection failures become :class:`~inventory.domain.Unavailable` (503), a lost
@@ -517,34 +517,6 @@ class Store:
             reservation.expires_at,
         )
 
-    async def due_reservations(self, limit: int) -> list[UUID]:
-        """Active reservations past their deadline, oldest first."""
-        async with self.connection() as conn:
-            rows = await conn.fetch(
-                """SELECT id FROM reservations
-                   WHERE status = 'active' AND expires_at <= clock_timestamp()
-                   ORDER BY expires_at LIMIT $1""",
-                limit,
-            )
-        return [r["id"] for r in rows]
-
-    async def lock_due_reservation(self, conn: Conn, reservation_id: UUID) -> bool:
-        """Lock a due active reservation unless another sweeper already holds it."""
-        got = await conn.fetchval(
-            """SELECT 1 FROM reservations
-               WHERE id = $1 AND status = 'active' AND expires_at <= clock_timestamp()
-               FOR UPDATE SKIP LOCKED""",
-            reservation_id,
-        )
-        return got is not None
-
-    async def next_expiry(self) -> datetime | None:
-        async with self.connection() as conn:
-            value: datetime | None = await conn.fetchval(
-                "SELECT min(expires_at) FROM reservations WHERE status = 'active'"
-            )
-        return value
-
     # --- idempotency ---------------------------------------------------------------
 
     async def claim_idempotency_key(
@@ -584,15 +556,6 @@ class Store:
             status_code,
             response,
         )
-
-    async def purge_idempotency_keys(self, older_than_hours: int) -> int:
-        async with self.connection() as conn:
-            done = await conn.execute(
-                """DELETE FROM idempotency_keys
-                   WHERE created_at < now() - make_interval(hours => $1)""",
-                older_than_hours,
-            )
-        return int(done.split()[-1])
 
 
 def _line(x: ReservationLine) -> dict[str, Any]:

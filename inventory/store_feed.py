@@ -2,12 +2,34 @@
 
 Implements the ports of :mod:`realtime.ports` on asyncpg.
 
-The outbox is the ``movements`` ledger read in ``(xid, id)`` order. A row is *final* once
-every transaction older than its own has finished: ``xid < pg_snapshot_xmin(...)``. Reading
-only final rows strictly after the cursor makes the stream gap-free although ``bigserial``
-ids commit out of order. Trade-off: a long-running transaction anywhere in the cluster
-holds the relay back (not the writers) until it ends; the statement and
-idle-in-transaction timeouts of the application bound that.
+The outbox is the ``movements`` ledger read in commit order of its writers (migration
+``0003_ledger_commit_order.sql``). Policy and why it is correct:
+
+* Every transaction that inserts ledger rows takes a *commit ticket* at COMMIT: a
+  deferred constraint trigger on ``movements`` takes a shared transaction-level advisory
+  lock, then ``nextval('ledger_commit_seq')``, and records ``(ticket, xid)`` in
+  ``ledger_commits``. The lock is held until the transaction has ended, and PostgreSQL
+  makes a commit visible before it releases the transaction's locks.
+* The relay first asks for the *fence*, ``ledger_commit_fence(after)``: it takes the same
+  lock exclusively for the length of one autocommit statement and reads the sequence.
+  Holding the lock exclusively means no ledger writer is between taking its ticket and
+  finishing, so every ticket at or below the fence belongs to a transaction that has
+  committed (and is visible to any later snapshot) or rolled back (its ticket row never
+  appears). The relay then reads tickets ``(cursor, fence]`` in ticket order with a fresh
+  snapshot: nothing committed is skipped, and tickets are never reordered later.
+* Who it waits for: only ledger writers that are committing at that instant (the
+  exclusive request waits for them and briefly holds back the next ones). A transaction
+  that writes no ledger row, in this database or another, never takes the lock, so an
+  idle-in-transaction psql session holds nothing back. (The previous design read rows
+  below the cluster-wide ``pg_snapshot_xmin`` and waited for every open transaction on
+  the server.)
+* Cost: per ledger-writing transaction one trigger call per ledger row (the first does
+  the work, the others compare a transaction-local setting), one shared advisory lock,
+  one ``nextval`` and one small insert; per relay poll with nothing new, one statement
+  that reads the sequence and takes no lock; per batch, the fence and the read.
+* Writers need do nothing: the trigger is in the database. ``SET CONSTRAINTS ALL
+  IMMEDIATE`` in a writer only makes it take its ticket earlier (the relay then waits for
+  that transaction to finish), never breaks the order.
 
 Leadership is a session-level advisory lock taken on a connection that the lease keeps
 for itself: every read and cursor write of the leader goes through that session, so a
@@ -41,32 +63,28 @@ ORDER BY product_id, warehouse_id
 _TRY_LOCK = "SELECT pg_try_advisory_lock($1, hashtext($2))"
 _UNLOCK = "SELECT pg_advisory_unlock($1, hashtext($2))"
 
-# No cursor yet: start after the newest final row (the current tail, no replay).
+_FENCE = "SELECT ledger_commit_fence($1)"
+_NO_ROW = 2**63 - 1  # a row id above every row: the cursor is past a whole ticket
+
+# No cursor yet: start after the newest finished ticket (the current tail, no replay).
 _INIT_CURSOR = """
-INSERT INTO relay_cursor (name, last_xid, last_id)
-SELECT $1, COALESCE(tail.xid, '0'::xid8), COALESCE(tail.id, 0)
-FROM (SELECT 1) AS one
-LEFT JOIN LATERAL (
-    SELECT xid, id FROM movements
-    WHERE xid < pg_snapshot_xmin(pg_current_snapshot())
-    ORDER BY xid DESC, id DESC
-    LIMIT 1
-) AS tail ON true
+INSERT INTO relay_cursor (name, last_ticket, last_id)
+VALUES ($1, $2, $3)
 ON CONFLICT (name) DO NOTHING
 """
 
-_READ_CURSOR = "SELECT last_xid, last_id FROM relay_cursor WHERE name = $1"
+_READ_CURSOR = "SELECT last_ticket, last_id FROM relay_cursor WHERE name = $1"
 
 _FETCH = """
-SELECT xid, id, product_id, warehouse_id, kind, quantity, reserved, version, created_at
-FROM movements
-WHERE (xid, id) > ($1::xid8, $2::bigint)
-  AND xid < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY xid, id
-LIMIT $3
+SELECT c.ticket, m.id, m.product_id, m.warehouse_id, m.kind, m.quantity, m.reserved,
+       m.version, m.created_at
+FROM ledger_commits c JOIN movements m ON m.xid = c.xid
+WHERE c.ticket >= $1 AND c.ticket <= $3 AND (c.ticket, m.id) > ($1, $2)
+ORDER BY c.ticket, m.id
+LIMIT $4
 """
 
-_ADVANCE = "UPDATE relay_cursor SET last_xid = $2::xid8, last_id = $3 WHERE name = $1"
+_ADVANCE = "UPDATE relay_cursor SET last_ticket = $2, last_id = $3 WHERE name = $1"
 
 
 class PgLevelReader:
@@ -103,17 +121,32 @@ class PgOutboxLease:
         connection: asyncpg.pool.PoolConnectionProxy,
         name: str,
         cursor: tuple[int, int],
+        fence: int,
     ) -> None:
         self._pool = pool
-        self._connection = connection
+        self._connection: asyncpg.pool.PoolConnectionProxy | None = connection
         self._name = name
         self._cursor = cursor
+        self._fence = fence  # the highest fence seen: tickets up to it are final
+        self._more = True  # the last read was full: the fence may hold more rows
+
+    def _session(self) -> asyncpg.pool.PoolConnectionProxy:
+        if self._connection is None:
+            raise asyncpg.InterfaceError("the relay lease was released")
+        return self._connection
 
     async def fetch(self, limit: int) -> list[StockChange]:
-        rows = await self._connection.fetch(_FETCH, *self._cursor, limit, timeout=_TIMEOUT)
+        connection = self._session()
+        fence = await connection.fetchval(_FENCE, self._fence, timeout=_TIMEOUT)
+        if fence > self._fence:
+            self._fence, self._more = fence, True
+        if not self._more:
+            return []
+        rows = await connection.fetch(_FETCH, *self._cursor, self._fence, limit, timeout=_TIMEOUT)
+        self._more = len(rows) >= limit
         return [
             StockChange(
-                xid=row["xid"],
+                ticket=row["ticket"],
                 id=row["id"],
                 product_id=row["product_id"],
                 warehouse_id=row["warehouse_id"],
@@ -127,17 +160,36 @@ class PgOutboxLease:
         ]
 
     async def advance(self, position: tuple[int, int]) -> None:
-        await self._connection.execute(_ADVANCE, self._name, *position, timeout=_TIMEOUT)
+        await self._session().execute(_ADVANCE, self._name, *position, timeout=_TIMEOUT)
         self._cursor = position
 
     async def release(self) -> None:
-        connection = self._connection
+        """Unlock and return the session to the pool; when that fails (a lost session,
+        a cancelled call), close it, which drops the session-level lock with it. Never
+        raises: the relay calls this in a ``finally`` and must go on campaigning (asyncpg
+        raises ``InterfaceError`` when a connection it has already released is closed)."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
         try:
             await connection.fetchval(_UNLOCK, _LOCK_CLASS, self._name, timeout=_TIMEOUT)
-        except Exception:  # a lost session has dropped the lock already
-            connection.terminate()
+        except BaseException as exc:  # a lost session has dropped the lock already
+            log.info("relay session closed instead of unlocked (%r)", exc)
+            await _discard(self._pool, connection)
+            if not isinstance(exc, Exception):
+                raise
+            return
         with contextlib.suppress(Exception):
             await self._pool.release(connection, timeout=_TIMEOUT)
+
+
+async def _discard(pool: asyncpg.Pool, connection: asyncpg.pool.PoolConnectionProxy) -> None:
+    """Close a connection for good and hand its slot back to the pool; never raises
+    (either step fails harmlessly on a connection the pool has taken back already)."""
+    with contextlib.suppress(Exception):
+        connection.terminate()
+    with contextlib.suppress(Exception):
+        await pool.release(connection)
 
 
 class PgOutbox:
@@ -153,12 +205,12 @@ class PgOutbox:
             if not locked:
                 await self._pool.release(connection)
                 return None
-            await connection.execute(_INIT_CURSOR, name, timeout=_TIMEOUT)
+            fence = await connection.fetchval(_FENCE, 0, timeout=_TIMEOUT)
+            await connection.execute(_INIT_CURSOR, name, fence, _NO_ROW, timeout=_TIMEOUT)
             row = await connection.fetchrow(_READ_CURSOR, name, timeout=_TIMEOUT)
         except BaseException:
-            connection.terminate()
-            with contextlib.suppress(Exception):
-                await self._pool.release(connection)
+            await _discard(self._pool, connection)
             raise
         assert row is not None
-        return PgOutboxLease(self._pool, connection, name, (row["last_xid"], row["last_id"]))
+        cursor = (row["last_ticket"], row["last_id"])
+        return PgOutboxLease(self._pool, connection, name, cursor, cursor[0])

@@ -6,13 +6,14 @@ protocol, fencing, backoff, auto-renew and cancellation policies.
 """
 
 from .errors import LockError, LockLost, LockNotAcquired, LockNotOwned
-from .lock import DEFAULT_RETRY_BASE, DEFAULT_RETRY_CAP, DEFAULT_TTL, Lock
+from .lock import DEFAULT_RETRY_BASE, DEFAULT_RETRY_CAP, DEFAULT_TTL, Client, Lock
 from .multi import MultiLock, acquire_many
 
 __all__ = [
     "DEFAULT_RETRY_BASE",
     "DEFAULT_RETRY_CAP",
     "DEFAULT_TTL",
+    "Client",
     "Lock",
     "LockError",
     "LockLost",

@@ -11,7 +11,7 @@ Protocol (one Redis round trip per operation, all scripts called by SHA):
   A release after expiry therefore never deletes a newer holder's lock; it raises
   :class:`LockNotOwned` instead.
 
-Fencing. Every successful acquire returns the new value of ``{key}:fence``, which
+Fencing. Every successful acquire returns the new value of the caller's ``fence_key``, which
 only grows for that key (the fence key has no TTL). A lease-based lock alone cannot
 stop a paused holder (GC, overload, network) from writing after its lease ended, so
 writes must be checked by the *resource* against a fence. In this product the stock
@@ -94,11 +94,15 @@ from types import TracebackType
 from typing import Any, Final, Literal
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from .errors import LockError, LockLost, LockNotAcquired, LockNotOwned
 
-__all__ = ["DEFAULT_RETRY_BASE", "DEFAULT_RETRY_CAP", "DEFAULT_TTL", "Lock"]
+__all__ = ["DEFAULT_RETRY_BASE", "DEFAULT_RETRY_CAP", "DEFAULT_TTL", "Client", "Lock"]
+
+Client = Redis | RedisCluster
+"""A single-node client or a Redis Cluster client (keys routed by their hash slot)."""
 
 DEFAULT_TTL: Final = 10.0
 """Default lease in seconds."""
@@ -130,7 +134,7 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, redis: Redis, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+    async def __call__(self, redis: Client, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         try:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -271,7 +275,8 @@ def _timeout(timeout: float | None) -> float | None:
 class Lock:
     """A distributed mutex on one Redis key, held by one asyncio task at a time.
 
-    ``Lock(redis, "inventory:lock:42", ttl=10.0, timeout=2.0)`` then either
+    ``Lock(redis, "app:lock:{42}", fence_key="app:fence:{42}", ttl=10.0, timeout=2.0)``
+    then either
     ``async with lock: ...`` or ``fence = await lock.acquire()`` ... ``await
     lock.release()``. One object holds at most one lease at a time and can be reused
     after releasing it; give each concurrent task its own object (they are cheap:
@@ -279,9 +284,11 @@ class Lock:
 
     Args:
         redis: the client; ``decode_responses`` may be on or off.
-        key: the lock key. The fence counter lives in ``fence_key``
-            (default ``f"{key}:fence"``; in Redis Cluster give the key a hash tag so
-            both land in the same slot).
+        key: the lock key.
+        fence_key: the key of the lock's fence counter. The caller names it, as it
+            names ``key``: a name derived here (say ``key + ":fence"``) could be the
+            lock key of another caller-built name. In Redis Cluster give both keys the
+            same hash tag, so the acquire script touches one slot.
         ttl: lease length in seconds. The key expires on its own if the holder dies.
         timeout: default for :meth:`acquire`: seconds to keep trying, ``0`` for a
             single attempt, ``None`` to wait forever.
@@ -312,7 +319,7 @@ class Lock:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         key: str,
         ttl: float = DEFAULT_TTL,
         *,
@@ -320,12 +327,14 @@ class Lock:
         auto_renew: bool = False,
         retry_base: float = DEFAULT_RETRY_BASE,
         retry_cap: float = DEFAULT_RETRY_CAP,
-        fence_key: str | None = None,
+        fence_key: str,
     ) -> None:
         if not isinstance(key, str) or not key:
             raise ValueError(f"key must be a non-empty string, got {key!r}")
-        if fence_key is not None and (not isinstance(fence_key, str) or not fence_key):
-            raise ValueError(f"fence_key must be a non-empty string or None, got {fence_key!r}")
+        if not isinstance(fence_key, str) or not fence_key or fence_key == key:
+            raise ValueError(
+                f"fence_key must be a non-empty string other than key, got {fence_key!r}"
+            )
         retry_base = _seconds("retry_base", retry_base)
         retry_cap = _seconds("retry_cap", retry_cap)
         if not 0 < retry_base <= retry_cap < math.inf:
@@ -334,7 +343,7 @@ class Lock:
             )
         self._redis = redis
         self._key = key
-        self._fence_key = f"{key}:fence" if fence_key is None else fence_key
+        self._fence_key = fence_key
         self._ttl_ms = _ttl_ms(ttl)
         self._timeout = _timeout(timeout)
         self._auto_renew = auto_renew
@@ -551,7 +560,8 @@ class Lock:
             raise failure
 
     def _queue_key(self, loop: asyncio.AbstractEventLoop) -> _QueueKey:
-        return (loop, id(self._redis.connection_pool), self._key)
+        redis = self._redis
+        return (loop, id(redis.connection_pool if isinstance(redis, Redis) else redis), self._key)
 
     @staticmethod
     def _enqueue(qkey: _QueueKey) -> _Waiter:

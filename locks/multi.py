@@ -1,7 +1,8 @@
 """Holding several locks at once without deadlock.
 
-Keys are deduplicated and taken in sorted order, so any two callers that need
-overlapping key sets acquire the shared keys in the same order and cannot deadlock
+Each lock is named by the caller as a ``(lock key, fence key)`` pair (see
+:class:`~locks.lock.Lock`). Keys are deduplicated and taken in sorted order, so any two
+callers that need overlapping key sets acquire the shared keys in the same order and cannot deadlock
 (each waits only for keys "after" the ones it holds). The timeout covers the whole
 set, not each key. If key ``k`` cannot be taken (timeout, error, cancellation) the
 ``k - 1`` locks already held are released, newest first, before the error propagates.
@@ -16,15 +17,13 @@ from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from types import TracebackType
 
-from redis.asyncio import Redis
-
-from .lock import DEFAULT_RETRY_BASE, DEFAULT_RETRY_CAP, DEFAULT_TTL, Lock, _timeout
+from .lock import DEFAULT_RETRY_BASE, DEFAULT_RETRY_CAP, DEFAULT_TTL, Client, Lock, _timeout
 
 __all__ = ["MultiLock", "acquire_many"]
 
 
 class MultiLock:
-    """An async context manager holding one :class:`Lock` per distinct key.
+    """An async context manager holding one :class:`Lock` per distinct lock key.
 
     Every lock shares ``ttl``, ``auto_renew`` and the backoff settings; see
     :class:`Lock` for their meaning. ``timeout`` bounds acquiring all of them.
@@ -34,8 +33,8 @@ class MultiLock:
 
     def __init__(
         self,
-        redis: Redis,
-        keys: Iterable[str],
+        redis: Client,
+        keys: Iterable[tuple[str, str]],
         ttl: float = DEFAULT_TTL,
         *,
         timeout: float | None = None,
@@ -44,24 +43,30 @@ class MultiLock:
         retry_cap: float = DEFAULT_RETRY_CAP,
     ) -> None:
         if isinstance(keys, str):
-            raise ValueError("keys must be an iterable of key strings, not a single string")
-        unique = set(keys)
-        if not unique:
+            raise ValueError("keys must be an iterable of (lock key, fence key) pairs")
+        fences: dict[str, str] = {}
+        for pair in keys:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise ValueError(f"every entry must be a (lock key, fence key) pair, got {pair!r}")
+            key, fence_key = pair
+            if fences.setdefault(key, fence_key) != fence_key:
+                raise ValueError(f"lock key {key!r} given with two fence keys")
+        if not fences:
             raise ValueError("keys must contain at least one key")
-        for key in unique:
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"every key must be a non-empty string, got {key!r}")
+        if not fences.keys().isdisjoint(fences.values()):
+            raise ValueError("a key is used both as a lock key and as a fence key")
         self._timeout = _timeout(timeout)
         self._locks = tuple(
             Lock(
                 redis,
                 key,
                 ttl,
+                fence_key=fences[key],
                 auto_renew=auto_renew,
                 retry_base=retry_base,
                 retry_cap=retry_cap,
             )
-            for key in sorted(unique)
+            for key in sorted(fences)
         )
         self._stack: AsyncExitStack | None = None
 
@@ -103,8 +108,8 @@ class MultiLock:
 
 
 def acquire_many(
-    redis: Redis,
-    keys: Iterable[str],
+    redis: Client,
+    keys: Iterable[tuple[str, str]],
     ttl: float = DEFAULT_TTL,
     *,
     timeout: float | None = None,
@@ -112,7 +117,10 @@ def acquire_many(
     retry_base: float = DEFAULT_RETRY_BASE,
     retry_cap: float = DEFAULT_RETRY_CAP,
 ) -> MultiLock:
-    """``async with acquire_many(redis, keys, timeout=2.0) as held:`` - see :class:`MultiLock`."""
+    """``async with acquire_many(redis, [(lock_key, fence_key), ...], timeout=2.0) as held:``
+
+    See :class:`MultiLock`.
+    """
     return MultiLock(
         redis,
         keys,

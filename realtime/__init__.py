@@ -9,6 +9,8 @@ Modules, one concept each:
 * :mod:`realtime.conflation`: per-connection newest-state-per-row buffer, pure.
 * :mod:`realtime.session`: one connection's outbound side: direct writes, queues, limits.
 * :mod:`realtime.subscriber`: the process's Redis pub/sub connection, reconnecting itself.
+* :mod:`realtime.sharded`: Redis Cluster: the client, sharded publish and subscribe.
+* :mod:`realtime.keys`: every Redis key and channel name.
 * :mod:`realtime.hub`: subscriptions, fan-out, gap detection and resync.
 * :mod:`realtime.relay`: the outbox relay (one leader per database and namespace).
 * :mod:`realtime.ws`: the ASGI endpoint (a Starlette route) and its transports.

@@ -1,6 +1,7 @@
 """The per-process WebSocket fan-out hub: Redis pub/sub in, per-connection buffers out.
 
-Data path: the outbox relay publishes each stock change to ``{prefix}:stock:{product}``;
+Data path: the outbox relay publishes each stock change to the product's stock channel
+(:meth:`realtime.keys.RedisKeys.stock_channel`);
 the hub holds one Redis subscription per product that has at least one local subscriber
 (one pub/sub connection per process, :class:`~realtime.subscriber.ChannelSubscriber`),
 keeps the newest state per row of the messages read in one burst, encodes each once
@@ -49,8 +50,7 @@ from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
+from realtime.keys import RedisKeys
 from realtime.ports import LevelReader, LevelState
 from realtime.protocol import (
     MAX_SUBSCRIPTIONS,
@@ -76,8 +76,8 @@ from realtime.session import (
     Transport,
     Update,
 )
-from realtime.subscriber import ChannelSubscriber
-from realtime.tasks import cancel_and_wait
+from realtime.sharded import RedisClient, make_subscriber
+from realtime.tasks import cancel_and_wait, spawn
 
 __all__ = ["MAX_CONNECTIONS", "Hub", "HubFull", "HubSettings", "HubStats"]
 
@@ -133,7 +133,7 @@ class Hub:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         levels: LevelReader,
         *,
         prefix: str = "inventory",
@@ -143,8 +143,8 @@ class Hub:
         self.settings = settings or HubSettings()
         self._session_settings = self.settings.session()
         self._levels = levels
-        self._channel_prefix = f"{prefix}:stock:"
-        self._subscriber = ChannelSubscriber(
+        self._keys = RedisKeys(prefix)
+        self._subscriber = make_subscriber(
             redis,
             self,
             health_interval=self.settings.redis_health_interval,
@@ -167,8 +167,8 @@ class Hub:
     async def start(self) -> None:
         await self._subscriber.start()
         self._tasks = [
-            asyncio.create_task(self._resync_loop(), name="realtime-hub-resync"),
-            asyncio.create_task(self._reap_loop(), name="realtime-hub-reaper"),
+            spawn("realtime-hub-resync", self._resync_loop),
+            spawn("realtime-hub-reaper", self._reap_loop),
         ]
 
     async def stop(self) -> None:
@@ -316,7 +316,7 @@ class Hub:
             topic = self._topics.get(product_id)
             if topic is None:
                 topic = self._topics[product_id] = _Topic(product_id)
-                channels.append(self._channel_prefix + product_id)
+                channels.append(self._keys.stock_channel(product_id))
             session.buffer.hold(topic.product_id)
             topic.sessions.add(session)
             joined.append(topic.product_id)
@@ -335,7 +335,7 @@ class Hub:
             self.stats.subscriptions -= 1
             if not topic.sessions:
                 del self._topics[product_id]
-                channels.append(self._channel_prefix + product_id)
+                channels.append(self._keys.stock_channel(product_id))
         self.stats.topics = len(self._topics)
         if channels:
             self._subscriber.unwant(channels)
@@ -353,7 +353,9 @@ class Hub:
     def on_message(self, channel: bytes, data: bytes) -> None:
         """Accept one published update; it is fanned out at the end of the current burst."""
         self.stats.messages += 1
-        product_id = channel.decode()[len(self._channel_prefix) :]
+        product_id = self._keys.product_of_channel(channel)
+        if product_id is None:
+            return
         topic = self._topics.get(product_id)
         if topic is None:
             return

@@ -35,10 +35,11 @@ class LevelState:
 class StockChange:
     """One ledger row (a committed change of a stock row) with its outbox position.
 
-    ``position`` orders the outbox stream: (writing transaction id, row id).
+    ``position`` orders the outbox stream: (commit ticket of the writing transaction,
+    row id); tickets follow the commit order of ledger writers.
     """
 
-    xid: int
+    ticket: int
     id: int
     product_id: str
     warehouse_id: str
@@ -50,7 +51,7 @@ class StockChange:
 
     @property
     def position(self) -> tuple[int, int]:
-        return (self.xid, self.id)
+        return (self.ticket, self.id)
 
 
 class LevelReader(Protocol):
@@ -80,8 +81,8 @@ class OutboxLease(Protocol):
 class Outbox(Protocol):
     """Leader election for outbox relays: one lease per ``name`` and database at a time.
 
-    Each name has its own cursor, so relays feeding different channel namespaces (another
-    Redis, another prefix) never share or steal each other's progress.
+    Each name has its own cursor, so relays feeding different Redis servers or channel
+    namespaces never share or steal each other's progress.
     """
 
     async def acquire(self, name: str) -> OutboxLease | None:

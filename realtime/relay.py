@@ -4,12 +4,21 @@ Policy:
 
 * Leadership: every process runs a relay; the one holding the outbox lease publishes
   (PostgreSQL advisory lock on a dedicated session, see ``inventory/store_feed.py``).
-  The lease and its cursor are named after the channel namespace (``{prefix}:stock``):
-  one leader per database and namespace, so processes pointed at another Redis or prefix
-  run their own relay instead of silently depending on one that publishes elsewhere.
+  The lease and its cursor are named after the channel namespace *and the Redis server*
+  (``{prefix}:stock@{redis id}``): one leader per (database, Redis, prefix), so a process
+  pointed at another Redis runs its own relay instead of silently depending on one that
+  publishes elsewhere. The Redis id is a random token kept in Redis itself
+  (``{prefix}:relay:id``, created by whoever asks first), so every process agrees on it
+  whatever address it uses for that server; a leader re-creates it after a Redis restart
+  that lost it (so its cursor and backlog carry over), and steps down if it finds another.
   Others try again every ``campaign_interval`` (1 s). A leader whose database session
   fails gives the lease up and campaigns again, so a crashed process is replaced within
   about a second.
+* Liveness: the leader refreshes ``{prefix}:relay:heartbeat`` (expiring after
+  ``heartbeat_ttl``, 3 s) every ``heartbeat_interval`` (1 s); :meth:`Relay.lease_held`
+  reads it, so ``/ready`` of every process reports a deployment without a publishing
+  leader. The relay loop survives any error of its own (cleanup included) and runs under
+  :func:`realtime.tasks.supervise`, which restarts it if it ends anyway.
 * Order and completeness come from the outbox (final rows only, in stream order after a
   durable cursor). The cursor is saved only *after* a batch was published, so a crash
   between commit and publish loses nothing: the next leader publishes it again (a
@@ -23,6 +32,9 @@ Policy:
   script ~2.6 us; measured on the hot-SKU path, where every reservation is a message).
   Redis runs the batch atomically: other clients wait for it, about a microsecond per
   message.
+* Redis Cluster: the batch goes out as ``SPUBLISH`` commands in one pipeline, one write
+  per shard (:func:`realtime.sharded.publish_sharded`); a script cannot publish to
+  channels of several slots.
 * Redis down: writers are never blocked or failed (nothing Redis-related is on the write
   path). The leader keeps the fetched batch and its cursor and retries with capped
   backoff; the backlog is published in order when Redis returns.
@@ -33,13 +45,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import socket
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from realtime.keys import RedisKeys
 from realtime.ports import Outbox, OutboxLease, StockChange
 from realtime.protocol import stock_from_change
-from realtime.tasks import cancel_and_wait
+from realtime.sharded import RedisClient, publish_sharded
+from realtime.tasks import cancel_and_wait, spawn
 
 __all__ = ["Relay"]
 
@@ -51,7 +68,39 @@ end
 return #ARGV / 2
 """
 
+# KEYS: id key; ARGV: candidate id. The Redis server's id (created if missing).
+_IDENTITY = """
+local id = redis.call('GET', KEYS[1])
+if not id then
+    redis.call('SET', KEYS[1], ARGV[1])
+    id = ARGV[1]
+end
+return id
+"""
+
+# KEYS: id key, heartbeat key; ARGV: our id, ttl ms, value. 1, or 0 if the id changed.
+_HEARTBEAT = """
+local id = redis.call('GET', KEYS[1])
+if not id then
+    redis.call('SET', KEYS[1], ARGV[1])
+elseif id ~= ARGV[1] then
+    return 0
+end
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+return 1
+"""
+
 log = logging.getLogger("realtime.relay")
+
+
+def relay_keys(prefix: str) -> tuple[str, str]:
+    """(id key, heartbeat key) of the relay in namespace ``prefix``."""
+    keys = RedisKeys(prefix)  # one slot: the scripts above touch both
+    return keys.relay("id"), keys.relay("heartbeat")
+
+
+class _StepDown(Exception):
+    """Redis now has another id: this lease feeds a server that is gone."""
 
 
 class Relay:
@@ -60,19 +109,29 @@ class Relay:
     def __init__(
         self,
         outbox: Outbox,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         *,
         prefix: str = "inventory",
         poll_interval: float = 0.01,
         batch_size: int = 1000,
         campaign_interval: float = 1.0,
         max_backoff: float = 1.0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_ttl: float = 3.0,
     ) -> None:
         self._outbox = outbox
         self._redis = redis
         self._publish_all = redis.register_script(_PUBLISH_ALL)
-        self._name = f"{prefix}:stock"
-        self._channel_prefix = f"{self._name}:"
+        self._keys = RedisKeys(prefix)
+        self._identity_script = redis.register_script(_IDENTITY)
+        self._heartbeat_script = redis.register_script(_HEARTBEAT)
+        self._namespace = f"{prefix}:stock"
+        self._id_key, self._heartbeat_key = relay_keys(prefix)
+        self._candidate_id = secrets.token_hex(8)
+        self._redis_id: str | None = None
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_ttl_ms = int(heartbeat_ttl * 1000)
+        self._me = f"{socket.gethostname()}:{os.getpid()}"
         self._poll_interval = poll_interval
         self._batch_size = batch_size
         self._campaign_interval = campaign_interval
@@ -83,10 +142,20 @@ class Relay:
         self.leader = False
         self.published = 0
 
+    @property
+    def lease_name(self) -> str | None:
+        """The lease and cursor name, once the Redis id is known."""
+        return None if self._redis_id is None else f"{self._namespace}@{self._redis_id}"
+
     async def start(self) -> None:
         if self._task is None:
             self._stopping.clear()
-            self._task = asyncio.create_task(self._run(), name="realtime-relay")
+            self._task = spawn("realtime-relay", self._run, until=self._stopping)
+
+    async def lease_held(self) -> bool:
+        """Whether some process (this or another) leads and publishes to this Redis:
+        its heartbeat is younger than ``heartbeat_ttl``. Raises Redis errors."""
+        return bool(await self._redis.exists(self._heartbeat_key))
 
     def wake(self) -> None:
         """Poll now (a change was just committed)."""
@@ -110,30 +179,55 @@ class Relay:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _run(self) -> None:
+        """Campaign, lead, campaign again: until stopped, whatever fails."""
         while not self._stopping.is_set():
+            lease = None
             try:
-                lease = await self._outbox.acquire(self._name)
+                identity = await self._identity_script(
+                    keys=[self._id_key], args=[self._candidate_id]
+                )
+                self._redis_id = identity.decode() if isinstance(identity, bytes) else identity
+                name = self.lease_name
+                assert name is not None
+                lease = await self._outbox.acquire(name)
             except Exception as exc:
-                log.warning("relay cannot reach the database (%s); retrying", exc)
-                lease = None
-            if lease is None:
-                await self._pause(self._campaign_interval)
-                continue
-            self.leader = True
-            log.info("relay is the leader for this database")
-            try:
-                await self._lead(lease)
-            except Exception as exc:
-                log.warning("relay lost its database session (%s); campaigning again", exc)
-            finally:
-                self.leader = False
-                await lease.release()
+                log.warning("relay cannot campaign (%s); retrying", exc)
+            if lease is not None:
+                self.leader = True
+                log.info("relay is the leader for this database and redis")
+                try:
+                    await self._lead(lease)
+                except _StepDown:
+                    log.warning("redis has another relay id now; campaigning again")
+                except Exception as exc:
+                    log.warning("relay lost its database session (%s); campaigning again", exc)
+                finally:
+                    self.leader = False
+                    try:
+                        await lease.release()
+                    except Exception as exc:  # release never raises; if it does, go on
+                        log.warning("relay lease release failed (%r)", exc)
             await self._pause(self._campaign_interval)
 
+    async def _beat(self) -> None:
+        """Refresh the heartbeat; :class:`_StepDown` if Redis has another id now."""
+        ok = await self._heartbeat_script(
+            keys=[self._id_key, self._heartbeat_key],
+            args=[self._redis_id or "", self._heartbeat_ttl_ms, self._me],
+        )
+        if not ok:
+            raise _StepDown
+
     async def _lead(self, lease: OutboxLease) -> None:
+        loop = asyncio.get_running_loop()
         batch: list[StockChange] = []
         failures = 0
+        next_beat = 0.0
         while not self._stopping.is_set():
+            if loop.time() >= next_beat:
+                next_beat = loop.time() + self._heartbeat_interval
+                with contextlib.suppress(RedisError, OSError):  # publishing reports it
+                    await self._beat()
             if not batch:
                 self._wake.clear()
                 batch = await lease.fetch(self._batch_size)
@@ -160,7 +254,12 @@ class Relay:
                     await self._wake.wait()
 
     async def _publish(self, batch: list[StockChange]) -> None:
+        if isinstance(self._redis, RedisCluster):
+            channel = self._keys.stock_channel
+            pairs = [(channel(c.product_id), stock_from_change(c)) for c in batch]
+            await publish_sharded(self._redis, pairs)
+            return
         args: list[str | bytes] = []
         for change in batch:
-            args += (self._channel_prefix + change.product_id, stock_from_change(change))
+            args += (self._keys.stock_channel(change.product_id), stock_from_change(change))
         await self._publish_all(args=args)

@@ -20,6 +20,13 @@ plain ``redis.asyncio`` connection instead, and makes every loss visible:
 
 The connection uses RESP2 without response decoding, whatever the client's settings, so
 message parsing has one shape: ``[b"message", channel, data]``.
+
+Sharded mode (``sharded=True``, one instance per Redis Cluster node, driven by
+:class:`realtime.sharded.ShardedSubscriber`): ``SSUBSCRIBE``/``SUNSUBSCRIBE``, one command
+per hash slot (a cluster refuses channels of several slots in one command), messages
+``[b"smessage", channel, data]``. A ``MOVED``/``ASK`` reply, a ``sunsubscribe`` the
+server sent on its own (the slot migrated away) and a failed connect call ``on_redirect``
+so the owner re-reads the slot map and moves the channels; the connection stays up.
 """
 
 from __future__ import annotations
@@ -30,18 +37,25 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from itertools import groupby
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
-from realtime.tasks import cancel_and_wait
+from realtime.tasks import cancel_and_wait, spawn
 
 __all__ = ["ChannelSubscriber", "SubscriberListener"]
 
 log = logging.getLogger("realtime.subscriber")
+
+
+def _slot(channel: str) -> int:
+    return key_slot(channel.encode())
 
 
 class SubscriberListener(Protocol):
@@ -59,14 +73,23 @@ class ChannelSubscriber:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: aioredis.Redis | None,
         listener: SubscriberListener,
         *,
         health_interval: float = 5.0,
         max_backoff: float = 0.5,
+        sharded: bool = False,
+        connection_kwargs: dict[str, Any] | None = None,
+        on_redirect: Callable[[], None] | None = None,
     ) -> None:
+        """``redis`` supplies the connection settings unless ``connection_kwargs`` (a
+        cluster node's) are given; see the module docstring for ``sharded``."""
         self._redis = redis
         self._listener = listener
+        self._sharded = sharded
+        self._connection_kwargs = connection_kwargs
+        self._on_redirect = on_redirect
+        self._message = b"smessage" if sharded else b"message"
         self._health_interval = health_interval
         self._max_backoff = max_backoff
         self._wanted: set[str] = set()
@@ -84,7 +107,7 @@ class ChannelSubscriber:
 
     async def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="realtime-subscriber")
+            self._task = spawn("realtime-subscriber", self._run)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -96,6 +119,12 @@ class ChannelSubscriber:
 
     def unwant(self, channels: Iterable[str]) -> None:
         self._wanted.difference_update(channels)
+
+    def forget(self, channels: Iterable[str]) -> None:
+        """Drop channels this node no longer serves, sending nothing about them."""
+        channels = set(channels)
+        self._wanted.difference_update(channels)
+        self._told.difference_update(channels)
 
     async def flush(self) -> asyncio.Future[bool]:
         """Bring Redis in line with the wanted set; returns the barrier (see module doc)."""
@@ -122,6 +151,17 @@ class ChannelSubscriber:
     async def _send_diff(self, conn: Any) -> None:
         add = sorted(self._wanted - self._told)
         remove = sorted(self._told - self._wanted)
+        if self._sharded:
+            self._told.difference_update(remove)
+            self._told.update(add)
+            commands = [
+                (name, *group)
+                for name, channels in (("SUNSUBSCRIBE", remove), ("SSUBSCRIBE", add))
+                for _, group in groupby(sorted(channels, key=_slot), key=_slot)
+            ]
+            if commands:
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            return
         if remove:
             self._told.difference_update(remove)
             await conn.send_command("UNSUBSCRIBE", *remove, check_health=False)
@@ -130,8 +170,14 @@ class ChannelSubscriber:
             await conn.send_command("SUBSCRIBE", *add, check_health=False)
 
     def _new_connection(self) -> Any:
-        pool = self._redis.connection_pool
-        kwargs = dict(pool.connection_kwargs)
+        if self._connection_kwargs is not None:
+            kwargs = dict(self._connection_kwargs)
+            connection_class: Any = aioredis.Connection
+        else:
+            assert self._redis is not None, "give a client or connection_kwargs"
+            pool = self._redis.connection_pool
+            kwargs = dict(pool.connection_kwargs)
+            connection_class = pool.connection_class
         # Maintenance push notifications need RESP3; this connection is plain RESP2.
         kwargs.pop("maint_notifications_pool_handler", None)
         kwargs.update(
@@ -141,7 +187,7 @@ class ChannelSubscriber:
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
-        return pool.connection_class(**kwargs)
+        return connection_class(**kwargs)
 
     async def _run(self) -> None:
         reconnect = False
@@ -155,6 +201,8 @@ class ChannelSubscriber:
             except Exception as exc:
                 if self._failures == 0 or self._failures % 20 == 19:
                     log.warning("redis pub/sub connection failed or lost: %s", exc)
+                if self._on_redirect is not None:
+                    self._on_redirect()  # a failed-over node: the slot map may have changed
             finally:
                 reconnect = reconnect or self._conn is not None
                 await self._detach(conn)
@@ -202,17 +250,35 @@ class ChannelSubscriber:
     async def _read(self, conn: Any) -> None:
         loop = asyncio.get_running_loop()
         on_message = self._listener.on_message
+        message = self._message
         while True:
-            response = await conn.read_response(timeout=math.inf)
+            try:
+                response = await conn.read_response(timeout=math.inf)
+            except ResponseError as exc:
+                if not (self._sharded and str(exc).startswith(("MOVED", "ASK"))):
+                    raise
+                self._redirected(None)
+                continue
             self._last_rx = loop.time()
             if isinstance(response, list):
                 kind = response[0]
-                if kind == b"message":
+                if kind == message:
                     on_message(response[1], response[2])
                 elif kind == b"pong":
                     self._resolve_barrier(True)
+                elif kind == b"sunsubscribe":
+                    self._redirected(response[1].decode())
             elif response == b"PONG":  # PING outside subscribed mode (no channels wanted)
                 self._resolve_barrier(True)
+
+    def _redirected(self, channel: str | None) -> None:
+        """A channel's slot is served elsewhere (``None``: some channel of a command)."""
+        if channel is not None:
+            if channel not in self._told:
+                return  # the reply to our own SUNSUBSCRIBE
+            self._told.discard(channel)
+        if self._on_redirect is not None:
+            self._on_redirect()
 
     def _resolve_barrier(self, ok: bool) -> None:
         if self._barriers:

@@ -27,7 +27,8 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import redis.asyncio as aioredis
+from .keys import RedisKeys
+from .sharded import RedisClient
 
 __all__ = ["TICKET_TTL", "Ticket", "TicketStore"]
 
@@ -47,15 +48,15 @@ class TicketStore:
     Redis errors propagate (``redis.RedisError`` or ``OSError``): the caller answers 503.
     """
 
-    __slots__ = ("_prefix", "_redis", "_ttl_ms")
+    __slots__ = ("_keys", "_redis", "_ttl_ms")
 
-    def __init__(self, redis: aioredis.Redis, *, prefix: str, ttl: float = TICKET_TTL) -> None:
+    def __init__(self, redis: RedisClient, *, prefix: str, ttl: float = TICKET_TTL) -> None:
         self._redis = redis
-        self._prefix = f"{prefix}:stream-ticket:"
+        self._keys = RedisKeys(prefix)
         self._ttl_ms = int(ttl * 1000)
 
     def _key(self, ticket: str) -> str:
-        return self._prefix + hashlib.sha256(ticket.encode()).hexdigest()
+        return self._keys.stream_ticket(hashlib.sha256(ticket.encode()).hexdigest())
 
     async def issue(self, identity: str) -> Ticket:
         """A new ticket for ``identity``, valid once until its ``expires_at``."""

@@ -111,6 +111,37 @@ def redis_url(server_urls: tuple[str, str]) -> str:
 
 
 @pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """``redis+cluster://`` URL of a local 3-master Redis Cluster started for the session
+    (``tests/cluster.py``); skips only when no server binary can run one."""
+    from tests.cluster import ClusterUnavailable, LocalCluster
+
+    try:
+        cluster = LocalCluster(3).__enter__()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no Redis Cluster available: {exc}")
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["single", "cluster"])
+def any_redis_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """Parametrizes a test over single-node Redis and the local Redis Cluster."""
+    if request.param == "cluster":
+        return str(request.getfixturevalue("redis_cluster_url"))
+    return redis_url
+
+
+@pytest.fixture
+def server_redis_url(redis_url: str) -> str:
+    """The Redis URL ``server_factory`` gives its servers; a module that overrides it
+    with ``any_redis_url`` runs its server tests on single-node Redis and on a cluster."""
+    return redis_url
+
+
+@pytest.fixture(scope="session")
 def redis_prefix() -> str:
     return f"inventory-test-{uuid.uuid4().hex[:8]}"
 
@@ -291,10 +322,13 @@ ServerFactory = Callable[..., Awaitable[ServerProcess]]
 
 @pytest.fixture
 async def server_factory(
-    database_url: str, redis_url: str, redis_prefix: str
+    database_url: str, redis_url: str, server_redis_url: str, redis_prefix: str
 ) -> AsyncIterator[ServerFactory]:
     """``await server_factory(env={...})`` starts a server; all are stopped at test end."""
     started: list[ServerProcess] = []
+    # The relay lease is per database and prefix: servers on another Redis (the cluster)
+    # take their own prefix, or the session app's relay would lead and publish elsewhere.
+    prefix = redis_prefix if server_redis_url == redis_url else f"{redis_prefix}-other"
 
     async def start(
         env: dict[str, str] | None = None, args: list[str] | None = None
@@ -302,8 +336,8 @@ async def server_factory(
         full = {
             **os.environ,
             "INVENTORY_DATABASE_URL": database_url,
-            "INVENTORY_REDIS_URL": redis_url,
-            "INVENTORY_REDIS_PREFIX": redis_prefix,
+            "INVENTORY_REDIS_URL": server_redis_url,
+            "INVENTORY_REDIS_PREFIX": prefix,
             "INVENTORY_SWEEP_INTERVAL": "0.1",
             "INVENTORY_TOKENS": "",
             **(env or {}),

@@ -265,7 +265,7 @@ async def test_operations_endpoints(client: httpx.AsyncClient) -> None:
     assert (await client.get("/health")).json() == {"status": "ok"}
     r = await client.get("/ready")
     assert r.status_code == 200
-    assert r.json()["checks"] == {"postgres": True, "redis": True}
+    assert r.json()["checks"] == {"postgres": True, "redis": True, "relay": True}
     r = await client.get("/health", headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
     assert len((await client.get("/health")).headers["x-request-id"]) == 32

@@ -25,13 +25,19 @@ import httpx
 import orjson
 import psutil
 import pytest
-import redis.asyncio as aioredis
+import redis
+import redis.cluster
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from inventory.embedded import EmbeddedValkey
 from inventory.store_feed import PgOutbox
+from realtime.keys import RedisKeys
 from realtime.relay import Relay
+from realtime.sharded import redis_from_url
+from tests.cluster import LocalCluster
 
 Levels = dict[tuple[str, str], int]
 
@@ -146,6 +152,16 @@ def valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
     server.stop()
 
 
+@pytest.fixture
+def server_redis_url(any_redis_url: str) -> str:
+    """Every server test here runs on single-node Redis and on a 3-master Redis Cluster
+    (sharded pub/sub), except those pinned to ``single`` (they stop their own Valkey)."""
+    return any_redis_url
+
+
+single_only = pytest.mark.parametrize("any_redis_url", ["single"], indirect=True)
+
+
 @contextlib.asynccontextmanager
 async def http_client(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
@@ -241,6 +257,50 @@ async def test_change_through_one_server_is_seen_on_another(server_factory: Any)
         )
 
 
+def move_slot(cluster: LocalCluster, channel: str) -> None:
+    """Migrate the slot of ``channel`` (holding no keys) to another master, the way a
+    resharding does (IMPORTING/MIGRATING, then SETSLOT NODE on every node)."""
+    slot = key_slot(channel.encode())
+    nodes = {port: redis.Redis(port=port) for port in cluster.ports}
+    try:
+        with redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.ports[0]) as client:
+            source = int(client.nodes_manager.get_node_from_slot(slot).port)
+        target = next(port for port in cluster.ports if port != source)
+        ids = {port: node.execute_command("CLUSTER MYID") for port, node in nodes.items()}
+        nodes[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+        nodes[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+        assert nodes[source].execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0
+        for port in (target, source, *(p for p in nodes if p not in (source, target))):
+            nodes[port].execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+    finally:
+        for node in nodes.values():
+            node.close()
+
+
+@pytest.mark.parametrize("any_redis_url", ["cluster"], indirect=True)
+async def test_stream_follows_a_slot_migration(server_factory: Any, db_pool: asyncpg.Pool) -> None:
+    """A product's channel slot moves to another shard while a client is subscribed
+    (server-side SUNSUBSCRIBE on the old owner): the hub re-reads the slot map,
+    subscribes on the new owner and resyncs, so later updates still arrive."""
+    cluster = await asyncio.to_thread(LocalCluster(3).__enter__)
+    try:
+        namespace = unique("rt-move")
+        server = await server_factory(
+            env={"INVENTORY_REDIS_URL": cluster.url, "INVENTORY_REDIS_PREFIX": namespace}
+        )
+        product, warehouse = unique("rt-sku"), unique("rt-wh")
+        async with http_client(server.base_url) as http, WsClient.open(server.ws_url) as client:
+            await put_warehouse(http, warehouse)
+            await adjust(http, product, warehouse, 5)
+            await client.subscribe([product])
+            await asyncio.to_thread(move_slot, cluster, RedisKeys(namespace).stock_channel(product))
+            for _ in range(3):
+                await adjust(http, product, warehouse, 1)
+                await client.converge(await truth(db_pool, [product]), timeout=5.0)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
 async def test_bad_input_answers_error_and_keeps_the_connection(server_factory: Any) -> None:
     server = await server_factory()
     product = unique("rt-sku")
@@ -290,6 +350,7 @@ async def test_bad_input_answers_error_and_keeps_the_connection(server_factory: 
 # --- disturbances ---------------------------------------------------------------------
 
 
+@single_only
 async def test_redis_restart_resyncs_every_client(
     server_factory: Any, db_pool: asyncpg.Pool, valkey: EmbeddedValkey
 ) -> None:
@@ -323,31 +384,48 @@ async def test_redis_restart_resyncs_every_client(
         await asyncio.gather(*(c.converge(expected, timeout=2.0) for c in clients))
 
 
-async def test_change_survives_kill_of_the_writing_process(
+@single_only
+async def test_each_redis_gets_its_own_relay_leader(
     server_factory: Any, db_pool: asyncpg.Pool, valkey: EmbeddedValkey
 ) -> None:
-    """B commits while its relay cannot publish (its Redis is gone), then is SIGKILLed:
-    the relay leadership moves to A, which publishes from the durable cursor."""
-    namespace = unique("rt-kill")
-    writer = await server_factory(
+    """Two processes on one database and prefix but different Redis servers: each Redis
+    has its own relay leader and stream (the lease and cursor are per database and
+    Redis). Changes written through either process reach subscribers of both, also
+    while the other Redis is down and after its process was SIGKILLed."""
+    namespace = unique("rt-redis")
+    other = await server_factory(
         env={"INVENTORY_REDIS_URL": valkey.url, "INVENTORY_REDIS_PREFIX": namespace}
-    )  # started first: its relay leads this namespace
-    reader = await server_factory(env={"INVENTORY_REDIS_PREFIX": namespace})
+    )  # started first: under a prefix-only lease it would lead for both
+    main = await server_factory(env={"INVENTORY_REDIS_PREFIX": namespace})
     products = [unique("rt-sku") for _ in range(3)]
     warehouse = unique("rt-wh")
-    async with http_client(writer.base_url) as http, WsClient.open(reader.ws_url) as client:
+    async with (
+        http_client(other.base_url) as http,
+        http_client(main.base_url) as main_http,
+        WsClient.open(main.ws_url) as client,
+        WsClient.open(other.ws_url) as other_client,
+    ):
+        for server_http in (http, main_http):
+            body = (await server_http.get("/ready")).json()
+            assert body["checks"]["relay"] is True, body
         await put_warehouse(http, warehouse)
         for product in products:
             await adjust(http, product, warehouse, 3)
         await client.subscribe(products)
+        await other_client.subscribe(products)
+        await adjust(main_http, products[0], warehouse, 1)
+        expected = await truth(db_pool, products)
+        await asyncio.gather(
+            client.converge(expected, timeout=3.0), other_client.converge(expected, timeout=3.0)
+        )
 
         valkey.stop()
-        for product in products:
+        for product in products:  # written through the process whose Redis is down
             await adjust(http, product, warehouse, 2)
-        with pytest.raises(TimeoutError):  # stuck in the outbox: nobody else publishes it
-            await client.until(lambda m: m["type"] == "stock", timeout=0.5)
-        writer.kill()
-        await client.converge(await truth(db_pool, products), timeout=5.0)
+        await client.converge(await truth(db_pool, products), timeout=3.0)
+        other.kill()
+        await adjust(main_http, products[1], warehouse, 1)
+        await client.converge(await truth(db_pool, products), timeout=3.0)
 
 
 async def scrape(http: httpx.AsyncClient, name: str) -> float:
@@ -359,6 +437,7 @@ async def scrape(http: httpx.AsyncClient, name: str) -> float:
 
 
 @pytest.mark.slow
+@single_only
 async def test_clients_that_never_read_do_not_grow_server_memory(
     server_factory: Any, db_pool: asyncpg.Pool, database_url: str
 ) -> None:
@@ -498,14 +577,24 @@ async def channel_messages(
     redis_url: str, namespace: str, product: str
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """Every stock message of ``product`` published under ``namespace`` meanwhile."""
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = redis_from_url(redis_url)
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(f"{namespace}:stock:{product}")
+    channel = RedisKeys(namespace).stock_channel(product)
     received: list[dict[str, Any]] = []
+    if isinstance(redis, RedisCluster):  # sharded pub/sub, as the relay publishes there
+        await pubsub.ssubscribe(channel)
 
-    async def listen() -> None:
-        async for message in pubsub.listen():
-            received.append(orjson.loads(message["data"]))
+        async def listen() -> None:
+            while True:
+                message = await pubsub.get_sharded_message(True, timeout=1.0)
+                if message is not None:
+                    received.append(orjson.loads(message["data"]))
+    else:
+        await pubsub.subscribe(channel)
+
+        async def listen() -> None:
+            async for message in pubsub.listen():
+                received.append(orjson.loads(message["data"]))
 
     task = asyncio.create_task(listen())
     try:
@@ -531,7 +620,7 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float
 @contextlib.asynccontextmanager
 async def running_relay(database_url: str, redis_url: str, namespace: str) -> AsyncIterator[Relay]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = redis_from_url(redis_url)
     relay = Relay(PgOutbox(pool), redis, prefix=namespace)
     await relay.start()
     try:
@@ -542,18 +631,19 @@ async def running_relay(database_url: str, redis_url: str, namespace: str) -> As
         await pool.close()
 
 
-async def test_relay_waits_for_older_transactions_and_keeps_order(
-    database_url: str, redis_url: str
+async def test_relay_publishes_in_commit_order_and_skips_nothing(
+    database_url: str, any_redis_url: str
 ) -> None:
-    """Ids commit out of order: the younger transaction's row must wait for the older one,
-    else a cursor past it would skip the older row for good."""
+    """Ids and xids commit out of order: the younger transaction's row is published as
+    soon as it commits (not held back by the open older one), and the older row still
+    arrives when it commits later, although the cursor has moved past its xid and id."""
     namespace = unique("rt-relay")
     product = unique("rt-sku")
     older, younger = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
     try:
         async with (
-            channel_messages(redis_url, namespace, product) as published,
-            running_relay(database_url, redis_url, namespace) as relay,
+            channel_messages(any_redis_url, namespace, product) as published,
+            running_relay(database_url, any_redis_url, namespace) as relay,
         ):
             await eventually(lambda: relay.leader, 5)
             first = older.transaction()
@@ -561,14 +651,62 @@ async def test_relay_waits_for_older_transactions_and_keeps_order(
             await write_change(older, product, "w-old")
             async with younger.transaction():
                 await write_change(younger, product, "w-young")
-            await asyncio.sleep(0.5)
-            assert published == []  # final only once every older transaction has finished
+            await eventually(lambda: len(published) == 1, 5)
+            assert published[0]["warehouse_id"] == "w-young"
             await first.commit()
             await eventually(lambda: len(published) == 2, 5)
-            assert [m["warehouse_id"] for m in published] == ["w-old", "w-young"]
+            assert [m["warehouse_id"] for m in published] == ["w-young", "w-old"]
     finally:
         await older.close()
         await younger.close()
+
+
+@contextlib.asynccontextmanager
+async def open_foreign_transaction(url: str, sql: str | None = None) -> AsyncIterator[None]:
+    """A session on ``url`` inside a transaction that has an xid and stays open (as an
+    idle-in-transaction psql session), optionally after running ``sql``."""
+    conn = await asyncpg.connect(url)
+    try:
+        transaction = conn.transaction()
+        await transaction.start()
+        await conn.fetchval("SELECT pg_current_xact_id()")
+        if sql is not None:
+            await conn.execute(sql)
+        yield
+        await transaction.rollback()
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("where", ["another database", "an unrelated table"])
+async def test_relay_does_not_wait_for_foreign_transactions(
+    database_url: str, scratch_database: str, redis_url: str, where: str
+) -> None:
+    """A transaction that writes no ledger row, open in another database of the same
+    server or in this one (writing only an unrelated table), holds nothing back: the
+    update arrives while it is still open."""
+    namespace = unique("rt-relay")
+    product = unique("rt-sku")
+    conn = await asyncpg.connect(database_url)
+    if where == "another database":
+        foreign = open_foreign_transaction(scratch_database)
+    else:
+        await conn.execute("CREATE TABLE IF NOT EXISTS unrelated_to_ledger (x int)")
+        foreign = open_foreign_transaction(
+            database_url, "INSERT INTO unrelated_to_ledger VALUES (1)"
+        )
+    try:
+        async with (
+            channel_messages(redis_url, namespace, product) as published,
+            running_relay(database_url, redis_url, namespace) as relay,
+            foreign,
+        ):
+            await eventually(lambda: relay.leader, 5)
+            await write_change(conn, product, "w1")
+            await eventually(lambda: len(published) == 1, 3)
+            assert published[0]["version"] == 1
+    finally:
+        await conn.close()
 
 
 async def test_relay_keeps_its_cursor_while_redis_is_down(
@@ -580,19 +718,22 @@ async def test_relay_keeps_its_cursor_while_redis_is_down(
     product = unique("rt-sku")
     conn = await asyncpg.connect(database_url)
 
+    relay_name: list[str] = []
+
     async def cursor() -> tuple[int, int]:
         row = await conn.fetchrow(
-            "SELECT last_xid, last_id FROM relay_cursor WHERE name = $1", f"{namespace}:stock"
+            "SELECT last_ticket, last_id FROM relay_cursor WHERE name = $1", relay_name[0]
         )
-        return (row["last_xid"], row["last_id"]) if row is not None else (0, 0)
+        return (row["last_ticket"], row["last_id"]) if row is not None else (0, 0)
 
     async def newest() -> tuple[int, int]:
         row = await conn.fetchrow(
-            "SELECT xid, id FROM movements WHERE product_id = $1 ORDER BY id DESC LIMIT 1",
+            """SELECT c.ticket, m.id FROM movements m JOIN ledger_commits c USING (xid)
+               WHERE m.product_id = $1 ORDER BY m.id DESC LIMIT 1""",
             product,
         )
         assert row is not None
-        return (row["xid"], row["id"])
+        return (row["ticket"], row["id"])
 
     async def caught_up() -> bool:
         return await cursor() == await newest()
@@ -600,6 +741,8 @@ async def test_relay_keeps_its_cursor_while_redis_is_down(
     try:
         async with running_relay(database_url, valkey.url, namespace) as relay:
             await eventually(lambda: relay.leader, 5)
+            assert relay.lease_name is not None
+            relay_name.append(relay.lease_name)
             await write_change(conn, product, "w1")
             await eventually(caught_up, 5)
             published = await cursor()
@@ -615,18 +758,18 @@ async def test_relay_keeps_its_cursor_while_redis_is_down(
 
 
 async def test_relay_leadership_moves_when_the_leader_stops(
-    database_url: str, redis_url: str
+    database_url: str, any_redis_url: str
 ) -> None:
     namespace = unique("rt-relay")
     product = unique("rt-sku")
     conn = await asyncpg.connect(database_url)
     try:
         async with (
-            channel_messages(redis_url, namespace, product) as published,
-            running_relay(database_url, redis_url, namespace) as first,
+            channel_messages(any_redis_url, namespace, product) as published,
+            running_relay(database_url, any_redis_url, namespace) as first,
         ):
             await eventually(lambda: first.leader, 5)
-            async with running_relay(database_url, redis_url, namespace) as second:
+            async with running_relay(database_url, any_redis_url, namespace) as second:
                 await asyncio.sleep(0.2)
                 assert not second.leader  # one leader per database and namespace
                 await write_change(conn, product, "w1")

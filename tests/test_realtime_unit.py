@@ -30,6 +30,7 @@ from websockets.frames import Frame, Opcode
 
 from realtime.conflation import ConflationBuffer, Offer
 from realtime.hub import Hub, HubSettings
+from realtime.keys import RedisKeys
 from realtime.ports import LevelState, StockChange
 from realtime.protocol import (
     MAX_SUBSCRIPTIONS,
@@ -445,7 +446,7 @@ def hub(levels: FakeLevels, tmp_path: Path) -> Hub:
 
 
 def channel(product: str) -> bytes:
-    return f"t:stock:{product}".encode()
+    return RedisKeys("t").stock_channel(product).encode()
 
 
 async def test_hub_snapshot_then_updates_in_order(

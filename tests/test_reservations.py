@@ -292,7 +292,7 @@ async def test_past_deadline_reads_expired_before_the_sweep(
         assert error(r) == ("invalid_state", {"status": "expired"})
     assert (await levels(c, pid))[wid]["reserved"] == 2
     # The sweep returns the stock with ledger kind "expired".
-    assert await app.state.runtime.service.expire_due(100) >= 1
+    assert await app.state.runtime.expiry.expire_due() >= 1
     stock = (await levels(c, pid))[wid]
     assert (stock["quantity"], stock["reserved"], stock["version"]) == (5, 0, 3)
     last = (await movements(c, pid))[-1]

@@ -1,0 +1,196 @@
+"""The relay's commit-ticket order: what it costs writers, and latency past foreign transactions.
+
+``python -m bench.relay_order [--seconds S] [--rounds R]``
+
+1. Writer cost. 16 concurrent sessions commit transactions that each write one stock
+   row and its ledger row (the shape of every ledger write), for S seconds, with the
+   commit-ticket trigger enabled and then disabled (the ceiling: the same SQL without
+   it), alternating, R rounds each. Reported: transactions/s and the ratio (median).
+2. Latency past foreign transactions. The relay runs in-process; 40 changes/s are
+   committed for S seconds while (a) nothing else, (b) a transaction in another
+   database of the same server, (c) a transaction in this database writing only an
+   unrelated table, stays open with an xid. Reported: commit -> Redis message latency
+   p50/p99 per case, from sending the write (so including its commit; at most 1,000
+   writes per case) to the message (the goal: p99 < 100 ms with a foreign transaction
+   open).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+
+from bench.stack import backing_servers, scratch_databases
+from inventory.store_feed import PgOutbox
+from realtime.relay import Relay
+
+_WRITE = """
+WITH s AS (
+    UPDATE stock_levels SET quantity = quantity + 1, version = version + 1
+    WHERE product_id = $1 AND warehouse_id = 'w'
+    RETURNING product_id, warehouse_id, quantity, reserved, version)
+INSERT INTO movements (product_id, warehouse_id, kind, quantity_delta, reserved_delta,
+                       quantity, reserved, version)
+SELECT product_id, warehouse_id, 'adjusted', 1, 0, quantity, reserved, version FROM s
+"""
+
+_SEED = """
+INSERT INTO warehouses (id, name, status) VALUES ('w', 'w', 'active');
+INSERT INTO stock_levels (product_id, warehouse_id, quantity, version)
+SELECT 'p' || g, 'w', 0, 1 FROM generate_series(0, 999) g;
+INSERT INTO movements (product_id, warehouse_id, kind, quantity_delta, reserved_delta,
+                       quantity, reserved, version)
+SELECT 'p' || g, 'w', 'adjusted', 0, 0, 0, 0, 1 FROM generate_series(0, 999) g;
+"""
+
+
+async def _writers(url: str, seconds: float, sessions: int = 16) -> float:
+    pool = await asyncpg.create_pool(url, min_size=sessions, max_size=sessions)
+    done = 0
+    stop = time.monotonic() + seconds
+
+    async def loop(n: int) -> None:
+        nonlocal done
+        i = n
+        async with pool.acquire() as conn:
+            while time.monotonic() < stop:
+                await conn.execute(_WRITE, f"p{(i * 7919) % 1000}")
+                done += 1
+                i += sessions
+
+    started = time.monotonic()
+    await asyncio.gather(*(loop(n) for n in range(sessions)))
+    elapsed = time.monotonic() - started
+    await pool.close()
+    return done / elapsed
+
+
+async def _writer_cost(url: str, seconds: float, rounds: int) -> dict[str, float]:
+    admin = await asyncpg.connect(url)
+    on: list[float] = []
+    off: list[float] = []
+    try:
+        for _ in range(rounds):
+            await admin.execute("ALTER TABLE movements ENABLE TRIGGER movements_commit_ticket")
+            on.append(await _writers(url, seconds))
+            await admin.execute("ALTER TABLE movements DISABLE TRIGGER movements_commit_ticket")
+            off.append(await _writers(url, seconds))
+    finally:
+        await admin.execute("ALTER TABLE movements ENABLE TRIGGER movements_commit_ticket")
+        await admin.close()
+    return {
+        "with_ticket_tps": statistics.median(on),
+        "without_ticket_tps": statistics.median(off),
+        "ratio": statistics.median(a / b for a, b in zip(on, off, strict=True)),
+    }
+
+
+@contextlib.asynccontextmanager
+async def _open_transaction(url: str, sql: str | None) -> AsyncIterator[None]:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("BEGIN")
+        await conn.fetchval("SELECT pg_current_xact_id()")
+        if sql:
+            await conn.execute(sql)
+        yield
+        await conn.execute("ROLLBACK")
+    finally:
+        await conn.close()
+
+
+async def _latency(url: str, redis_url: str, seconds: float, foreign: object) -> dict[str, float]:
+    prefix = f"bench-{secrets.token_hex(4)}"
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    redis = aioredis.Redis.from_url(redis_url)
+    relay = Relay(PgOutbox(pool), redis, prefix=prefix)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.psubscribe(f"{prefix}:stock:*")
+    # product -> when its write was sent (each product is written once per case): the
+    # message may arrive before the writer has read its own commit's reply.
+    committed: dict[str, float] = {}
+    lags: list[float] = []
+
+    async def listen() -> None:
+        async for message in pubsub.listen():
+            body = orjson.loads(message["data"])
+            sent = committed.get(body["product_id"])
+            if sent is not None:
+                lags.append(time.monotonic() - sent)
+
+    listener = asyncio.create_task(listen())
+    await relay.start()
+    writer = await asyncpg.connect(url)
+    try:
+        while not relay.leader:  # noqa: ASYNC110 - a plain attribute, no event to wait on
+            await asyncio.sleep(0.01)
+        assert isinstance(foreign, contextlib.AbstractAsyncContextManager)
+        async with foreign:
+            stop = time.monotonic() + seconds
+            i = 0
+            while time.monotonic() < stop and i < 1000:
+                product = f"p{i}"
+                committed[product] = time.monotonic()
+                await writer.execute(_WRITE, product)
+                i += 1
+                await asyncio.sleep(1 / 40)
+            await asyncio.sleep(0.5)
+    finally:
+        await writer.close()
+        await relay.stop()
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()
+        await pool.close()
+    lags.sort()
+    return {
+        "messages": len(lags),
+        "committed": len(committed),
+        "p50_ms": 1000 * lags[len(lags) // 2] if lags else float("nan"),
+        "p99_ms": 1000 * lags[int(len(lags) * 0.99)] if lags else float("nan"),
+    }
+
+
+async def _main(args: argparse.Namespace) -> int:
+    with backing_servers() as backing:
+        async with scratch_databases(backing.pg_url) as dbs:
+            seed = await asyncpg.connect(dbs.http)
+            await seed.execute(_SEED)
+            await seed.execute("CREATE TABLE unrelated_to_ledger (x int)")
+            await seed.close()
+            cost = await _writer_cost(dbs.http, args.seconds, args.rounds)
+            print(f"writer cost: {cost}", flush=True)
+            cases = {
+                "no foreign transaction": contextlib.nullcontext(),
+                "open in another database": _open_transaction(dbs.pgbench, None),
+                "open in this database, unrelated table": _open_transaction(
+                    dbs.http, "INSERT INTO unrelated_to_ledger VALUES (1)"
+                ),
+            }
+            for name, foreign in cases.items():
+                result = await _latency(dbs.http, backing.redis_url, args.seconds, foreign)
+                print(f"{name}: {result}", flush=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.relay_order", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    return asyncio.run(_main(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
