@@ -71,6 +71,7 @@ __all__ = [
     "QueryParam",
     "RouteDoc",
     "Unauthorized",
+    "UnsupportedMediaType",
     "api_routes",
     "bearer",
     "error_response",
@@ -107,6 +108,13 @@ class MethodNotAllowed(InventoryError):
     code = "method_not_allowed"
 
 
+class UnsupportedMediaType(InventoryError):
+    """A body sent as anything but ``application/json``: browsers send ``text/plain`` and
+    form bodies cross-site without a preflight, so only JSON is ever read."""
+
+    code = "unsupported_media_type"
+
+
 _STATUS = {
     "validation_error": 422,
     "invalid_json": 400,
@@ -114,8 +122,10 @@ _STATUS = {
     "client_disconnected": 400,
     "unauthorized": 401,
     "forbidden": 403,
+    "forbidden_origin": 403,
     "not_found": 404,
     "method_not_allowed": 405,
+    "unsupported_media_type": 415,
     "insufficient_stock": 409,
     "version_conflict": 409,
     "warehouse_unavailable": 409,
@@ -210,7 +220,11 @@ def bearer(headers: Any) -> str | None:
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
-    """The body, refusing more than ``limit`` bytes without reading them all."""
+    """The JSON body, refusing other media types and more than ``limit`` bytes (without
+    reading them all)."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType("the body must be sent as Content-Type: application/json")
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"the body exceeds {limit} bytes")

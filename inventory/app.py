@@ -40,6 +40,7 @@ from .app_docs import APP_DOCS
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
 from .expiry import Expiry
+from .guards import Cors, LoopbackGuard
 from .middleware import RequestMiddleware
 from .openapi import openapi_document
 from .service import InventoryService
@@ -66,8 +67,14 @@ async def _inventory_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
+        # Every route answers OPTIONS with what it allows (a CORS preflight, when
+        # INVENTORY_CORS_ORIGINS is set, is answered before routing).
+        declared = (exc.headers or {}).get("Allow", "GET, HEAD").split(",")
+        allow = ", ".join(sorted({m.strip() for m in declared} | {"OPTIONS"}))
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers={"Allow": allow})
         response = error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
-        response.headers.update(exc.headers or {})  # Allow (RFC 9110)
+        response.headers["Allow"] = allow
         return response
     if exc.status_code == 404:
         return error_response(NotFound(f"no route for {request.url.path}"))
@@ -309,6 +316,10 @@ def create_app(settings: Settings) -> Starlette:
             HTTPException: _http_error,
         },
     )
+    if settings.cors_origins:
+        app.add_middleware(Cors, origins=settings.cors_origins)
+    if not auth.enabled:
+        app.add_middleware(LoopbackGuard, allowed_origins=settings.cors_origins)
     app.add_middleware(RequestMiddleware)
     app.state.runtime = runtime
     instrument(app, settings)  # INVENTORY_TRACING=on: OpenTelemetry, outermost; else no-op

@@ -112,6 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     import uvicorn
 
+    from .http_limits import LimitedHttpToolsProtocol  # fails loudly on an incompatible uvicorn
+
     with servers(settings) as settings:
         applied = _migrate(settings.database_url or "")
         check_redis(settings.redis_url or "")
@@ -132,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 port=settings.port,
                 workers=settings.workers,
                 loop="uvloop",
-                http="httptools",
+                http=LimitedHttpToolsProtocol,  # httptools with the 16 KiB head limit
                 ws="websockets-sansio",
                 ws_max_size=64 * 1024,
                 # Per-message deflate costs zlib time per client per message and ~40 KiB

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,6 +78,20 @@ def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str,
     return value
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    """``INVENTORY_CORS_ORIGINS``: comma-separated ``scheme://host[:port]`` origins."""
+    origins = []
+    for item in (x.strip() for x in raw.split(",")):
+        if not item:
+            continue
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", item) or item.endswith("/"):
+            raise ConfigError(
+                f"INVENTORY_CORS_ORIGINS: {item!r} is not an origin like https://shop.example"
+            )
+        origins.append(item.lower())
+    return tuple(origins)
+
+
 def parse_tokens(raw: str) -> dict[str, frozenset[str]]:
     """Parse ``INVENTORY_TOKENS``: a JSON object token -> list of scopes.
 
@@ -142,6 +157,8 @@ class Settings:
     webhook_retry_window: float = 86400.0
     webhook_concurrency: int = 8
     max_streams: int = 10_000  # open WebSocket/SSE connections per process
+    cors_origins: tuple[str, ...] = ()
+    header_timeout: float = 30.0
 
     @property
     def process_lanes(self) -> int:
@@ -201,6 +218,8 @@ class Settings:
             ),
             webhook_concurrency=_int(env, "INVENTORY_WEBHOOK_CONCURRENCY", 8, 1, 256),
             max_streams=_int(env, "INVENTORY_MAX_STREAMS", 10_000, 1, 1_000_000),
+            cors_origins=_origins(env.get("INVENTORY_CORS_ORIGINS", "")),
+            header_timeout=_float(env, "INVENTORY_HEADER_TIMEOUT", 30.0, 0.1, 3600),
         )
 
     def with_overrides(self, **overrides: Any) -> Settings:

@@ -19,6 +19,7 @@ from uuid import UUID
 
 __all__ = [
     "MAX_LINES",
+    "MAX_ON_HAND",
     "MAX_QUANTITY",
     "MAX_TTL_SECONDS",
     "MIN_TTL_SECONDS",
@@ -53,6 +54,7 @@ __all__ = [
 WAREHOUSE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PRODUCT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_QUANTITY = 1_000_000
+MAX_ON_HAND = 1_000_000_000  # per stock row; keeps every sum far inside bigint
 MAX_LINES = 100
 MIN_TTL_SECONDS = 1
 MAX_TTL_SECONDS = 24 * 3600
@@ -272,6 +274,11 @@ class StockLevel:
             raise ValidationFailed("delta must not be 0", {"field": "delta"})
         if delta < 0 and -delta > self.available:
             raise self._insufficient(-delta)
+        if self.quantity + delta > MAX_ON_HAND:
+            raise ValidationFailed(
+                f"on-hand would be {self.quantity + delta}, above the bound of {MAX_ON_HAND}",
+                {"field": "delta", "quantity": self.quantity, "max_on_hand": MAX_ON_HAND},
+            )
         return self._change(MovementKind.ADJUSTED, delta, 0, reason=reason)
 
     def set_quantity(
@@ -287,6 +294,10 @@ class StockLevel:
                     "requested": quantity,
                     "available": self.available,
                 },
+            )
+        if not 0 <= quantity <= MAX_ON_HAND:
+            raise ValidationFailed(
+                f"quantity must be from 0 to {MAX_ON_HAND}", {"field": "quantity"}
             )
         if quantity == self.quantity and self.exists:
             return None

@@ -8,8 +8,10 @@ token; configuration values with secrets are never passed to the logger.
 Every line is also redacted on its way out (:func:`redact`), whoever logged it: uvicorn
 logs WebSocket handshakes with their query string at INFO, and with debug logging the
 ``websockets`` protocol logs request headers and uvicorn's trace level whole ASGI scopes.
-Credentials in those (``Authorization`` values, ``?ticket=``/``?token=`` query values)
-become ``[redacted]`` before the line is written, at every level.
+Credentials in those (``Authorization`` values, bearer tokens, ``ticket=``/``token=``/
+``secret=``/``password=`` parameters, ``"secret"``/``"token"`` fields of JSON or reprs, as
+in a webhook registration body) become ``[redacted]`` before the line is written, at every
+level. :func:`redact` also cleans span attributes (:mod:`inventory.tracing`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,19 @@ def set_trace_ids(getter: TraceIds | None) -> None:
 _REDACTIONS = (
     # A credential as a query parameter, in a URL or a raw query string (b'ticket=...').
     (
-        re.compile(r"(?i)((?:^|[?&;\s'\"(])(?:ticket|token|access_token)=)[^&\s'\"#\\]+"),
+        re.compile(
+            r"(?i)((?:^|[?&;\s'\"(])"
+            r"(?:ticket|token|access_token|secret|password|api_key|apikey)=)[^&\s'\"#\\]+"
+        ),
+        r"\1[redacted]",
+    ),
+    # A credential field of a JSON object or a repr: "secret": "x", 'token': b'x', and
+    # the same with escaped quotes (a JSON body inside a JSON log line).
+    (
+        re.compile(
+            r"(?i)((?:\\?['\"])(?:secret|token|ticket|password)\\?['\"]\s*:\s*b?\\?['\"])"
+            r"[^'\"\\]*"
+        ),
         r"\1[redacted]",
     ),
     # An Authorization header's value: "authorization: x", ('authorization', b'x'), ...

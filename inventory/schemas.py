@@ -17,6 +17,7 @@ from msgspec import Meta, Struct
 
 from .domain import (
     MAX_LINES,
+    MAX_ON_HAND,
     MAX_QUANTITY,
     MAX_TTL_SECONDS,
     MIN_TTL_SECONDS,
@@ -25,6 +26,7 @@ from .domain import (
     InventoryError,
     ValidationFailed,
 )
+from .guards import check_depth
 
 __all__ = [
     "AdjustmentIn",
@@ -46,7 +48,7 @@ __all__ = [
     "decode",
 ]
 
-MAX_STOCK = 1_000_000_000  # on-hand bound per row; keeps every sum far inside bigint
+MAX_STOCK = MAX_ON_HAND
 
 ProductId = Annotated[str, Meta(pattern=f"^{PRODUCT_ID_RE.pattern}$")]
 WarehouseId = Annotated[str, Meta(pattern=f"^{WAREHOUSE_ID_RE.pattern}$")]
@@ -197,6 +199,7 @@ def decode(body: bytes, kind: type[T]) -> tuple[T, Any]:
     Parsing first and converting second keeps the two failures apart: broken JSON is a
     400 ``invalid_json``, valid JSON of the wrong shape a 422 naming the field.
     """
+    check_depth(body)  # deeper than 32 levels -> 422 (the decoder would raise RecursionError)
     try:
         raw = msgspec.json.decode(body)
     except msgspec.ValidationError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,37 +85,54 @@ def body_hash(body: Any) -> bytes:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
 
 
+log = logging.getLogger("inventory.store")
+
+# The database is away or cannot serve now: 503 ``unavailable`` with Retry-After. asyncpg's
+# InternalClientError ("cannot switch to state ...; another operation is in progress") is
+# what a connection answers after its backend was terminated in the middle of a command;
+# OperatorInterventionError covers admin shutdown, crash shutdown, "starting up" and
+# statement timeouts; InsufficientResources covers "too many clients", disk and memory;
+# a read-only transaction is a failover in progress.
 _CONNECTION_ERRORS = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    # A pooled session the server terminated can fail its next command with "cannot
-    # switch to state ...; another operation is in progress" before asyncpg has noticed
-    # the connection is gone (seen when every session of the database was killed).
     asyncpg.InternalClientError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 
 @contextlib.contextmanager
 def _translated() -> Any:
+    """Every asyncpg failure as a domain error with a fixed message.
+
+    PostgreSQL's own text (constraint, table and column names, values) never reaches a
+    response body: it is logged here instead. A PostgreSQL error with no deliberate
+    answer below is a bug or a broken deployment (a missing migration): logged with its
+    traceback and answered 503, so clients retry instead of treating it as final.
+    """
     try:
         yield
     except _CONNECTION_ERRORS as exc:
         raise Unavailable(f"database unavailable: {type(exc).__name__}") from exc
     except asyncpg.DataError as exc:  # a value PostgreSQL cannot store or compare
-        raise ValidationFailed(f"the database refused a value: {exc}") from exc
-    except (asyncpg.CheckViolationError, asyncpg.UniqueViolationError) as exc:
-        raise StoreIntegrityError(f"the database refused the write: {exc}") from exc
+        log.info("database refused a value: %s", exc)
+        raise ValidationFailed("the database refused a value in the request") from exc
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        log.warning("database refused a write: %s", exc)
+        raise StoreIntegrityError("the database refused the write") from exc
     except asyncpg.LockNotAvailableError as exc:  # a lock_timeout outside the row locks
         raise Contention("a lock wait ran out; retry") from exc
-    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
-        # Rows and keys are locked in a fixed order, so this should not happen; if it
+    except asyncpg.TransactionRollbackError as exc:
+        # Rows and keys are locked in a fixed order, so deadlocks should not happen; if one
         # does, the transaction was rolled back and the client may simply retry.
         raise Contention("the database aborted a conflicting transaction; retry") from exc
+    except asyncpg.PostgresError as exc:
+        log.error("unexpected database error: %s", type(exc).__name__, exc_info=exc)
+        raise Unavailable("the database could not answer; retry later") from exc
 
 
 def _level(r: Row) -> StockLevel:

@@ -38,7 +38,7 @@ import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
@@ -140,7 +140,11 @@ def instrument(
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.util.http import sanitize_method
+        from opentelemetry.util.http import (
+            OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS,
+            get_custom_headers,
+            sanitize_method,
+        )
     except ImportError as exc:
         raise _missing(str(exc)) from exc
 
@@ -148,7 +152,7 @@ def instrument(
     provider = TracerProvider(resource=_resource())  # sampler from OTEL_TRACES_SAMPLER
     provider.sampler = _request_traces_only(provider.sampler)  # before any tracer exists
     for each in exporters:
-        provider.add_span_processor(BatchSpanProcessor(each))
+        provider.add_span_processor(BatchSpanProcessor(_redacting(each)))
     if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
         trace.set_tracer_provider(provider)  # for manual spans; once per process
     _instrument_libraries(provider)
@@ -165,6 +169,11 @@ def instrument(
         default_span_details=span_details,
         tracer_provider=provider,
         exclude_spans=["receive", "send"],
+        # Headers an operator chooses to capture never carry credentials.
+        http_capture_headers_sanitize_fields=[
+            *get_custom_headers(OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS),
+            *SECRET_HEADERS,
+        ],
     )
     _shutdown_with_lifespan(app, provider)
     return provider
@@ -210,6 +219,54 @@ def _resource() -> Resource:
         with contextlib.suppress(PackageNotFoundError):
             ours[SERVICE_VERSION] = version(DISTRIBUTION)
     return resource.merge(Resource(ours)) if ours else resource
+
+
+SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", ".*token.*", ".*secret.*",
+                  ".*ticket.*", "inventory-signature")  # fmt: skip
+
+
+def _redacting(exporter: SpanExporter) -> SpanExporter:
+    """``exporter`` behind a filter that redacts credentials (:func:`inventory.logs.redact`)
+    from string attributes of spans and their events: the URL attributes carry the query
+    string (``?ticket=``), exception events their messages. Done at export because
+    instrumentations set attributes at any time, also after a span started."""
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    def clean(attributes: Any) -> tuple[dict[str, Any], bool]:
+        out, changed = dict(attributes or {}), False
+        for key, value in out.items():
+            if isinstance(value, str) and (redacted := logs.redact(value)) != value:
+                out[key], changed = redacted, True
+        return out, changed
+
+    def redacted(span: ReadableSpan) -> ReadableSpan:
+        attributes, changed = clean(span.attributes)
+        events = []
+        for event in span.events:
+            event_attributes, event_changed = clean(event.attributes)
+            changed |= event_changed
+            events.append(Event(event.name, event_attributes, event.timestamp))
+        if not changed:
+            return span
+        return ReadableSpan(
+            name=span.name, context=span.context, parent=span.parent, resource=span.resource,
+            attributes=attributes, events=events, links=span.links, kind=span.kind,
+            status=span.status, start_time=span.start_time, end_time=span.end_time,
+            instrumentation_scope=span.instrumentation_scope,
+        )  # fmt: skip
+
+    class Redacting(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return exporter.export([redacted(s) for s in spans])
+
+        def shutdown(self) -> None:
+            exporter.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return exporter.force_flush(timeout_millis)
+
+    return Redacting()
 
 
 def _request_traces_only(delegate: Sampler) -> Sampler:

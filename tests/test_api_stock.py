@@ -18,6 +18,9 @@ async def movements(client: httpx.AsyncClient, pid: str) -> list[dict[str, Any]]
     return items
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def error_code(r: httpx.Response) -> str:
     body = r.json()
     assert set(body) == {"error"}
@@ -182,7 +185,7 @@ async def test_bad_adjustment_bodies(
     code: str,
 ) -> None:
     pid, [wid] = await make_stock(5)
-    r = await client.post(f"/v1/products/{pid}/stock/{wid}/adjustments", content=body)
+    r = await client.post(f"/v1/products/{pid}/stock/{wid}/adjustments", content=body, headers=JSON)
     assert r.status_code == status, r.text
     assert error_code(r) == code
     assert len(await movements(client, pid)) == 1
@@ -205,7 +208,7 @@ async def test_body_too_large(
 ) -> None:
     pid, [wid] = await make_stock(5)
     body = b'{"delta": 1, "reason": "' + b"x" * 70_000 + b'"}'
-    r = await client.post(f"/v1/products/{pid}/stock/{wid}/adjustments", content=body)
+    r = await client.post(f"/v1/products/{pid}/stock/{wid}/adjustments", content=body, headers=JSON)
     assert r.status_code == 413
     assert error_code(r) == "payload_too_large"
 

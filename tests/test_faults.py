@@ -425,6 +425,45 @@ async def test_postgres_drop_stall_reset_under_load(
     assert no_violations(await check_database(scratch_database)) == {}
 
 
+async def test_pg_terminate_backend_under_load(
+    server_factory: Any, scratch_database: str, new_id: NewId, http: httpx.AsyncClient
+) -> None:
+    """The issue's case: terminating the server's backends in the middle of commands left
+    connections answering asyncpg's InternalClientError ("cannot switch to state ...;
+    another operation is in progress"), 3-10 requests per fault answered 500. Every
+    request must get 201/200/409, or 503 ``unavailable`` with Retry-After."""
+    server = await server_factory(env={"INVENTORY_DATABASE_URL": scratch_database})
+    products = await seed(http, server.base_url, new_id, 6, 100_000)
+    load = Load(http, server.base_url, products)
+    name = urlsplit(scratch_database).path.lstrip("/")
+    admin = await asyncpg.connect(scratch_database)
+    try:
+        async with load.running(workers=24):
+            await until(lambda: load.count(status=201) >= 30, 15, "reservations before faults")
+            for i in range(5):
+                load.phase = f"terminated-{i}"
+                killed = await admin.fetchval(
+                    """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                       WHERE datname = $1 AND pid <> pg_backend_pid()""",
+                    name,
+                )
+                assert killed > 0
+                await until(
+                    lambda i=i: load.count(phase=f"terminated-{i}", status=201) >= 20,
+                    15,
+                    f"reservations after termination {i} ({load.summary()})",
+                )
+            load.phase = "end"
+    finally:
+        await admin.close()
+        for key, n in load.summary().items():
+            print(n, *key)
+    problems = load.problems()
+    assert not problems, problems[:10]
+    assert load.count(status=500) == 0
+    assert no_violations(await check_database(scratch_database)) == {}
+
+
 # --- Redis faults -------------------------------------------------------------------------
 
 

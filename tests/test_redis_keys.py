@@ -58,7 +58,7 @@ async def lock_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(dataclasses.replace(settings, reserve_strategy="lock"))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             yield c
 
 

@@ -120,7 +120,7 @@ async def test_ready_reports_a_deployment_without_a_relay_leader(
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
 
                 async def status() -> tuple[int, Any]:
                     answer = await http.get("/ready")

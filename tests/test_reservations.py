@@ -138,7 +138,7 @@ async def parked(
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://parked") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
                 yield c, app, url
     finally:
         admin = await asyncpg.connect(admin_url)
@@ -265,7 +265,7 @@ async def test_extend_sets_lifetime_from_now(
         r = await client.post(url, json=payload)
         assert r.status_code == status, payload
         assert error(r)[0] == "validation_error"
-    r = await client.post(url, content=b"{oops")
+    r = await client.post(url, content=b"{oops", headers={"Content-Type": "application/json"})
     assert r.status_code == 400
     assert error(r)[0] == "invalid_json"
     assert (await client.post(f"/v1/reservations/{res['id']}/commit")).status_code == 200
@@ -757,7 +757,11 @@ async def test_rejected_requests_are_not_stored(
     key = new_id("key")
     r = await reserve(client, [line(pid, 0)], key=key)
     assert r.status_code == 422
-    r = await client.post("/v1/reservations", content=b"{", headers={"Idempotency-Key": key})
+    r = await client.post(
+        "/v1/reservations",
+        content=b"{",
+        headers={"Idempotency-Key": key, "Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     # A corrected retry with the same key runs.
     r = await reserve(client, [line(pid, 1)], key=key)
@@ -835,7 +839,7 @@ async def test_client_disconnect_mid_body_is_not_a_server_error(app: Any) -> Non
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
         "method": "POST", "scheme": "http", "path": "/v1/reservations",
         "raw_path": b"/v1/reservations", "query_string": b"", "root_path": "",
-        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+        "headers": [(b"host", b"localhost"), (b"content-type", b"application/json")],
         "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
     }  # fmt: skip
     await app(scope, receive, send)

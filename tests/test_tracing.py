@@ -62,7 +62,7 @@ async def traced_app(settings: Settings) -> AsyncIterator[Traced]:
     try:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
                 yield Traced(app, provider, exporter, c)
     finally:
         uninstrument()
@@ -283,3 +283,32 @@ async def test_serve_with_tracing_exports_on_shutdown(server_factory: ServerFact
     assert '"http.route": "/v1/warehouses/{warehouse_id}"' in log
     assert '"service.name": "inventory"' in log
     assert '"name": "GET /ready"' not in log  # the start-up polls
+
+
+async def test_no_credential_in_span_attributes(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Query credentials are redacted from the URL attributes, and captured headers
+    never carry Authorization, even when the operator asks to capture every header."""
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", ".*")
+    exporter = InMemorySpanExporter()
+    app = create_app(settings)
+    provider = instrument(app, replace(settings, tracing="on"), exporter=exporter)
+    assert provider is not None
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+                r = await c.get(
+                    "/v1/warehouses?token=SECRET-T1&ticket=SECRET-K1&limit=1",
+                    headers={"Authorization": "Bearer SECRET-A1", "X-Api-Token": "SECRET-X1"},
+                )
+                assert r.status_code == 200
+        provider.force_flush()
+        server = server_span(exporter.get_finished_spans())
+    finally:
+        uninstrument()
+    attributes = dict(server.attributes or {})
+    assert any("limit=1" in str(v) for v in attributes.values()), attributes  # URL kept
+    assert any("authorization" in k for k in attributes), attributes  # headers captured
+    assert "SECRET" not in repr(attributes), attributes

@@ -25,10 +25,17 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 import pytest
 import websockets
+from hypothesis import HealthCheck, assume, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as sync_connect
+
+from realtime.protocol import ProtocolError, parse_command
 
 from .conftest import wait_until as until
 
@@ -622,3 +629,149 @@ async def test_ws_fuzz_never_disturbs_a_well_behaved_client(
         fresh = Watcher(conn)
         await fresh.subscribe(product_id)
         assert fresh.versions[key] >= watcher.versions[key]
+
+
+# --- Hypothesis: random frames and random op sequences ------------------------------------------
+
+# Valid product ids of this test's own (nobody changes their stock), plus one with stock.
+POOL = [f"hz-{i}" for i in range(6)]
+
+
+def _json_values() -> st.SearchStrategy[Any]:
+    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+    return st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(["op", "product_ids", "since", ""]) | st.text(max_size=8),
+                inner,
+                max_size=4,
+            )
+        ),
+        max_leaves=12,
+    )
+
+
+def _near_commands() -> st.SearchStrategy[dict[str, Any]]:
+    """Commands with one part wrong: ops, ids, since maps, extra fields."""
+    ids = st.lists(st.sampled_from(POOL) | st.text(max_size=130), max_size=4) | _json_values()
+    return st.fixed_dictionaries(
+        {"op": st.sampled_from(["subscribe", "unsubscribe", "ping", "Subscribe", "", "pong"])},
+        optional={
+            "product_ids": ids,
+            "since": st.dictionaries(
+                st.sampled_from(POOL),
+                st.dictionaries(st.text(max_size=70), st.integers() | st.floats() | st.text()),
+            )
+            | _json_values(),
+            "extra": _json_values(),
+        },
+    )
+
+
+BAD_FRAMES = st.one_of(
+    st.text(max_size=200),
+    _json_values().map(json.dumps),
+    _near_commands().map(json.dumps),
+    st.integers(1, 5_000).map(lambda n: "[" * n + "]" * n),
+    st.integers(1, 5_000).map(lambda n: '{"op": "subscribe", "product_ids": ' + "[" * n),
+    st.binary(max_size=300),
+)
+
+
+class WsProtocolMachine(RuleBasedStateMachine):
+    """One connection per example; a model of its subscriptions.
+
+    Every bad frame gets exactly one ``error`` whose code is what the protocol's parser
+    says (:func:`realtime.protocol.parse_command` is the oracle; frames it accepts are
+    not bad frames), the connection stays open, and valid ops keep their contract:
+    snapshots only for newly subscribed products and before ``subscribed``.
+    """
+
+    url = ""  # set by the test
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conn = sync_connect(
+            self.url, open_timeout=10, max_size=None, compression=None, ping_interval=None
+        ).__enter__()  # left in teardown
+        self.subscribed: set[str] = set()
+
+    def recv(self) -> dict[str, Any]:
+        raw = self.conn.recv(timeout=10)
+        assert isinstance(raw, str), raw
+        message = orjson.loads(raw)
+        assert isinstance(message, dict), message
+        if message["type"] == "error":
+            assert set(message) == {"type", "code", "message"}, message
+            assert message["code"] in ERROR_CODES, message
+            assert message["message"], message
+        return message
+
+    @rule(ids=st.lists(st.sampled_from(POOL), min_size=1, max_size=4))
+    def subscribe(self, ids: list[str]) -> None:
+        self.conn.send(text({"op": "subscribe", "product_ids": ids}))
+        snapshots = set()
+        while (message := self.recv())["type"] == "snapshot":
+            assert message["product_id"] in set(ids) - self.subscribed, message
+            snapshots.add(message["product_id"])
+        assert message["type"] == "subscribed", message
+        assert set(message["product_ids"]) == set(ids), message
+        assert snapshots == set(ids) - self.subscribed
+        self.subscribed |= set(ids)
+
+    @rule(ids=st.lists(st.sampled_from(POOL), min_size=1, max_size=4))
+    def unsubscribe(self, ids: list[str]) -> None:
+        self.conn.send(text({"op": "unsubscribe", "product_ids": ids}))
+        message = self.recv()
+        assert message["type"] == "unsubscribed", message
+        self.subscribed -= set(ids)
+
+    @rule()
+    def ping(self) -> None:
+        self.conn.send('{"op": "ping"}')
+        assert self.recv()["type"] == "pong"
+
+    @rule(frame=BAD_FRAMES)
+    def bad_frame(self, frame: str | bytes) -> None:
+        if isinstance(frame, bytes):
+            expected = "unsupported_frame"
+        else:
+            try:
+                parse_command(frame)
+            except ProtocolError as error:
+                expected = error.code.value
+            else:
+                assume(False)  # a valid command: not what this rule is about
+        self.conn.send(frame)
+        message = self.recv()
+        assert message["type"] == "error", (frame[:200], message)
+        assert message["code"] == expected, (frame[:200], message)
+
+    @invariant()
+    def still_open(self) -> None:
+        assert self.conn.close_code is None
+
+    def teardown(self) -> None:
+        self.conn.__exit__(None, None, None)
+
+
+async def test_ws_protocol_state_machine(ws_server: Any) -> None:
+    """Hypothesis drives random op sequences with random bad frames; afterwards the
+    server is alive and ready and its memory did not grow without bound."""
+    process = psutil.Process(ws_server.pid)
+    before = process.memory_info().rss
+    WsProtocolMachine.url = ws_server.ws_url
+    machine_settings = settings(
+        max_examples=30,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    await asyncio.to_thread(run_state_machine_as_test, WsProtocolMachine, settings=machine_settings)
+    grown = process.memory_info().rss - before
+    assert grown < 64 << 20, f"server grew by {grown / 2**20:.1f} MiB"
+    assert ws_server.proc.poll() is None
+    async with httpx.AsyncClient(timeout=10) as c:
+        assert (await c.get(f"{ws_server.base_url}/ready")).status_code == 200
