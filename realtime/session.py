@@ -237,6 +237,14 @@ class Session:
         except TransportClosed:
             pass
 
+    def lost(self) -> None:
+        """The connection ended under the session (the peer closed or vanished, seen by a
+        transport that reads the socket itself): release it now, without writing."""
+        self._mark_closed()
+        writer = self._writer
+        if writer is not None and writer is not asyncio.current_task():
+            writer.cancel()
+
     def _mark_closed(self) -> None:
         if not self._closed:
             self._closed = True
