@@ -32,9 +32,10 @@ Keepalive: a ping every ``ping_interval`` seconds, closed with 1011 when its pon
 arrived ``ping_timeout`` seconds later (the server's configuration, uvicorn's defaults
 20 s / 20 s): a peer that vanished without a FIN is dropped and its session released.
 
-Closing: :meth:`close` sends the close frame and drops the socket when the peer's close
-arrives or ``CLOSE_WAIT`` seconds later. A close from the peer is answered with the same
-code and the socket dropped.
+Closing: :meth:`close` sends the close frame and waits until the socket took it (the
+session aborts a close that cannot go out within its ``close_timeout``) and closes the
+socket when the peer's close arrives, or aborts it ``CLOSE_WAIT`` seconds later. A close
+from the peer is answered with the same code and the socket dropped.
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ class WsConnection(asyncio.Protocol):
         pos = 0
         while size - pos >= 2:
             first, second = data[pos], data[pos + 1]
+            if first & 0x70 or not second & 0x80:
+                return self._fail(PROTOCOL_ERROR, "reserved bits set or frame not masked")
             opcode = first & 0x0F
             length = second & 0x7F
             header = 6  # 2 bytes, then the 4-byte mask
@@ -181,8 +184,6 @@ class WsConnection(asyncio.Protocol):
                 length = int.from_bytes(data[pos + 2 : pos + 4], "big")
             elif header == 14:
                 length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-            if first & 0x70 or not second & 0x80:
-                return self._fail(PROTOCOL_ERROR, "reserved bits set or frame not masked")
             if opcode >= _OP_CLOSE:
                 if opcode > _OP_PONG or not first & 0x80 or length > 125:
                     return self._fail(PROTOCOL_ERROR, "bad control frame")
@@ -399,8 +400,9 @@ class WsConnection(asyncio.Protocol):
         self.write(text_frame(text.encode()))
 
     async def close(self, code: int, reason: str) -> None:
-        """Send the close frame; the socket is dropped when the peer answers or after
-        :data:`CLOSE_WAIT` seconds (or at once when the peer is gone)."""
+        """Send the close frame and wait until the socket took it (the session times this
+        out, then aborts); the socket is closed when the peer answers, aborted after
+        :data:`CLOSE_WAIT` seconds without an answer."""
         if self._closing or self._transport is None:
             raise TransportClosed
         self._closing = True
@@ -409,7 +411,11 @@ class WsConnection(asyncio.Protocol):
         if self._reading_paused:  # read the peer's close frame
             self._reading_paused = False
             transport.resume_reading()
-        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_WAIT, transport.close)
+        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_WAIT, transport.abort)
+        # Gone out once the socket took it. The transport signals only crossing its
+        # high-water mark, so poll: this is the close path, not the delivery path.
+        while transport.get_write_buffer_size() and not self._lost:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
 
     def abort(self) -> None:
         if self._transport is not None:

@@ -718,8 +718,9 @@ async def test_client_that_stops_reading_is_closed(
 
 
 @contextlib.asynccontextmanager
-async def served(hub: Hub, authenticate: Any = None) -> AsyncIterator[str]:
-    """The hub's route on an in-process uvicorn; yields the WebSocket URL."""
+async def served(hub: Hub, authenticate: Any = None, **options: Any) -> AsyncIterator[str]:
+    """The hub's route on an in-process uvicorn; yields the WebSocket URL. ``options``:
+    more ``uvicorn.Config`` arguments."""
     config = uvicorn.Config(
         Starlette(routes=[websocket_route(hub, authenticate)]),
         host="127.0.0.1",
@@ -729,6 +730,7 @@ async def served(hub: Hub, authenticate: Any = None) -> AsyncIterator[str]:
         ws_per_message_deflate=False,
         lifespan="off",
         log_level="warning",
+        **options,
     )
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
