@@ -189,9 +189,28 @@ class Session:
     def offer(self, product_id: str, updates: Sequence[Update]) -> None:
         """Hand new states of rows of one product to this connection: written now when the
         socket takes them, else kept (conflated) for the writer. Never blocks, never grows
-        past capacity."""
+        past capacity.
+
+        A single update for an idle, writable connection skips the buffer (the same
+        stale check and version bookkeeping, no pending entry to add and pop, no batch
+        to join): that is most deliveries."""
         buffer = self.buffer
         stats = self._stats
+        if (
+            len(updates) == 1  # the usual case: one row changed, socket writable, idle
+            and self._writer is None
+            and not self._control
+            and not buffer.sendable
+            and not self._closed
+            and self._transport.ready()
+        ):
+            warehouse_id, version, message = updates[0]
+            fresh = buffer.hand_out(product_id, warehouse_id, version)
+            if fresh is not None:
+                if fresh:
+                    self._transport.write(message.frame)
+                    stats.deliveries += 1
+                return
         queued = False
         for warehouse_id, version, message in updates:
             outcome = buffer.offer(product_id, warehouse_id, version, message)

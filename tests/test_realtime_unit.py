@@ -222,6 +222,22 @@ def test_forget_drops_pending() -> None:
     assert buffer.offer("p", "a", 2, "p") is Offer.IGNORED
 
 
+def test_hand_out_checks_versions_and_defers_held_products() -> None:
+    """The fast path's bookkeeping: what offer() then pop() would record, or None when the
+    update must be buffered."""
+    buffer: ConflationBuffer[str] = ConflationBuffer(4)
+    assert buffer.hand_out("p", "w", 1) is None  # not subscribed
+    buffer.hold("p")
+    assert buffer.hand_out("p", "w", 1) is None  # awaiting its snapshot
+    buffer.release("p", {"w": 2})
+    assert buffer.hand_out("p", "w", 2) is False  # the snapshot had it
+    assert buffer.hand_out("p", "w", 3) is True
+    assert buffer.hand_out("p", "w", 3) is False
+    assert buffer.offer("p", "w", 3, "again") is Offer.STALE  # recorded as handed out
+    assert buffer.hand_out("p", "x", 1) is True
+    assert not buffer.sendable
+
+
 def test_overflow_is_bounded_and_reported() -> None:
     buffer = ConflationBuffer(2)
     buffer.hold("p")
