@@ -683,18 +683,23 @@ class _Run:
     kib_per_connection: float
 
 
+def _idle_topics(server: _Server, cfg: Settings) -> list[list[str]] | None:
+    """The idle connections' subscriptions (hub only): 100 products, ``idle_products``
+    distinct ones per connection."""
+    if not server.hub:
+        return None
+    products = [f"idle-{i}" for i in range(100)]
+    return [
+        [products[(i + 7 * k) % 100] for k in range(cfg.idle_products)]
+        for i in range(cfg.idle_connections)
+    ]
+
+
 async def _measure(server: _Server, redis: aioredis.Redis, prefix: str, cfg: Settings) -> _Run:
     """All three measurements on one fresh server process. Memory first, so that its RSS
     growth is not hidden by heap the other phases left behind; throughput last, because
     the bare server (no backpressure) is left with a backlog after it."""
-    idle_topics = None
-    if server.hub:
-        products = [f"idle-{i}" for i in range(100)]
-        idle_topics = [
-            [products[(i + 7 * k) % 100] for k in range(cfg.idle_products)]
-            for i in range(cfg.idle_connections)
-        ]
-    memory = await _memory(server, cfg.idle_connections, idle_topics)
+    memory = await _memory(server, cfg.idle_connections, _idle_topics(server, cfg))
     latency = await _latency(
         server,
         _Publisher(redis, prefix, "lat"),
@@ -742,13 +747,27 @@ def _machine() -> dict[str, Any]:
     }
 
 
+async def _memory_only(server: _Server, cfg: Settings) -> _Run:
+    """The memory measurement alone (the ``memory`` scenario); other fields are NaN."""
+    nan = float("nan")
+    return _Run(
+        nan,
+        nan,
+        nan,
+        nan,
+        nan,
+        await _memory(server, cfg.idle_connections, _idle_topics(server, cfg)),
+    )
+
+
 async def run_fanout_bench(
     settings: Settings | None = None, scenarios: Sequence[str] = ("default", "slow")
 ) -> dict[str, Any]:
     """Run the measurements (see the module docstring); returns medians and ratios.
 
-    ``scenarios``: ``default`` (throughput, latency and memory with raw clients) and/or
-    ``slow`` (slow clients, both kinds)."""
+    ``scenarios``: ``default`` (throughput, latency and memory with raw clients),
+    ``memory`` (only the memory measurement of ``default``) and/or ``slow`` (slow
+    clients, both kinds)."""
     cfg = settings or Settings()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -763,12 +782,25 @@ async def run_fanout_bench(
             redis = aioredis.Redis.from_url(backing.redis_url)
             try:
                 for _ in range(cfg.repeats):
-                    if "default" in scenarios:
+                    if "default" in scenarios or "memory" in scenarios:
+                        measure = _memory_only if "default" not in scenarios else None
                         prefix = f"bench-{secrets.token_hex(4)}"
                         async with _hub_server(databases.http, backing.redis_url, prefix) as hub:
-                            runs["hub"].append(await _measure(hub, redis, prefix, cfg))
+                            runs["hub"].append(
+                                await (
+                                    measure(hub, cfg)
+                                    if measure
+                                    else _measure(hub, redis, prefix, cfg)
+                                )
+                            )
                         async with _bare_server(backing.redis_url, prefix) as bare:
-                            runs["bare"].append(await _measure(bare, redis, prefix, cfg))
+                            runs["bare"].append(
+                                await (
+                                    measure(bare, cfg)
+                                    if measure
+                                    else _measure(bare, redis, prefix, cfg)
+                                )
+                            )
                     if "slow" in scenarios:
                         slow.append(await _slow_clients(databases.http, backing.redis_url, cfg))
             finally:
@@ -916,9 +948,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument(
         "--scenario",
-        choices=("all", "default", "slow"),
+        choices=("all", "default", "memory", "slow"),
         default="all",
-        help="default: raw-client throughput, latency, memory; slow: slow clients",
+        help="default: raw-client throughput, latency, memory; memory: memory only;"
+        " slow: slow clients",
     )
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)

@@ -165,6 +165,21 @@ class ConflationBuffer(Generic[M]):
         self._pending[key] = (version, message)
         return Offer.QUEUED
 
+    def hand_out(self, product_id: str, warehouse_id: str, version: int) -> bool | None:
+        """For a writer sending an update at once, with nothing pending (the fast path):
+        true when ``version`` is newer than what the client has (now recorded as handed
+        out), false when stale; ``None`` when the product is held or not subscribed, so
+        the update must go through :meth:`offer`."""
+        handed = self._versions.get(product_id)
+        if handed is None or product_id in self._held:
+            return None
+        if version <= handed.get(warehouse_id, 0):
+            return False
+        if handed is _NOTHING_HANDED:
+            handed = self._versions[product_id] = {}
+        handed[warehouse_id] = version  # type: ignore[index]
+        return True
+
     def _fits(self, product_id: str) -> bool:
         if len(self) < self._capacity:
             return True

@@ -189,9 +189,28 @@ class Session:
     def offer(self, product_id: str, updates: Sequence[Update]) -> None:
         """Hand new states of rows of one product to this connection: written now when the
         socket takes them, else kept (conflated) for the writer. Never blocks, never grows
-        past capacity."""
+        past capacity.
+
+        A single update for an idle, writable connection skips the buffer (the same
+        stale check and version bookkeeping, no pending entry to add and pop, no batch
+        to join): that is most deliveries."""
         buffer = self.buffer
         stats = self._stats
+        if (
+            len(updates) == 1  # the usual case: one row changed, socket writable, idle
+            and self._writer is None
+            and not self._control
+            and not buffer.sendable
+            and not self._closed
+            and self._transport.ready()
+        ):
+            warehouse_id, version, message = updates[0]
+            fresh = buffer.hand_out(product_id, warehouse_id, version)
+            if fresh is not None:
+                if fresh:
+                    self._transport.write(message.frame)
+                    stats.deliveries += 1
+                return
         queued = False
         for warehouse_id, version, message in updates:
             outcome = buffer.offer(product_id, warehouse_id, version, message)
@@ -236,6 +255,14 @@ class Session:
             self._transport.abort()
         except TransportClosed:
             pass
+
+    def lost(self) -> None:
+        """The connection ended under the session (the peer closed or vanished, seen by a
+        transport that reads the socket itself): release it now, without writing."""
+        self._mark_closed()
+        writer = self._writer
+        if writer is not None and writer is not asyncio.current_task():
+            writer.cancel()
 
     def _mark_closed(self) -> None:
         if not self._closed:

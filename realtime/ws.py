@@ -7,32 +7,32 @@ and exception-handling wrapper: about 1.5 KiB less per open connection, and one 
 on every send. A Starlette ``WebSocket`` is built only for the handshake, so that
 ``authenticate`` can read headers and send a denial response.
 
-The endpoint task is the connection's *reader*: it parses one client message at a time
-and runs it to completion (a subscribe awaits its snapshot) before reading the next, so
-commands of one connection are applied in order and a client that floods commands is
-throttled by TCP instead of queued. Everything outbound goes through the connection's
+Serving policy: on uvicorn's ``websockets-sansio`` protocol (what ``inventory serve``
+runs) the handshake goes through ASGI like any route (authentication, origin guards,
+middleware, logging), and right after the accept the connection is handed off
+(:mod:`realtime.handoff`) to a :class:`~realtime.wsconn.WsConnection`: its own frame
+parser, command runner and direct-write transport, with no task while idle. That keeps an
+idle subscriber at a fraction of what uvicorn's per-connection objects and a suspended
+ASGI task cost (README "Live stream": memory per connection).
+
+Anywhere else (another server or WebSocket implementation, or an ASGI middleware that
+wraps ``receive``) the endpoint task stays the connection's *reader* and everything goes
+through the ASGI ``send`` (:class:`AsgiTransport`): correct but slower. Both paths apply a
+connection's commands in order, each to completion (a subscribe awaits its snapshot)
+before the next is read, so a client that floods commands is throttled by TCP instead of
+queued. Everything outbound goes through the connection's
 :class:`~realtime.session.Session`.
 
-Transports: on uvicorn's ``websockets-sansio`` protocol (what ``inventory serve`` runs)
-the session writes pre-encoded frames straight to the connection's asyncio transport
-(:class:`_SansIOTransport`): that protocol keeps no per-frame state for outgoing data
-frames without extensions, flushes its own output (pongs, closes) synchronously, and
-signals backpressure through its ``writable`` event, so a whole frame written while the
-connection is open and writable is exactly what its own ``send`` would write. Anywhere
-else (another server or WebSocket implementation, or an ASGI middleware that wraps
-``receive``) every message goes through the ASGI ``send`` (:class:`AsgiTransport`),
-correct but slower.
-
 Bad input never closes the connection: malformed JSON, unknown ops, bad ids and binary
-frames are answered with an ``error`` message. The exception is a frame above
-:data:`~realtime.protocol.MAX_FRAME_BYTES`, closed with 1009 (uvicorn does this itself
-when run with ``ws_max_size=65536``; the check here covers other settings).
+frames are answered with an ``error`` message. The exception is a message above
+:data:`~realtime.protocol.MAX_FRAME_BYTES`, closed with 1009 (by the handed-off
+connection's parser, or by uvicorn itself with ``ws_max_size=65536``; the check in the
+ASGI reader covers other settings).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import orjson
 from starlette.requests import HTTPConnection
@@ -40,9 +40,8 @@ from starlette.responses import Response
 from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.protocol import State
 
+from realtime.handoff import hand_off, sansio_protocol
 from realtime.hub import Hub, HubFull
 from realtime.protocol import (
     MAX_FRAME_BYTES,
@@ -52,6 +51,7 @@ from realtime.protocol import (
     parse_command,
 )
 from realtime.session import Session, SessionClosed, Transport, TransportClosed
+from realtime.wsconn import WsConnection
 
 __all__ = ["AsgiTransport", "Authenticate", "capacity_refusal", "refusal", "websocket_route"]
 
@@ -123,55 +123,6 @@ class AsgiTransport:
             abort()
 
 
-class _SansIOTransport(AsgiTransport):
-    """Direct frame writes on uvicorn's websockets-sansio protocol (see the module doc)."""
-
-    __slots__ = ("_protocol",)
-
-    def __init__(self, protocol: WebSocketsSansIOProtocol, receive: Receive, send: Send) -> None:
-        super().__init__(receive, send)
-        self._protocol = protocol
-
-    def ready(self) -> bool:
-        protocol = self._protocol
-        return (
-            protocol.writable.is_set()
-            and not protocol.disconnected
-            and protocol.conn.state is State.OPEN  # no close sent or received
-        )
-
-    async def wait_ready(self) -> bool:
-        protocol = self._protocol
-        await protocol.writable.wait()  # set again by resume_writing, or on connection loss
-        if protocol.disconnected:
-            raise TransportClosed
-        return self.ready()  # false once closing: then the ASGI send reports it
-
-    def write(self, frames: bytes) -> None:
-        # Runs inside the hub's fan-out loop, so it must not raise; a transport closing
-        # under us is a connection the reader is about to see disconnected. (try/except,
-        # not contextlib.suppress: this is the per-delivery path, and it costs nothing.)
-        try:  # noqa: SIM105
-            self._protocol.transport.write(frames)
-        except (RuntimeError, OSError):
-            pass
-
-    def abort(self) -> None:
-        self._protocol.transport.abort()
-
-
-def _transport(receive: Receive, send: Send) -> Transport:
-    """The fastest transport that is correct for this connection (after the handshake)."""
-    protocol: Any = getattr(receive, "__self__", None)
-    if (
-        isinstance(protocol, WebSocketsSansIOProtocol)
-        and all(hasattr(protocol, a) for a in ("writable", "disconnected", "conn", "transport"))
-        and not protocol.conn.extensions  # frames are sent as built, uncompressed
-    ):
-        return _SansIOTransport(protocol, receive, send)
-    return AsgiTransport(receive, send)
-
-
 def _frame_too_big(text: str) -> bool:
     # UTF-8 takes at most 4 bytes per character: only long texts need encoding to check.
     return len(text) > MAX_FRAME_BYTES // 4 and len(text.encode()) > MAX_FRAME_BYTES
@@ -212,7 +163,26 @@ class _Endpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub = self._hub if isinstance(self._hub, Hub) else self._hub()
-        session = await self._admit(hub, scope, receive, send)
+        protocol = sansio_protocol(receive)
+        if protocol is None:
+            await self._serve_asgi(hub, scope, receive, send)
+            return
+        connection = WsConnection(hub)
+        session = await self._admit(hub, scope, receive, send, connection)
+        if session is None:
+            return
+        connection.session = session
+        try:
+            await send({"type": "websocket.accept"})
+            if hand_off(protocol, connection):
+                return  # the connection lives on without this task (realtime.wsconn)
+        except OSError:  # uvicorn's ClientDisconnected: gone before the accept
+            pass
+        session.lost()
+
+    async def _serve_asgi(self, hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+        """Any other server: this task reads the connection, writes go through ``send``."""
+        session = await self._admit(hub, scope, receive, send, AsgiTransport(receive, send))
         if session is None:
             return
         try:
@@ -223,7 +193,9 @@ class _Endpoint:
         finally:
             await session.close(1000, "")
 
-    async def _admit(self, hub: Hub, scope: Scope, receive: Receive, send: Send) -> Session | None:
+    async def _admit(
+        self, hub: Hub, scope: Scope, receive: Receive, send: Send, transport: Transport
+    ) -> Session | None:
         """The connection's session, counted before the accept (so no handshake slips
         past the cap meanwhile), or ``None`` after denying the handshake. The Starlette
         ``WebSocket`` lives only here, not for the whole connection."""
@@ -237,7 +209,7 @@ class _Endpoint:
             denial = await self._authenticate(websocket)
         if denial is None:
             try:
-                return hub.open(_transport(receive, send))
+                return hub.open(transport)
             except HubFull:
                 denial = capacity_refusal(hub)
         await websocket.send_denial_response(denial)

@@ -223,6 +223,22 @@ def test_forget_drops_pending() -> None:
     assert buffer.offer("p", "a", 2, "p") is Offer.IGNORED
 
 
+def test_hand_out_checks_versions_and_defers_held_products() -> None:
+    """The fast path's bookkeeping: what offer() then pop() would record, or None when the
+    update must be buffered."""
+    buffer: ConflationBuffer[str] = ConflationBuffer(4)
+    assert buffer.hand_out("p", "w", 1) is None  # not subscribed
+    buffer.hold("p")
+    assert buffer.hand_out("p", "w", 1) is None  # awaiting its snapshot
+    buffer.release("p", {"w": 2})
+    assert buffer.hand_out("p", "w", 2) is False  # the snapshot had it
+    assert buffer.hand_out("p", "w", 3) is True
+    assert buffer.hand_out("p", "w", 3) is False
+    assert buffer.offer("p", "w", 3, "again") is Offer.STALE  # recorded as handed out
+    assert buffer.hand_out("p", "x", 1) is True
+    assert not buffer.sendable
+
+
 def test_overflow_is_bounded_and_reported() -> None:
     buffer = ConflationBuffer(2)
     buffer.hold("p")
@@ -719,8 +735,9 @@ async def test_client_that_stops_reading_is_closed(
 
 
 @contextlib.asynccontextmanager
-async def served(hub: Hub, authenticate: Any = None) -> AsyncIterator[str]:
-    """The hub's route on an in-process uvicorn; yields the WebSocket URL."""
+async def served(hub: Hub, authenticate: Any = None, **options: Any) -> AsyncIterator[str]:
+    """The hub's route on an in-process uvicorn; yields the WebSocket URL. ``options``:
+    more ``uvicorn.Config`` arguments."""
     config = uvicorn.Config(
         Starlette(routes=[websocket_route(hub, authenticate)]),
         host="127.0.0.1",
@@ -730,6 +747,7 @@ async def served(hub: Hub, authenticate: Any = None) -> AsyncIterator[str]:
         ws_per_message_deflate=False,
         lifespan="off",
         log_level="warning",
+        **options,
     )
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
