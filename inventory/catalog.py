@@ -18,11 +18,10 @@ the settings writer), taken only on those two rare paths.
 
 from __future__ import annotations
 
-import base64
-import binascii
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -32,6 +31,7 @@ from .domain import InventoryError, ValidationFailed
 from .store import Conn, Store, _reservation, _translated
 
 __all__ = [
+    "CURSOR_PATTERN",
     "Component",
     "HasStock",
     "IsComponent",
@@ -94,9 +94,7 @@ class ProductSettings:
         seen: set[str] = set()
         for i, c in enumerate(self.components):
             if c.product_id == self.product_id:
-                raise ValidationFailed(
-                    "a kit cannot be its own component", {"field": f"components[{i}].product_id"}
-                )
+                raise IsKit(f"{self.product_id} cannot be a component of itself: it is a kit")
             if c.product_id in seen:
                 raise ValidationFailed(
                     f"component {c.product_id} is listed twice",
@@ -254,24 +252,27 @@ class ReservationFilter:
     status: str | None = None
 
 
+CURSOR_PATTERN = r"^[0-9]{1,16}_[0-9a-f]{32}$"
+_CURSOR_RE = re.compile(CURSOR_PATTERN)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def encode_cursor(created_at: datetime, reservation_id: UUID) -> str:
-    """Opaque page cursor: the (created_at, id) of the last reservation of a page."""
-    raw = f"{created_at.isoformat()}|{reservation_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """Page cursor: the (created_at, id) of the last reservation of a page, as
+    ``<microseconds since the epoch>_<id hex>``. Clients treat it as opaque; every string
+    matching :data:`CURSOR_PATTERN` is a valid cursor, so the schema states exactly what
+    the server accepts."""
+    micros = (created_at - _EPOCH) // timedelta(microseconds=1)
+    return f"{micros}_{reservation_id.hex}"
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        stamp, rid = raw.split("|")
-        at = datetime.fromisoformat(stamp)
-        if at.tzinfo is None:
-            raise ValueError("naive time")
-        return at, UUID(rid)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+    if _CURSOR_RE.fullmatch(cursor) is None:
         raise ValidationFailed(
             "after must be the next_after of a previous page", {"field": "after"}
-        ) from None
+        )
+    micros, rid = cursor.split("_")
+    return _EPOCH + timedelta(microseconds=int(micros)), UUID(hex=rid)
 
 
 async def list_reservations(

@@ -109,8 +109,21 @@ class BulkItemIn(_In):
     reason: Annotated[str, Meta(max_length=500, pattern=NO_NUL)] | None = None
 
 
+# Exactly one of ``delta`` (not 0) and ``quantity`` per item: the handler refuses the rest
+# with 422, and the schema says so.
+_ONE_CHANGE = {
+    "oneOf": [
+        {"required": ["delta"], "properties": {"delta": {"type": "integer", "not": {"const": 0}}}},
+        {"required": ["quantity"], "properties": {"quantity": {"type": "integer"}}},
+    ]
+}
+
+
 class BulkIn(_In):
-    items: Annotated[list[BulkItemIn], Meta(min_length=1, max_length=bulk.MAX_ITEMS)]
+    items: Annotated[
+        list[Annotated[BulkItemIn, Meta(extra_json_schema=_ONE_CHANGE)]],
+        Meta(min_length=1, max_length=bulk.MAX_ITEMS),
+    ]
     atomic: bool = False
 
 
@@ -326,7 +339,7 @@ def catalog_routes(get_service: Callable[[], InventoryService], auth: Auth) -> l
                     "status", {"enum": ["active", "committed", "released", "expired"]}
                 ),
                 QueryParam(
-                    "after", {"type": "string", "minLength": 1},
+                    "after", {"type": "string", "pattern": catalog.CURSOR_PATTERN},
                     "The opaque `next_after` of the previous page.",
                 ),
                 limit,

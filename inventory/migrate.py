@@ -2,7 +2,7 @@
 
 Migrations are the ``NNNN_name.sql`` files of :mod:`inventory.migrations`, applied in
 order, each in its own transaction, and recorded in ``schema_migrations``. A
-transaction-level advisory lock serialises runners, so several processes starting at
+session-level advisory lock serialises runners, so several processes starting at
 once apply each migration exactly once. Chosen over a third-party tool: the whole job is
 forty lines and needs nothing beyond the driver the server already uses.
 """
@@ -38,29 +38,33 @@ def load_migrations() -> list[Migration]:
 
 
 async def apply_migrations(conn: asyncpg.Connection) -> list[str]:
-    """Apply what is missing; returns the names applied by this call."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+    """Apply what is missing; returns the names applied by this call.
+
+    The advisory lock is held for the whole run (session level, released on exit or when
+    the session dies), so one runner applies every missing migration and the others find
+    nothing left to do; each migration still commits on its own.
+    """
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
                    version integer PRIMARY KEY,
                    name text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-    applied: list[str] = []
-    for migration in load_migrations():
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
-            done = await conn.fetchval(
-                "SELECT 1 FROM schema_migrations WHERE version = $1", migration.version
-            )
-            if done:
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        applied: list[str] = []
+        for migration in load_migrations():
+            if migration.version in done:
                 continue
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                migration.version,
-                migration.name,
-            )
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
             applied.append(f"{migration.version:04d}_{migration.name}")
-    return applied
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
 
 import msgspec
@@ -200,7 +201,10 @@ def _operation(path: str, doc: RouteDoc, register: Any) -> dict[str, Any]:
             }
             for link in doc.links
         }
-    responses = {str(status): success for status in (doc.status, *doc.also)}
+    responses = {
+        str(status): {**success, "description": HTTPStatus(status).phrase}
+        for status in (doc.status, *doc.also)
+    }
     for status, response in _error_responses(_error_codes(doc, has_input)).items():
         responses.setdefault(status, response)
 
