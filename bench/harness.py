@@ -293,7 +293,8 @@ end
 
 
 async def _wrk(port: int, clients: int, duration: int) -> float | None:
-    """wrk's rate on the bare endpoint with the same requests, if wrk is installed."""
+    """wrk's rate for the spread reservation request on ``port`` (the bare endpoint or
+    the inventory server), if wrk is installed."""
     binary = shutil.which("wrk")
     if binary is None:
         return None
@@ -693,6 +694,8 @@ async def _run_http(
                 )
                 for (name, clients), results in rounds.items():
                     rows.append(_median_row(SCENARIOS[name], strategy, clients, results))
+                if strategy == plan.strategies[0] and "spread" in {s.name for s in plan.scenarios}:
+                    out["wrk_spread"] = await _wrk_spread(server, http_db, plan, rows)
                 if plan.profile is not None and strategy == plan.strategies[0]:
                     for scenario in plan.scenarios:
                         summary = await _profile(
@@ -708,6 +711,25 @@ async def _run_http(
                 await asyncio.to_thread(server.stop)
     finally:
         await asyncio.to_thread(bare.stop)
+
+
+async def _wrk_spread(
+    server: ServerProcess, http_db: str, plan: Plan, rows: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """An independent tool on the real write path: wrk with the same spread 1-line
+    reservation requests at 64 connections against the inventory server, next to our
+    generator's median for the same scenario (then the invariants are checked again)."""
+    rate = await _wrk(server.port, 64, max(1, round(plan.duration)))
+    if rate is None:
+        return None
+    await _check(http_db, "wrk's spread run")
+    ours = next((r["rate"] for r in rows if r["scenario"] == "spread" and r["clients"] == 64), None)
+    print(
+        f"wrk on the inventory server (spread 1-line, 64 connections): {rate:.0f} req/s"
+        + (f" (our generator's median {ours:.0f}/s, ours/wrk {ours / rate:.2f})" if ours else ""),
+        flush=True,
+    )
+    return {"clients": 64, "rate": rate, "generator_rate": ours}
 
 
 async def _generator_check(bare: ServerProcess, plan: Plan) -> dict[str, Any]:
