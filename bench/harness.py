@@ -7,8 +7,9 @@ through the HTTP API, and drives each scenario with :mod:`bench.loadgen`.
 
 Every figure stands next to a ceiling measured in the same run, as a ratio:
 
-* pgbench running the server's own SQL for the same transaction at the same client
-  count (:mod:`bench.pgbench`), in a twin database seeded with the same data;
+* pgbench at the same client count (:mod:`bench.pgbench`), in a twin database seeded
+  with the same data: for writes the minimal transaction a reservation must commit
+  (guarded UPDATE per row, reservation, lines, ledger rows), for reads the server's SQL;
 * a bare Starlette app under the same uvicorn settings (:mod:`bench.bare_app`), driven by
   the same generator with the same request shape: the HTTP overhead ceiling;
 * for locks and WebSocket fan-out, the ceilings their own modules measure
@@ -85,11 +86,12 @@ PACKAGES = (
 LEGEND = """\
 rate/s: 201s (hot, spread, multi-line), 409s (sold-out), 200s (stock-read) or finished
 reserve+commit cycles per second; latency of those requests (cycle: both requests).
-pgbench/s: the same transaction's SQL under pgbench at the same client count, committed
-per second; bare/s: a bare Starlette endpoint, same generator and request shape (per
-cycle: half its rate). gen/srv: CPU cores used by the load generator and the server
-(all workers); box: share of the whole machine busy (includes other processes);
-us/req: server CPU per HTTP request. bound: what ran out first, judged from those."""
+pgbench/s: under pgbench at the same client count, committed per second: the minimal
+1-line/5-line reservation transaction for writes, the server's own SQL for reads;
+bare/s: a bare Starlette endpoint, same generator and request shape (per cycle: half its
+rate). gen/srv: CPU cores used by the load generator and the server (all workers); box:
+share of the whole machine busy (includes other processes); us/req: server CPU per HTTP
+request. bound: what ran out first, judged from those."""
 
 
 class InvariantViolation(Exception):
@@ -131,7 +133,7 @@ class RoundResult:
     machine_busy: float
     requests: float  # every recorded HTTP request per second, whatever its label or status
     late: int = 0  # paced scenarios: units the generator started behind schedule
-    batch_mean: float | None = None  # single-line requests per combined transaction
+    batch_mean: float | None = None  # reservation requests per combined transaction
     ceilings: dict[str, dict[str, float]] = field(default_factory=dict)
     bare_rate: float | None = None
     bare_latency: dict[str, float] | None = None
@@ -818,7 +820,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="inventory bench",
         description="End-to-end benchmark: every figure next to a ceiling measured in the "
-        "same run (pgbench running the same SQL, a bare Starlette endpoint, raw Redis "
+        "same run (pgbench running the minimal transaction, a bare Starlette endpoint, raw Redis "
         "commands, bare websockets). Starts embedded PostgreSQL and Valkey unless "
         "INVENTORY_DATABASE_URL / INVENTORY_REDIS_URL are set (then it works in scratch "
         "databases it drops afterwards). Load goes to 127.0.0.1 only.",

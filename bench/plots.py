@@ -20,7 +20,8 @@ _COLORS = {
     "server": "C0",
     "pgbench same SQL": "C1",
     "bare Starlette": "C2",
-    "pgbench row-lock (no version check)": "C3",
+    "pgbench minimal transaction": "C3",
+    "pgbench minimal + same commit SQL": "C4",
 }
 
 

@@ -36,7 +36,7 @@ from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
 from .middleware import RequestMiddleware
 from .openapi import openapi_document
-from .service import InventoryService, RetryPolicy
+from .service import InventoryService
 from .store import connect
 from .store_feed import PgLevelReader, PgOutbox
 from .tracing import instrument
@@ -214,15 +214,12 @@ def create_app(settings: Settings) -> Starlette:
         )
         service = InventoryService(
             store,
-            retry=RetryPolicy(
-                attempts=settings.retry_attempts,
-                base_delay=settings.retry_base_delay,
-                max_delay=settings.retry_max_delay,
-                deadline=settings.retry_deadline,
-            ),
             lock_products=lock_products,
             on_change=relay.wake,
-            lanes=settings.reserve_lanes,
+            lanes=settings.process_lanes,
+            wait_bound=settings.db_timeout,
+            # Requests waiting for a busy row never take the lanes' connections.
+            wait_slots=max(1, settings.db_pool_max - settings.process_lanes - 2),
         )
         runtime.service = service
         await hub.start()

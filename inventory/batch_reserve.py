@@ -1,44 +1,69 @@
-"""The single-line reservation path: request combining (the hot-SKU fast path, group
-commit for the rest).
+"""The reservation engine: every reservation, one line or many, goes through here.
 
-Every single-line reservation goes through a :class:`~inventory.combining.Combiner`
-keyed by *lane*: a product always maps to the same one of ``lanes`` lanes, so at most
-``lanes`` batches are in flight per process and never two for one product (no request
-of this process waits on another's row lock). A batch is one transaction: claim the
-members' idempotency keys, lock the rows of the batch's products (``FOR UPDATE``, in
-(product, warehouse) order like every other writer), allocate the members one after
-another in arrival order against the running state, then write all their reservations,
-lines and ledger rows with one statement that updates each touched row once. The ledger
-still gets one row per reservation per stock row, each with its own version, exactly as
-if the reservations had been applied one by one; a row's version moves by the number of
-changes. Members that no longer fit get ``insufficient_stock``; the others commit.
+One path claims idempotency keys, validates, allocates (:func:`~inventory.domain.allocate`),
+builds the reservations and writes their lines and ledger rows. Requests are combined: a
+request joins the :class:`~inventory.combining.Combiner` *lane* of its first product (a
+product always maps to the same one of ``lanes`` lanes), and a batch is whatever arrived
+while the lane's previous batch was in flight. A batch is one transaction:
 
-Why lanes and not one batch per product: a flash sale piles requests onto one product,
-but ordinary traffic spreads them over thousands, where per-product batches are batches
-of one and each reservation pays its own four round trips. Sharing a lane, requests for
-different products that arrive together share those round trips too (group commit).
-The cost is that a batch's products wait for each other's rows; ``lanes`` bounds how
-many such transactions one process runs at once (default 4, under the default pool of
-10 connections, measured in ``bench/``).
+1. lock the stock rows of every product in the batch, in (product, warehouse) order,
+   ``FOR UPDATE SKIP LOCKED``: the batch never waits for a row;
+2. members needing a row that was busy (held by another transaction: an operator's
+   session, another process's batch) leave the batch (see *Isolation*);
+3. claim the remaining members' idempotency keys (one statement, key order), answer
+   replays and repeats within the batch;
+4. allocate the members one after another, in arrival order, against the batch's running
+   state (:class:`BatchState`): several lines of one product draw on one running balance,
+   and each reservation adds one ledger row per stock row it touches;
+5. write every reservation, line and ledger row with one statement that updates each
+   touched row once (version-checked against the locked state, a row's version moving by
+   the number of reservations that touched it), then store the keyed answers.
+
+``expires_at`` and ``created_at`` are taken from ``clock_timestamp()`` in the write
+statement, when the row locks are held, so an ``active`` answer has its full TTL ahead
+even when the transaction started long before (``now()`` is the transaction's start).
+
+Isolation: a member whose rows were busy is retried on its own, in a *waiting* batch
+keyed by the member's product set (so requests for one busy product still combine with
+each other). A waiting batch first locks the rows of the products found busy, waiting
+(``lock_timeout`` set to what is left of the members' bound, ``wait_bound``, i.e.
+``INVENTORY_DB_TIMEOUT``) while holding nothing else, then the rest like a lane batch
+(members that find another row busy go round again). When the bound runs out the answer
+is 503 ``contention`` with ``Retry-After``. While a product has requests on the waiting
+path in this process, or was found busy in the last ``CONTENDED_TTL`` seconds (a hot
+product that the batches of several processes take turns on), new requests for it go
+straight there instead of costing a lane batch a try. Waiting batches are capped
+(``wait_slots``) so that they cannot take every pooled connection from the lanes.
+
+Deadlock freedom: lane batches never wait for a row; waiting batches wait for rows only
+in (product, warehouse) order, holding no other row and no key; keys are claimed in key
+order and after the rows. So no cycle of waits can form (the lock strategy's Redis locks are
+taken in sorted order too). With the ``lock`` strategy a waiting batch holds the Redis
+locks only for slices of ``WAIT_SLICE`` seconds, so a lane batch that needs one of those
+locks waits at most that long.
 
 Sold-out refusal: after a batch leaves a product with nothing reservable, unpinned
-requests without an ``Idempotency-Key`` are refused from memory for ``sold_out_ttl``
-seconds (default 0.2 s) instead of queueing behind the database. A restock through this
-process clears that at once; one through another process is seen after at most
-``sold_out_ttl``. A refusal is never an oversell, so the only cost of the shortcut is a
-bounded window in which fresh stock can be refused.
+single-line requests without an ``Idempotency-Key`` are refused from memory for
+``sold_out_ttl`` seconds (default 0.2 s) instead of queueing behind the database. A
+restock or release through this process clears that at once; one through another
+process is seen after at most ``sold_out_ttl``. A refusal is never an oversell.
+
+:class:`BatchState` is the batch's running state (rows as allocated so far, the planned
+reservations and their ledger rows): per-batch rules (safety stock, per-customer totals,
+waitlist claims, kit expansion) extend it, not the transaction code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 from uuid import UUID
 
 from . import metrics
@@ -59,35 +84,139 @@ from .domain import (
     allocate,
 )
 from .idempotency import Idempotency, Replay, replay_stored
-from .store import Conn, IdempotencyRecord, Store, VersionMiss
+from .store import Conn, IdempotencyRecord, RowsBusy, Store, VersionMiss
 
-__all__ = ["BatchReserver", "SingleLine", "lane_of"]
+__all__ = [
+    "CONTENDED_TTL",
+    "WAIT_SLICE",
+    "BatchState",
+    "LockFactory",
+    "PlannedReservation",
+    "ReservationEngine",
+    "ReserveRequest",
+    "lane_of",
+]
+
+#: With Redis product locks, the longest a waiting batch holds them per attempt (seconds).
+WAIT_SLICE: Final = 0.1
+#: How long a product found busy by a lane batch sends its requests to the waiting path.
+CONTENDED_TTL: Final = 0.5
+
+LockFactory = Callable[[Sequence[str]], contextlib.AbstractAsyncContextManager[Any]]
 
 
 @dataclass(frozen=True, slots=True)
-class SingleLine:
-    """One single-line reservation request waiting for its batch."""
+class ReserveRequest:
+    """One reservation request (any number of lines) waiting for its batch."""
 
-    line: RequestedLine
+    lines: tuple[RequestedLine, ...]
     ttl_seconds: int
     reference: str | None
     idempotency: Idempotency | None = None
+    products: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "products", tuple(sorted({x.product_id for x in self.lines})))
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    request: ReserveRequest
+    deadline: float  # time.monotonic() after which a busy row means 503
+    busy: frozenset[str] = frozenset()  # products found busy last time: wait for these
+
+
+@dataclass(frozen=True, slots=True)
+class _Busy:
+    """A member's rows were held by another transaction: retry it on its own."""
+
+    products: frozenset[str]
 
 
 Outcome = Reservation | Replay | InventoryError
+MemberOutcome = Outcome | _Busy
 
 
-class BatchReserver:
+@dataclass(frozen=True, slots=True)
+class PlannedReservation:
+    """A reservation allocated in a batch, written when the batch commits."""
+
+    index: int  # the member it answers
+    id: UUID
+    lines: tuple[ReservationLine, ...]
+
+
+class BatchState:
+    """The running state of one batch: the locked rows as allocated so far, the planned
+    reservations and their ledger rows.
+
+    Members are applied one after another (:meth:`reserve`); each sees what the earlier
+    ones took. Nothing here does I/O: the transaction code locks, calls :meth:`reserve`
+    per member and writes :meth:`changed_rows`, :attr:`movements` and :attr:`planned`.
+    """
+
+    def __init__(self, levels: Iterable[StockLevel], warehouses: dict[str, Warehouse]) -> None:
+        self.locked: list[StockLevel] = sorted(
+            levels, key=lambda lv: (lv.product_id, lv.warehouse_id)
+        )
+        self.rows: dict[str, dict[str, StockLevel]] = {}  # product -> warehouse -> now
+        for lv in self.locked:
+            self.rows.setdefault(lv.product_id, {})[lv.warehouse_id] = lv
+        self.warehouses = warehouses
+        self.movements: list[Movement] = []
+        self.planned: list[PlannedReservation] = []
+
+    def reserve(self, index: int, request: ReserveRequest) -> PlannedReservation:
+        """Allocate ``request`` from what is left; raises the member's
+        :class:`~inventory.domain.InventoryError` (404, 409) and changes nothing then."""
+        lines = request.lines
+        missing = [p for p in dict.fromkeys(x.product_id for x in lines) if p not in self.rows]
+        if missing:
+            raise NotFound(f"product {missing[0]} has no stock", {"product_ids": missing})
+        pinned = {x.warehouse_id for x in lines if x.warehouse_id is not None}
+        unknown = sorted(pinned - self.warehouses.keys())
+        if unknown:
+            raise NotFound(f"warehouse {unknown[0]} not found", {"warehouse_id": unknown[0]})
+        levels = [lv for p in request.products for lv in self.rows[p].values()]
+        allocation = allocate(lines, levels, self.warehouses)
+        reservation_id = uuid.uuid4()
+        for (product_id, warehouse_id), n in allocation.deltas().items():
+            rows = self.rows[product_id]
+            rows[warehouse_id], movement = rows[warehouse_id].reserve(n, reservation_id)
+            self.movements.append(movement)
+        planned = PlannedReservation(index, reservation_id, allocation.lines)
+        self.planned.append(planned)
+        return planned
+
+    def changed_rows(self) -> list[tuple[StockLevel, StockLevel]]:
+        """(locked state, state now) of every row the batch changed, in lock order."""
+        now = ((lv, self.rows[lv.product_id][lv.warehouse_id]) for lv in self.locked)
+        return [(before, after) for before, after in now if after is not before]
+
+    def reservable(self, product_id: str) -> int | None:
+        """Units of the product still reservable (active warehouses); None: no rows."""
+        rows = self.rows.get(product_id)
+        if not rows:
+            return None
+        return sum(
+            lv.available for lv in rows.values() if self.warehouses[lv.warehouse_id].can_allocate
+        )
+
+
+class ReservationEngine:
+    """The only writer of reservations, their lines and their ``reserved`` ledger rows."""
+
     def __init__(
         self,
         store: Store,
         *,
-        lock_products: Callable[[Sequence[str]], contextlib.AbstractAsyncContextManager[Any]]
-        | None = None,
+        lock_products: LockFactory | None = None,
         on_change: Callable[[], None] = lambda: None,
         sold_out_ttl: float = 0.2,
         max_batch: int = 256,
         lanes: int = 4,
+        wait_bound: float = 5.0,
+        wait_slots: int = 4,
     ) -> None:
         if lanes < 1:
             raise ValueError("lanes must be at least 1")
@@ -97,191 +226,301 @@ class BatchReserver:
         self._on_change = on_change
         self._sold_out_ttl = sold_out_ttl
         self._sold_out: dict[str, float] = {}
-        self.combiner: Combiner[int, SingleLine, Reservation | Replay] = Combiner(
-            self._run_batch, max_batch=max_batch
+        self._wait_bound = wait_bound
+        self._wait_slots = asyncio.Semaphore(wait_slots)
+        self._waiting: dict[str, int] = {}  # product -> members on the waiting path
+        self._contended: dict[str, float] = {}  # product -> found busy, until (monotonic)
+        self.lanes: Combiner[int, _Member, MemberOutcome] = Combiner(
+            self._run_lane, max_batch=max_batch
+        )
+        self.waiters: Combiner[tuple[str, ...], _Member, MemberOutcome] = Combiner(
+            self._run_waiting, max_batch=max_batch
         )
 
-    async def reserve(self, request: SingleLine) -> Reservation | Replay:
-        line = request.line
-        if request.idempotency is None and line.warehouse_id is None:
-            until = self._sold_out.get(line.product_id)
-            if until is not None and until > time.monotonic():
-                raise InsufficientStock(
-                    "not enough stock for every line",
-                    [{"product_id": line.product_id, "requested": line.quantity, "available": 0}],
-                )
-        return await self.combiner.submit(lane_of(line.product_id, self._lanes), request)
+    async def close(self) -> None:
+        """Stop the combining workers (at shutdown)."""
+        await self.lanes.close()
+        await self.waiters.close()
+
+    async def reserve(self, request: ReserveRequest) -> Reservation | Replay:
+        """Reserve every line of ``request`` or none; raises the request's
+        :class:`~inventory.domain.InventoryError`."""
+        self._refuse_sold_out(request)
+        deadline = time.monotonic() + self._wait_bound
+        waiting = frozenset(p for p in request.products if self._is_contended(p))
+        if not waiting:
+            lane = lane_of(request.products[0], self._lanes)
+            outcome = await self.lanes.submit(lane, _Member(request, deadline))
+            if not isinstance(outcome, _Busy):
+                return _answer(outcome)
+            waiting = outcome.products
+        return await self._wait(_Member(request, deadline, waiting))
 
     def forget(self, product_id: str) -> None:
         """Stock of the product changed here: stop refusing it from memory."""
         self._sold_out.pop(product_id, None)
 
-    async def _run_batch(self, lane: int, batch: Sequence[SingleLine]) -> list[Outcome]:
-        products = sorted({request.line.product_id for request in batch})
+    def _is_contended(self, product_id: str) -> bool:
+        if product_id in self._waiting:
+            return True
+        until = self._contended.get(product_id)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._contended[product_id]
+        return False
+
+    def _note_contended(self, products: Iterable[str]) -> None:
+        now = time.monotonic()
+        if len(self._contended) > 10_000:  # forget the stale ones now and then
+            self._contended = {p: t for p, t in self._contended.items() if t > now}
+        for product_id in products:
+            self._contended[product_id] = now + CONTENDED_TTL
+
+    def _refuse_sold_out(self, request: ReserveRequest) -> None:
+        if request.idempotency is not None or len(request.lines) != 1:
+            return
+        [line] = request.lines
+        if line.warehouse_id is not None:
+            return
+        until = self._sold_out.get(line.product_id)
+        if until is not None and until > time.monotonic():
+            raise InsufficientStock(
+                "not enough stock for every line",
+                [{"product_id": line.product_id, "requested": line.quantity, "available": 0}],
+            )
+
+    async def _wait(self, member: _Member) -> Reservation | Replay:
+        """The waiting path of a member whose rows were busy, until its deadline."""
+        products = member.request.products
+        for p in products:
+            self._waiting[p] = self._waiting.get(p, 0) + 1
+        try:
+            while True:
+                metrics.RETRIES.inc()
+                outcome = await self.waiters.submit(products, member)
+                if not isinstance(outcome, _Busy):
+                    return _answer(outcome)
+                member = replace(member, busy=member.busy | outcome.products)
+                if time.monotonic() >= member.deadline:
+                    raise Contention(
+                        "a stock row of this reservation is held by another transaction; retry",
+                        1.0,
+                    )
+        finally:
+            for p in products:
+                if self._waiting[p] == 1:
+                    del self._waiting[p]
+                else:
+                    self._waiting[p] -= 1
+
+    async def _run_lane(self, lane: int, batch: Sequence[_Member]) -> list[MemberOutcome]:
+        return await self._run_batch(batch, 0.0)
+
+    async def _run_waiting(
+        self, products: tuple[str, ...], batch: Sequence[_Member]
+    ) -> list[MemberOutcome]:
+        busy: list[MemberOutcome] = [_Busy(m.busy) for m in batch]
+        remaining = min(m.deadline for m in batch) - time.monotonic()
+        if remaining <= 0:
+            return busy
+        try:
+            async with asyncio.timeout(remaining):
+                await self._wait_slots.acquire()
+        except TimeoutError:
+            return busy
+        try:
+            remaining = min(m.deadline for m in batch) - time.monotonic()
+            if remaining <= 0:
+                return busy
+            if self._lock_products is not None:
+                remaining = min(remaining, WAIT_SLICE)
+            return await self._run_batch(batch, remaining)
+        finally:
+            self._wait_slots.release()
+
+    async def _run_batch(self, batch: Sequence[_Member], wait: float) -> list[MemberOutcome]:
+        """One transaction for ``batch``: wait at most ``wait`` seconds for the rows of
+        the products its members found busy before, skip the others' busy rows."""
+        products = sorted({p for m in batch for p in m.request.products})
         metrics.BATCHES.inc()
         metrics.BATCH_MEMBERS.inc(len(batch))
         try:
             if self._lock_products is None:
-                results = await self._apply(products, batch)
+                results = await self._apply(products, batch, wait)
             else:
                 async with self._lock_products(products):
-                    results = await self._apply(products, batch)
+                    results = await self._apply(products, batch, wait)
+        except RowsBusy:  # a waiting batch whose lock_timeout ran out
+            return [_Busy(m.busy) for m in batch]
         except VersionMiss:  # the rows are locked: only a bug or manual SQL gets here
+            metrics.VERSION_CONFLICTS.inc()
             raise Contention("the stock row changed under the batch; retry") from None
         if any(isinstance(r, Reservation) for r in results):
             self._on_change()
         return results
 
-    async def _apply(self, products: Sequence[str], batch: Sequence[SingleLine]) -> list[Outcome]:
-        results: list[Outcome | None] = [None] * len(batch)
-        fresh: list[int] = []  # members whose key this batch claimed
-        duplicates: dict[int, int] = {}  # member -> earlier member with the same key
-        stored: dict[tuple[str, str], IdempotencyRecord] = {}  # keys answered before
+    async def _apply(
+        self, products: Sequence[str], batch: Sequence[_Member], wait: float
+    ) -> list[MemberOutcome]:
+        results: list[MemberOutcome | None] = [None] * len(batch)
+        requests = [m.request for m in batch]
+        wait_for = frozenset[str]().union(*(m.busy for m in batch))
         async with self.store.transaction() as conn:
-            live = await self._claim_keys(conn, batch, results, fresh, duplicates, stored)
-            levels, warehouses = await self.store.lock_products(
-                conn, [batch[i].line.product_id for i in live]
+            keyed = any(r.idempotency is not None for r in requests)
+            levels, warehouses, busy = await self.store.lock_rows(
+                conn, products, wait_for, wait, then_claims=keyed
             )
-            pinned = {batch[i].line.warehouse_id for i in live} - {None} - warehouses.keys()
+            self._note_contended(busy)
+            for i, request in enumerate(requests):
+                if found := busy.intersection(request.products):
+                    results[i] = _Busy(frozenset(found))
+            keys = _Keys(requests, results)
+            await keys.claim(self.store, conn)
+            live = [i for i, r in enumerate(results) if r is None and i not in keys.repeats]
+            pinned = {
+                x.warehouse_id
+                for i in live
+                for x in requests[i].lines
+                if x.warehouse_id is not None and x.warehouse_id not in warehouses
+            }
             if pinned:
-                found = await self.store.warehouses(conn, [w for w in pinned if w is not None])
-                warehouses = {**warehouses, **found}
-            current: dict[str, dict[str, StockLevel]] = {}  # product -> warehouse -> row
-            for lv in levels:
-                current.setdefault(lv.product_id, {})[lv.warehouse_id] = lv
-            movements: list[Movement] = []
-            planned: list[tuple[int, UUID, tuple[ReservationLine, ...]]] = []
+                warehouses = {**warehouses, **await self.store.warehouses(conn, pinned)}
+            state = BatchState(levels, warehouses)
             for i in live:
-                line = batch[i].line
-                rows = current.get(line.product_id)
                 try:
-                    if rows is None:
-                        raise NotFound(
-                            f"product {line.product_id} has no stock",
-                            {"product_ids": [line.product_id]},
-                        )
-                    if line.warehouse_id is not None and line.warehouse_id not in warehouses:
-                        raise NotFound(
-                            f"warehouse {line.warehouse_id} not found",
-                            {"warehouse_id": line.warehouse_id},
-                        )
-                    allocation = allocate([line], rows.values(), warehouses)
+                    state.reserve(i, requests[i])
                 except InventoryError as exc:
                     results[i] = exc
-                    continue
-                reservation_id = uuid.uuid4()
-                for part in allocation.lines:
-                    rows[part.warehouse_id], movement = rows[part.warehouse_id].reserve(
-                        part.quantity, reservation_id
-                    )
-                    movements.append(movement)
-                planned.append((i, reservation_id, allocation.lines))
-            if planned:
-                now = await self._write(conn, batch, levels, current, movements, planned)
-                for i, reservation_id, lines in planned:
-                    request = batch[i]
-                    results[i] = Reservation(
-                        reservation_id,
-                        ReservationStatus.ACTIVE,
-                        lines,
-                        request.reference,
-                        now,
-                        now + timedelta(seconds=request.ttl_seconds),
-                    )
-            await self._remember(conn, batch, results, fresh)
-        for i, first in duplicates.items():
-            results[i] = _mirror(batch[first], results[first], batch[i], stored)
+            if state.planned:
+                at = await self.store.insert_batch(
+                    conn,
+                    state.changed_rows(),
+                    state.movements,
+                    [(p.id, requests[p.index].reference, requests[p.index].ttl_seconds)
+                     for p in state.planned],
+                    [(p.id, n, line) for p in state.planned
+                     for n, line in enumerate(p.lines, start=1)],
+                )  # fmt: skip
+                for p in state.planned:
+                    request = requests[p.index]
+                    results[p.index] = _reservation(p, request, at)
+            await keys.remember(self.store, conn)
+        keys.mirror_repeats()
         for product_id in products:
-            self._note_sold_out(product_id, current.get(product_id, {}), warehouses)
+            if product_id not in busy:
+                self._note_sold_out(product_id, state.reservable(product_id))
         done = [r for r in results if r is not None]
         assert len(done) == len(batch), "every member gets exactly one answer"
         return done
 
-    async def _claim_keys(
-        self,
-        conn: Conn,
-        batch: Sequence[SingleLine],
-        results: list[Outcome | None],
-        fresh: list[int],
-        duplicates: dict[int, int],
-        stored: dict[tuple[str, str], IdempotencyRecord],
-    ) -> list[int]:
-        """Claim idempotency keys; returns the members still to allocate."""
-        live = [i for i, request in enumerate(batch) if request.idempotency is None]
-        seen: dict[tuple[str, str], int] = {}
-        # Claim in key order: two batches sharing keys can then never deadlock.
-        keyed = sorted(
-            (r.idempotency.scope, r.idempotency.key, i, r.idempotency)
-            for i, r in enumerate(batch)
-            if r.idempotency is not None
-        )
-        for _, _, i, idem in keyed:
-            if (idem.scope, idem.key) in seen:
-                duplicates[i] = seen[(idem.scope, idem.key)]
-                continue
-            seen[(idem.scope, idem.key)] = i
-            record = await self.store.claim_idempotency_key(conn, idem.scope, idem.key, idem.digest)
-            if record is None:
-                fresh.append(i)
-                live.append(i)
-                continue
-            stored[(idem.scope, idem.key)] = record
-            results[i] = _from_record(record, idem)
-        return sorted(live)
-
-    async def _write(
-        self,
-        conn: Conn,
-        batch: Sequence[SingleLine],
-        levels: list[StockLevel],
-        current: dict[str, dict[str, StockLevel]],
-        movements: list[Movement],
-        planned: list[tuple[int, UUID, tuple[ReservationLine, ...]]],
-    ) -> datetime:
-        after = ((lv, current[lv.product_id][lv.warehouse_id]) for lv in levels)
-        rows = [(before, now) for before, now in after if now is not before]
-        reservations = [(rid, batch[i].reference, batch[i].ttl_seconds) for i, rid, _ in planned]
-        lines = [
-            (rid, n, line) for _, rid, parts in planned for n, line in enumerate(parts, start=1)
-        ]
-        return await self.store.insert_batch(conn, rows, movements, reservations, lines)
-
-    async def _remember(
-        self,
-        conn: Conn,
-        batch: Sequence[SingleLine],
-        results: list[Outcome | None],
-        fresh: list[int],
-    ) -> None:
-        """Store the answers of newly claimed keys (201, 404 and 409: nothing else
-        reaches this point)."""
-        answers: dict[str, dict[str, tuple[int, bytes]]] = {}
-        for i in fresh:
-            idem, outcome = batch[i].idempotency, results[i]
-            assert idem is not None
-            assert isinstance(outcome, Reservation | InventoryError)
-            answers.setdefault(idem.scope, {})[idem.key] = idem.render(outcome)
-        for scope, by_key in answers.items():
-            await self.store.store_idempotent_responses(conn, scope, by_key)
-
-    def _note_sold_out(
-        self,
-        product_id: str,
-        current: dict[str, StockLevel],
-        warehouses: dict[str, Warehouse],
-    ) -> None:
-        reservable = sum(
-            lv.available for lv in current.values() if warehouses[lv.warehouse_id].can_allocate
-        )
-        if current and reservable == 0:
+    def _note_sold_out(self, product_id: str, reservable: int | None) -> None:
+        if reservable == 0:
             self._sold_out[product_id] = time.monotonic() + self._sold_out_ttl
         else:
             self._sold_out.pop(product_id, None)
 
 
+class _Keys:
+    """The idempotency keys of one batch's members: claim, replay, store, mirror.
+
+    ``results`` is the batch's answer list, filled in place. Members already answered
+    (busy) take no part. A key used by several members of the batch is claimed once, by
+    the first (in key order, then arrival); the others are answered like a repeat that
+    arrived just after it (:meth:`mirror_repeats`).
+    """
+
+    def __init__(
+        self, requests: Sequence[ReserveRequest], results: list[MemberOutcome | None]
+    ) -> None:
+        self.requests = requests
+        self.results = results
+        self.fresh: list[int] = []  # members whose key this batch claimed
+        self.repeats: dict[int, int] = {}  # member -> earlier member with the same key
+        self.stored: dict[tuple[str, str], IdempotencyRecord] = {}  # answered before
+
+    async def claim(self, store: Store, conn: Conn) -> None:
+        first: dict[tuple[str, str], int] = {}
+        keyed = sorted(
+            (idem.scope, idem.key, i)
+            for i, r in enumerate(self.requests)
+            if (idem := r.idempotency) is not None and self.results[i] is None
+        )
+        for scope, key, i in keyed:
+            if (scope, key) in first:
+                self.repeats[i] = first[(scope, key)]
+            else:
+                first[(scope, key)] = i
+        if not first:
+            return
+        claims = []
+        for i in first.values():
+            idem = self.requests[i].idempotency
+            assert idem is not None
+            claims.append((idem.scope, idem.key, idem.digest))
+        self.stored = await store.claim_idempotency_keys(conn, claims)
+        for (scope, key), i in first.items():
+            record = self.stored.get((scope, key))
+            if record is None:
+                self.fresh.append(i)
+                continue
+            idem = self.requests[i].idempotency
+            assert idem is not None
+            self.results[i] = _from_record(record, idem)
+
+    async def remember(self, store: Store, conn: Conn) -> None:
+        """Store the answers of newly claimed keys (201, 404 and 409: nothing else
+        reaches this point)."""
+        answers: list[tuple[str, str, int, bytes]] = []
+        for i in self.fresh:
+            idem, outcome = self.requests[i].idempotency, self.results[i]
+            assert idem is not None
+            assert isinstance(outcome, Reservation | InventoryError)
+            answers.append((idem.scope, idem.key, *idem.render(outcome)))
+        if answers:
+            await store.store_idempotent_responses(conn, answers)
+
+    def mirror_repeats(self) -> None:
+        """Answer each repeat of a key used earlier in the same batch."""
+        for i, first in self.repeats.items():
+            idem, first_idem = self.requests[i].idempotency, self.requests[first].idempotency
+            outcome = self.results[first]
+            assert idem is not None
+            assert first_idem is not None
+            record = self.stored.get((idem.scope, idem.key))
+            if record is not None:  # answered before this batch: judge the repeat on its own
+                self.results[i] = _from_record(record, idem)
+            elif idem.digest != first_idem.digest:
+                self.results[i] = IdempotencyKeyReused(
+                    "this Idempotency-Key was used with a different body", {"key": idem.key}
+                )
+            else:
+                assert isinstance(outcome, Reservation | InventoryError)
+                self.results[i] = first_idem.replay(outcome)
+
+
 def lane_of(product_id: str, lanes: int) -> int:
-    """The lane a product's single-line reservations take (stable across processes)."""
+    """The lane of a request whose first product is ``product_id`` (stable across
+    processes)."""
     return zlib.crc32(product_id.encode()) % lanes
+
+
+def _answer(outcome: Outcome) -> Reservation | Replay:
+    if isinstance(outcome, InventoryError):
+        raise outcome
+    return outcome
+
+
+def _reservation(planned: PlannedReservation, request: ReserveRequest, at: datetime) -> Reservation:
+    return Reservation(
+        planned.id,
+        ReservationStatus.ACTIVE,
+        planned.lines,
+        request.reference,
+        at,
+        at + timedelta(seconds=request.ttl_seconds),
+    )
 
 
 def _from_record(record: IdempotencyRecord, idem: Idempotency) -> Outcome:
@@ -289,25 +528,3 @@ def _from_record(record: IdempotencyRecord, idem: Idempotency) -> Outcome:
         return replay_stored(record, idem)
     except InventoryError as exc:
         return exc
-
-
-def _mirror(
-    first: SingleLine,
-    outcome: Outcome | None,
-    request: SingleLine,
-    stored: dict[tuple[str, str], IdempotencyRecord],
-) -> Outcome:
-    """The answer to a repeat of a key already used earlier in the same batch."""
-    idem, first_idem = request.idempotency, first.idempotency
-    assert idem is not None
-    assert first_idem is not None
-    assert outcome is not None
-    record = stored.get((idem.scope, idem.key))
-    if record is not None:  # answered before this batch: judge the repeat on its own
-        return _from_record(record, idem)
-    if idem.digest != first_idem.digest:
-        return IdempotencyKeyReused(
-            "this Idempotency-Key was used with a different body", {"key": idem.key}
-        )
-    assert isinstance(outcome, Reservation | InventoryError)
-    return first_idem.replay(outcome)

@@ -126,10 +126,6 @@ class Settings:
     db_pool_min: int = 2
     db_pool_max: int = 10
     db_timeout: float = 5.0
-    retry_attempts: int = 8
-    retry_base_delay: float = 0.002
-    retry_max_delay: float = 0.1
-    retry_deadline: float = 2.0
     lock_ttl: float = 10.0
     lock_wait: float = 2.0
     reserve_lanes: int = 4
@@ -145,6 +141,13 @@ class Settings:
     webhook_retry_max: float = 3600.0
     webhook_retry_window: float = 86400.0
     webhook_concurrency: int = 8
+
+    @property
+    def process_lanes(self) -> int:
+        """Reservation lanes of one worker process: ``reserve_lanes`` is for the whole
+        server, split over its workers, so that more workers do not mean more, smaller
+        batch transactions at the same load."""
+        return max(1, -(-self.reserve_lanes // self.workers))
 
     @property
     def embedded(self) -> bool:
@@ -182,8 +185,6 @@ class Settings:
             db_pool_min=_int(env, "INVENTORY_DB_POOL_MIN", 2, 1, 100),
             db_pool_max=_int(env, "INVENTORY_DB_POOL_MAX", 10, 1, 200),
             db_timeout=_float(env, "INVENTORY_DB_TIMEOUT", 5.0, 0.1, 300),
-            retry_attempts=_int(env, "INVENTORY_RETRY_ATTEMPTS", 8, 1, 100),
-            retry_deadline=_float(env, "INVENTORY_RETRY_DEADLINE", 2.0, 0.01, 60),
             lock_ttl=_float(env, "INVENTORY_LOCK_TTL", 10.0, 0.1, 3600),
             lock_wait=_float(env, "INVENTORY_LOCK_WAIT", 2.0, 0.0, 60),
             reserve_lanes=_int(env, "INVENTORY_RESERVE_LANES", 4, 1, 64),
@@ -212,4 +213,5 @@ class Settings:
         if self.redis_url:
             env["INVENTORY_REDIS_URL"] = self.redis_url
         env["INVENTORY_RESERVE_STRATEGY"] = self.reserve_strategy
+        env["INVENTORY_WORKERS"] = str(self.workers)
         return env

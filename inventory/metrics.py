@@ -69,10 +69,10 @@ VERSION_CONFLICTS = Counter(
 )
 RETRIES = Counter("inventory_reservation_retries_total", "Reservation attempts retried")
 BATCHES = Counter(
-    "inventory_reservation_batches_total", "Combined single-line reservation transactions"
+    "inventory_reservation_batches_total", "Combined reservation transactions (lane and waiting)"
 )
 BATCH_MEMBERS = Counter(
-    "inventory_reservation_batch_members_total", "Single-line reservation requests they applied"
+    "inventory_reservation_batch_members_total", "Reservation requests they applied"
 )
 LOCK_WAITS = Counter("inventory_lock_waits_total", "Product lock acquisitions attempted")
 LOCK_TIMEOUTS = Counter("inventory_lock_timeouts_total", "Product lock waits that ran out")

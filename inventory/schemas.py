@@ -51,7 +51,7 @@ MAX_STOCK = 1_000_000_000  # on-hand bound per row; keeps every sum far inside b
 ProductId = Annotated[str, Meta(pattern=f"^{PRODUCT_ID_RE.pattern}$")]
 WarehouseId = Annotated[str, Meta(pattern=f"^{WAREHOUSE_ID_RE.pattern}$")]
 # PostgreSQL text cannot hold U+0000: refuse it here (422) instead of failing the write
-# (a 500, and for single-line reservations the whole combined batch of other clients).
+# (a 500, and for reservations the whole combined batch of other clients).
 NO_NUL = r"^[^\x00]*$"
 Text = Annotated[str, Meta(max_length=500, pattern=NO_NUL)]
 Version = Annotated[int, Meta(ge=0, le=2**62)]

@@ -1,38 +1,33 @@
 """Use cases: warehouses, stock changes, reservations, expiry.
 
 Each use case is one database transaction through :class:`~inventory.store.Store`; the
-rules come from :mod:`inventory.domain`. Single-line reservations are combined
-(:mod:`inventory.batch_reserve`: concurrent requests share one locked transaction, the
-hot-SKU fast path and group commit for the rest). Multi-line reservations use one of two strategies:
+rules come from :mod:`inventory.domain`. Every reservation, whatever its number of lines,
+goes through the reservation engine (:mod:`inventory.batch_reserve`: concurrent requests
+share one transaction that locks their rows, allocates and writes them all). The two
+``INVENTORY_RESERVE_STRATEGY`` values differ only in what the engine holds around a
+batch's transaction:
 
 ``optimistic`` (default)
-    Read the rows, allocate in the domain, then write with ``... WHERE version = $v``.
-    A lost race re-reads and retries with full-jitter backoff, at most
-    ``retry_attempts`` times and within ``retry_deadline`` seconds, then answers
-    :class:`~inventory.domain.Contention` (503 with ``Retry-After``).
+    Nothing: the batch's row locks and its version-checked write are the guard.
 ``lock``
-    Take a Redis lock per product (sorted, ``{prefix}:lock:{product_id}``) around the
-    same version-checked write: the lock removes most lost races, the version check stays
-    the fence against a holder whose lock expired.
+    A Redis lock per product of the batch (sorted, ``{prefix}:lock:{product_id}``)
+    around the same version-checked write: the version check stays the fence against a
+    holder whose lock expired.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 from uuid import UUID
 
 from . import metrics
-from .batch_reserve import BatchReserver, SingleLine
+from .batch_reserve import LockFactory, ReservationEngine, ReserveRequest
 from .domain import (
-    Allocation,
     Contention,
     InventoryError,
     Movement,
@@ -44,31 +39,14 @@ from .domain import (
     StockLevel,
     Unavailable,
     Warehouse,
-    allocate,
     row_deltas,
 )
-from .idempotency import Idempotency, Replay, replay_stored
-from .store import Conn, Store, VersionMiss
+from .idempotency import Idempotency, Replay
+from .store import Conn, Store
 
-__all__ = ["InventoryService", "RetryPolicy"]
+__all__ = ["InventoryService"]
 
 log = logging.getLogger("inventory.service")
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Bounded retries with full-jitter exponential backoff and an overall deadline."""
-
-    attempts: int = 8
-    base_delay: float = 0.002
-    max_delay: float = 0.1
-    deadline: float = 2.0
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
-
-
-LockFactory = Callable[[Sequence[str]], contextlib.AbstractAsyncContextManager[Any]]
 
 
 class InventoryService:
@@ -76,22 +54,26 @@ class InventoryService:
         self,
         store: Store,
         *,
-        retry: RetryPolicy | None = None,
         lock_products: LockFactory | None = None,
         on_change: Callable[[], None] | None = None,
         lanes: int = 4,
+        wait_bound: float = 5.0,
+        wait_slots: int = 4,
     ) -> None:
         self.store = store
-        self.retry = retry or RetryPolicy()
-        self.lock_products = lock_products
         self.on_change = on_change or (lambda: None)
-        self.single_line = BatchReserver(
-            store, lock_products=lock_products, on_change=self.on_change, lanes=lanes
+        self.engine = ReservationEngine(
+            store,
+            lock_products=lock_products,
+            on_change=self.on_change,
+            lanes=lanes,
+            wait_bound=wait_bound,
+            wait_slots=wait_slots,
         )
 
     async def close(self) -> None:
         """Stop the combining workers (at shutdown)."""
-        await self.single_line.combiner.close()
+        await self.engine.close()
 
     # --- warehouses and stock -------------------------------------------------------
 
@@ -154,7 +136,7 @@ class InventoryService:
                     if created is None:  # another transaction created the row: redo
                         continue
                     result = created
-            self.single_line.forget(product_id)
+            self.engine.forget(product_id)
             self.on_change()
             return result
         raise Contention("the stock row kept changing; retry")
@@ -175,113 +157,15 @@ class InventoryService:
         idempotency: Idempotency | None = None,
     ) -> Reservation | Replay:
         """Reserve every line or none (see :func:`~inventory.domain.allocate`)."""
-        products = sorted({x.product_id for x in lines})
         try:
-            if len(lines) == 1:
-                result = await self.single_line.reserve(
-                    SingleLine(lines[0], ttl_seconds, reference, idempotency)
-                )
-            elif self.lock_products is None:
-                result = await self._reserve_retrying(lines, ttl_seconds, reference, idempotency)
-            else:
-                async with self.lock_products(products):
-                    result = await self._reserve_retrying(
-                        lines, ttl_seconds, reference, idempotency
-                    )
+            result = await self.engine.reserve(
+                ReserveRequest(tuple(lines), ttl_seconds, reference, idempotency)
+            )
         except InventoryError as exc:
             metrics.RESERVATIONS.labels(exc.code).inc()
             raise
         metrics.RESERVATIONS.labels("replayed" if isinstance(result, Replay) else "reserved").inc()
         return result
-
-    async def _reserve_retrying(
-        self,
-        lines: Sequence[RequestedLine],
-        ttl_seconds: int,
-        reference: str | None,
-        idempotency: Idempotency | None,
-    ) -> Reservation | Replay:
-        deadline = time.monotonic() + self.retry.deadline
-        for attempt in range(self.retry.attempts):
-            try:
-                return await self._reserve_once(lines, ttl_seconds, reference, idempotency)
-            except VersionMiss:
-                metrics.VERSION_CONFLICTS.inc()
-            pause = self.retry.delay(attempt)
-            if attempt + 1 == self.retry.attempts or time.monotonic() + pause > deadline:
-                break
-            metrics.RETRIES.inc()
-            await asyncio.sleep(pause)
-        raise Contention("too many concurrent updates of the same stock; retry", 1.0)
-
-    async def _reserve_once(
-        self,
-        lines: Sequence[RequestedLine],
-        ttl_seconds: int,
-        reference: str | None,
-        idempotency: Idempotency | None,
-    ) -> Reservation | Replay:
-        products = list(dict.fromkeys(x.product_id for x in lines))
-        async with self.store.transaction() as conn:
-            if idempotency is not None:
-                stored = await self.store.claim_idempotency_key(
-                    conn, idempotency.scope, idempotency.key, idempotency.digest
-                )
-                if stored is not None:
-                    return replay_stored(stored, idempotency)
-            # Read without locking: the version-checked write below is the guard.
-            levels, warehouses = await self.store.levels(products, conn)
-            try:
-                allocation = await self._allocate(conn, lines, levels, warehouses)
-            except InventoryError as exc:
-                if idempotency is None:
-                    raise
-                await self._remember(conn, idempotency, exc)
-                failure: InventoryError | None = exc
-            else:
-                failure = None
-                reservation_id = uuid.uuid4()
-                deltas = {
-                    key: (0, n, allocation.rows[key].version)
-                    for key, n in allocation.deltas().items()
-                }
-                await self.store.apply_deltas(conn, MovementKind.RESERVED, deltas, reservation_id)
-                reservation = await self.store.insert_reservation(
-                    conn, reservation_id, allocation.lines, ttl_seconds, reference
-                )
-                if idempotency is not None:
-                    await self._remember(conn, idempotency, reservation)
-        if failure is not None:
-            raise failure
-        self.on_change()
-        return reservation
-
-    async def _allocate(
-        self,
-        conn: Conn,
-        lines: Sequence[RequestedLine],
-        levels: list[StockLevel],
-        warehouses: dict[str, Warehouse],
-    ) -> Allocation:
-        known = {lv.product_id for lv in levels}
-        missing = [p for p in dict.fromkeys(x.product_id for x in lines) if p not in known]
-        if missing:
-            raise NotFound(f"product {missing[0]} has no stock", {"product_ids": missing})
-        pinned = {x.warehouse_id for x in lines if x.warehouse_id is not None}
-        if pinned - warehouses.keys():
-            warehouses = {**warehouses, **await self.store.warehouses(conn, pinned)}
-            unknown = sorted(pinned - warehouses.keys())
-            if unknown:
-                raise NotFound(f"warehouse {unknown[0]} not found", {"warehouse_id": unknown[0]})
-        return allocate(lines, levels, warehouses)
-
-    async def _remember(
-        self, conn: Conn, idempotency: Idempotency, outcome: Reservation | InventoryError
-    ) -> None:
-        status, body = idempotency.render(outcome)
-        await self.store.store_idempotent_response(
-            conn, idempotency.scope, idempotency.key, status, body
-        )
 
     async def get_reservation(self, reservation_id: UUID) -> Reservation:
         reservation, now = await self.store.get_reservation(reservation_id)
@@ -316,7 +200,7 @@ class InventoryService:
         await self.store.update_reservation(conn, finished)
         if not ships:  # stock came back: stop refusing these products from memory
             for product_id in {x.product_id for x in reservation.lines}:
-                self.single_line.forget(product_id)
+                self.engine.forget(product_id)
         return finished
 
     async def extend(self, reservation_id: UUID, ttl_seconds: int) -> Reservation:

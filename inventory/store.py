@@ -2,20 +2,22 @@
 
 Returns domain objects and raises domain errors: asyncpg's exceptions never leave this
 module. Connection failures become :class:`~inventory.domain.Unavailable` (503), a lost
-version check becomes :class:`VersionMiss` (the service retries it), constraint
-violations that the domain should have prevented become :class:`StoreIntegrityError`.
+version check becomes :class:`VersionMiss`, a row lock wait past ``lock_timeout``
+:class:`RowsBusy`, constraint violations that the domain should have prevented
+:class:`StoreIntegrityError`.
 
-Every write of stock rows goes through :meth:`Store.apply_deltas`: one statement that
-updates the rows (optionally version-checked) and appends their ledger rows, so a stock
-change and its movement can never be apart. Rows of one transaction are locked in
-(product, warehouse) order first, so multi-row writes never deadlock each other.
+Every write of stock rows appends its ledger rows in the same statement
+(:meth:`Store.apply_deltas` for adjustments, commits, releases and expiry;
+:meth:`Store.insert_batch` for the reservation engine's batches), so a stock change and
+its movement can never be apart. Rows of one transaction are locked in (product,
+warehouse) order, so multi-row writes never deadlock each other.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -43,6 +45,7 @@ from .migrate import apply_migrations
 
 __all__ = [
     "IdempotencyRecord",
+    "RowsBusy",
     "Store",
     "StoreIntegrityError",
     "VersionMiss",
@@ -57,6 +60,10 @@ Row = asyncpg.Record
 
 class VersionMiss(Exception):
     """A version-checked update found a newer row: the caller re-reads and retries."""
+
+
+class RowsBusy(Exception):
+    """Waiting for a stock row lock ran past the transaction's ``lock_timeout``."""
 
 
 class StoreIntegrityError(InventoryError):
@@ -98,6 +105,8 @@ def _translated() -> Any:
         raise ValidationFailed(f"the database refused a value: {exc}") from exc
     except (asyncpg.CheckViolationError, asyncpg.UniqueViolationError) as exc:
         raise StoreIntegrityError(f"the database refused the write: {exc}") from exc
+    except asyncpg.LockNotAvailableError as exc:  # a lock_timeout outside the row locks
+        raise Contention("a lock wait ran out; retry") from exc
     except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
         # Rows and keys are locked in a fixed order, so this should not happen; if it
         # does, the transaction was rolled back and the client may simply retry.
@@ -172,22 +181,25 @@ WITH i AS (
 SELECT {_LEVEL_COLS} FROM i
 """
 
-_INSERT_RESERVATION = """
-WITH r AS (
-    INSERT INTO reservations (id, status, reference, expires_at)
-    VALUES ($1, 'active', $2, now() + make_interval(secs => $3))
-    RETURNING id, status, reference, created_at, expires_at
-), l AS (
-    INSERT INTO reservation_lines (reservation_id, line_no, product_id, warehouse_id, quantity)
-    SELECT $1, n, p, w, q
-    FROM unnest($4::text[], $5::text[], $6::bigint[]) WITH ORDINALITY AS t(p, w, q, n)
+_LOCK_ROWS_FOR_BATCH = f"""
+WITH got AS MATERIALIZED (
+    SELECT {_LEVEL_COLS} FROM stock_levels
+    WHERE product_id = ANY($1::text[])
+    ORDER BY product_id, warehouse_id FOR UPDATE{{skip}}
 )
-SELECT * FROM r
+SELECT s.product_id, s.warehouse_id, g.quantity, g.reserved, g.version, g.updated_at,
+       g.product_id IS NOT NULL AS locked, w.id, w.name, w.location, w.status
+FROM stock_levels s JOIN warehouses w ON w.id = s.warehouse_id
+LEFT JOIN got g ON g.product_id = s.product_id AND g.warehouse_id = s.warehouse_id
+WHERE s.product_id = ANY($1::text[])
 """
+_LOCK_FREE_ROWS = _LOCK_ROWS_FOR_BATCH.format(skip=" SKIP LOCKED")
+_LOCK_ALL_ROWS = _LOCK_ROWS_FOR_BATCH.format(skip="")
 
-
+# ``at`` is read when the row locks are held (clock_timestamp(), not the transaction's
+# start): created_at and expires_at count from it.
 _INSERT_BATCH = """
-WITH u AS (
+WITH t AS MATERIALIZED (SELECT clock_timestamp() AS at), u AS (
     UPDATE stock_levels s
     SET reserved = s.reserved + d.r, version = s.version + d.n, updated_at = now()
     FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
@@ -201,14 +213,24 @@ WITH u AS (
     FROM unnest($6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[],
                 $11::bigint[], $12::uuid[]) AS m(p, w, r, q, res, v, rid)
 ), r AS (
-    INSERT INTO reservations (id, status, reference, expires_at)
-    SELECT id, 'active', ref, now() + make_interval(secs => ttl)
-    FROM unnest($13::uuid[], $14::text[], $15::float8[]) AS r(id, ref, ttl)
+    INSERT INTO reservations (id, status, reference, created_at, expires_at)
+    SELECT id, 'active', ref, t.at, t.at + make_interval(secs => ttl)
+    FROM unnest($13::uuid[], $14::text[], $15::float8[]) AS r(id, ref, ttl), t
 ), l AS (
     INSERT INTO reservation_lines (reservation_id, line_no, product_id, warehouse_id, quantity)
     SELECT * FROM unnest($16::uuid[], $17::int[], $18::text[], $19::text[], $20::bigint[])
 )
-SELECT (SELECT count(*) FROM u) AS updated, now() AS now
+SELECT (SELECT count(*) FROM u) AS updated, (SELECT at FROM t) AS at
+"""
+
+# Keys are inserted in (scope, key) order, so two transactions claiming overlapping keys
+# wait for each other in one order and never deadlock.
+_CLAIM_KEYS = """
+INSERT INTO idempotency_keys (scope, key, body_hash)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) AS k(scope, key, h)
+ORDER BY scope, key
+ON CONFLICT DO NOTHING
+RETURNING scope, key
 """
 
 
@@ -350,21 +372,44 @@ class Store:
             raise VersionMiss()
         return [_level(r) for r in rows]
 
-    async def lock_products(
-        self, conn: Conn, product_ids: Sequence[str]
-    ) -> tuple[list[StockLevel], dict[str, Warehouse]]:
-        """Every row of the products, locked in (product, warehouse) order, with their
-        warehouses. The order is the one every writer locks in, so two batches never
-        deadlock."""
-        rows = await conn.fetch(
-            f"""SELECT s.{_LEVEL_COLS.replace(", ", ", s.")},
-                       w.id, w.name, w.location, w.status
-                FROM stock_levels s JOIN warehouses w ON w.id = s.warehouse_id
-                WHERE s.product_id = ANY($1::text[])
-                ORDER BY s.product_id, s.warehouse_id FOR UPDATE OF s""",
-            sorted(set(product_ids)),
-        )
-        return [_level(r) for r in rows], {r["id"]: _warehouse(r) for r in rows}
+    async def lock_rows(
+        self,
+        conn: Conn,
+        product_ids: Sequence[str],
+        wait_for: Collection[str] = (),
+        wait: float = 0.0,
+        *,
+        then_claims: bool = False,
+    ) -> tuple[list[StockLevel], dict[str, Warehouse], set[str]]:
+        """Lock the products' stock rows in (product, warehouse) order.
+
+        Rows of ``wait_for`` products are locked first, waiting at most ``wait`` seconds
+        (``lock_timeout``; then :class:`RowsBusy`, the transaction being unusable) while
+        holding nothing else; the others never wait: rows another transaction holds are
+        skipped (``SKIP LOCKED``). Returns the locked rows, the warehouses they are in,
+        and the products with a row that could not be locked. ``then_claims``: the
+        transaction claims idempotency keys next, so the ``lock_timeout`` is lifted
+        again (a claim waits for a racing transaction's key as long as it takes).
+        """
+        rows: list[Row] = []
+        rest = list(product_ids)
+        if wait_for:
+            await conn.execute(
+                "SELECT set_config('lock_timeout', $1, true)", f"{max(1, int(wait * 1000))}ms"
+            )
+            try:
+                # The client-side command timeout must not fire before lock_timeout.
+                rows = await conn.fetch(_LOCK_ALL_ROWS, sorted(wait_for), timeout=wait + 1)
+            except asyncpg.LockNotAvailableError:
+                raise RowsBusy() from None
+            if then_claims:
+                await conn.execute("SELECT set_config('lock_timeout', '0', true)")
+            rest = [p for p in rest if p not in wait_for]
+        if rest:
+            rows += await conn.fetch(_LOCK_FREE_ROWS, rest)
+        busy = {r["product_id"] for r in rows if not r["locked"]}
+        locked = [_level(r) for r in rows if r["locked"]]
+        return locked, {r["id"]: _warehouse(r) for r in rows if r["locked"]}, busy
 
     async def insert_batch(
         self,
@@ -379,7 +424,8 @@ class Store:
         ``rows`` are (locked state, state after the batch) pairs: each row is updated once
         (version-checked against the locked state) while ``movements`` records every
         individual change with its own version, exactly as if the reservations had been
-        applied one after another. Returns the transaction time (``created_at``).
+        applied one after another. Returns ``created_at``, the database clock read
+        while the row locks are held (``expires_at`` is it plus each TTL).
         """
         before = [b for b, _ in rows]
         result = await conn.fetchrow(
@@ -408,21 +454,22 @@ class Store:
         assert result is not None
         if result["updated"] != len(rows):
             raise VersionMiss()
-        now: datetime = result["now"]
-        return now
+        at: datetime = result["at"]
+        return at
 
     async def store_idempotent_responses(
-        self, conn: Conn, scope: str, answers: Mapping[str, tuple[int, bytes]]
+        self, conn: Conn, answers: Sequence[tuple[str, str, int, bytes]]
     ) -> None:
-        keys = list(answers)
+        """Store ``(scope, key, status, body)`` answers of keys claimed in ``conn``."""
         await conn.execute(
             """UPDATE idempotency_keys k SET status_code = a.status, response = a.body
-               FROM unnest($2::text[], $3::int[], $4::bytea[]) AS a(key, status, body)
-               WHERE k.scope = $1 AND k.key = a.key""",
-            scope,
-            keys,
-            [answers[k][0] for k in keys],
-            [answers[k][1] for k in keys],
+               FROM unnest($1::text[], $2::text[], $3::int[], $4::bytea[])
+                   AS a(scope, key, status, body)
+               WHERE k.scope = a.scope AND k.key = a.key""",
+            [a[0] for a in answers],
+            [a[1] for a in answers],
+            [a[2] for a in answers],
+            [a[3] for a in answers],
         )
 
     async def movements(
@@ -446,26 +493,6 @@ class Store:
         return [dict(r) for r in rows]
 
     # --- reservations --------------------------------------------------------------
-
-    async def insert_reservation(
-        self,
-        conn: Conn,
-        reservation_id: UUID,
-        lines: Sequence[ReservationLine],
-        ttl_seconds: int,
-        reference: str | None,
-    ) -> Reservation:
-        row = await conn.fetchrow(
-            _INSERT_RESERVATION,
-            reservation_id,
-            reference,
-            float(ttl_seconds),
-            [x.product_id for x in lines],
-            [x.warehouse_id for x in lines],
-            [x.quantity for x in lines],
-        )
-        assert row is not None
-        return _reservation(row, [_line(x) for x in lines])
 
     async def get_reservation(
         self, reservation_id: UUID, conn: Conn | None = None, *, for_update: bool = False
@@ -525,43 +552,37 @@ class Store:
 
     # --- idempotency ---------------------------------------------------------------
 
-    async def claim_idempotency_key(
-        self, conn: Conn, scope: str, key: str, digest: bytes
-    ) -> IdempotencyRecord | None:
-        """Claim ``key`` in this transaction; the stored record when someone already has.
+    async def claim_idempotency_keys(
+        self, conn: Conn, claims: Sequence[tuple[str, str, bytes]]
+    ) -> dict[tuple[str, str], IdempotencyRecord]:
+        """Claim ``(scope, key, body hash)`` keys in this transaction; returns the stored
+        records of those someone already had.
 
         A concurrent claimer waits on the primary key until the first transaction ends,
         then sees its stored answer (or claims the key if that transaction rolled back).
         """
-        claimed = await conn.fetchval(
-            """INSERT INTO idempotency_keys (scope, key, body_hash) VALUES ($1, $2, $3)
-               ON CONFLICT DO NOTHING RETURNING 1""",
-            scope,
-            key,
-            digest,
+        claimed = await conn.fetch(
+            _CLAIM_KEYS, [c[0] for c in claims], [c[1] for c in claims], [c[2] for c in claims]
         )
-        if claimed:
-            return None
-        row = await conn.fetchrow(
-            """SELECT body_hash, status_code, response FROM idempotency_keys
-               WHERE scope = $1 AND key = $2""",
-            scope,
-            key,
+        got = {(r["scope"], r["key"]) for r in claimed}
+        taken = [c for c in claims if (c[0], c[1]) not in got]
+        if not taken:
+            return {}
+        # A statement of its own: its snapshot sees answers committed while the claim waited.
+        rows = await conn.fetch(
+            """SELECT k.scope, k.key, k.body_hash, k.status_code, k.response
+               FROM idempotency_keys k
+               JOIN unnest($1::text[], $2::text[]) AS t(scope, key)
+                 ON k.scope = t.scope AND k.key = t.key""",
+            [c[0] for c in taken],
+            [c[1] for c in taken],
         )
-        assert row is not None
-        return IdempotencyRecord(bytes(row["body_hash"]), row["status_code"], row["response"])
-
-    async def store_idempotent_response(
-        self, conn: Conn, scope: str, key: str, status_code: int, response: bytes
-    ) -> None:
-        await conn.execute(
-            """UPDATE idempotency_keys SET status_code = $3, response = $4
-               WHERE scope = $1 AND key = $2""",
-            scope,
-            key,
-            status_code,
-            response,
-        )
+        return {
+            (r["scope"], r["key"]): IdempotencyRecord(
+                bytes(r["body_hash"]), r["status_code"], r["response"]
+            )
+            for r in rows
+        }
 
     async def purge_idempotency_keys(self, older_than_hours: int) -> int:
         async with self.connection() as conn:
@@ -571,10 +592,6 @@ class Store:
                 older_than_hours,
             )
         return int(done.split()[-1])
-
-
-def _line(x: ReservationLine) -> dict[str, Any]:
-    return {"product_id": x.product_id, "warehouse_id": x.warehouse_id, "quantity": x.quantity}
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

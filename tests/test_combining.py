@@ -1,4 +1,5 @@
-"""Request combining: the pure Combiner, and the hot-SKU path against the real database."""
+"""Request combining: the pure Combiner, and the reservation engine's batches (hot SKU,
+many products, multi-line requests) against the real database."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from inventory.batch_reserve import BatchReserver, SingleLine
+from inventory.batch_reserve import ReservationEngine, ReserveRequest
 from inventory.check import check_database
 from inventory.combining import Combiner
+from inventory.config import Settings
 from inventory.domain import InsufficientStock, NotFound, RequestedLine, Reservation
 
 StockFactory = Callable[..., Awaitable[tuple[str, list[str]]]]
@@ -94,7 +96,7 @@ async def test_per_item_errors_go_to_their_item() -> None:
 async def test_hot_sku_never_oversells(
     app: Any, client: httpx.AsyncClient, make_stock: StockFactory, database_url: str
 ) -> None:
-    combiner = app.state.runtime.service.single_line.combiner
+    combiner = app.state.runtime.service.engine.lanes
     batches_before, items_before = combiner.batches, combiner.items
     pid, _ = await make_stock(60, 40)
     body = {"lines": [{"product_id": pid, "quantity": 1}]}
@@ -172,7 +174,7 @@ async def test_one_batch_serves_many_products(
 ) -> None:
     """Requests for different products that arrive together share one transaction
     (one lane), and each still gets the answer it would get alone."""
-    reserver = BatchReserver(app.state.runtime.service.store, lanes=1)
+    engine = ReservationEngine(app.state.runtime.service.store, lanes=1)
     plenty, [wa, wb] = await make_stock(5, 3)
     scarce, _ = await make_stock(2)
     empty, _ = await make_stock(0)
@@ -190,10 +192,10 @@ async def test_one_batch_serves_many_products(
         RequestedLine(plenty, 2),  # 1 left in wa, 0 in wb: split is not enough
     ]
     outcomes = await asyncio.gather(
-        *(reserver.reserve(SingleLine(line, 60, None)) for line in requests),
+        *(engine.reserve(ReserveRequest((line,), 60, None)) for line in requests),
         return_exceptions=True,
     )
-    assert (reserver.combiner.batches, reserver.combiner.items) == (1, len(requests))
+    assert (engine.lanes.batches, engine.lanes.items) == (1, len(requests))
     kinds = [type(o).__name__ for o in outcomes]
     assert kinds == [
         "Reservation", "Reservation", "NotFound", "Reservation", "Reservation",
@@ -214,3 +216,84 @@ async def test_one_batch_serves_many_products(
     assert levels[(plenty, wb)] == (3, 3)
     assert sum(reserved for (p, _), (_, reserved) in levels.items() if p == scarce) == 2
     assert not any((await check_database(database_url)).values())
+
+
+async def test_multi_line_requests_share_a_batch(
+    app: Any,
+    client: httpx.AsyncClient,
+    make_stock: StockFactory,
+    new_id: Callable[[str], str],
+    database_url: str,
+) -> None:
+    """Multi-line requests over overlapping products, their lines in opposite orders,
+    are combined into one transaction: each is allocated against what the earlier
+    members left (running balance across requests and within one), all or nothing."""
+    engine = ReservationEngine(app.state.runtime.service.store, lanes=1)
+    p1, [w1] = await make_stock(5)
+    p2, [w2] = await make_stock(5)
+    p3, [w3] = await make_stock(3)
+    requests = [
+        (RequestedLine(p1, 2), RequestedLine(p2, 2)),
+        (RequestedLine(p2, 2), RequestedLine(p1, 2)),  # opposite order
+        (RequestedLine(p3, 2), RequestedLine(p1, 1), RequestedLine(p3, 1)),  # p3 twice
+        (RequestedLine(p1, 1), RequestedLine(p2, 1)),  # p1 is gone by now: nothing taken
+        (RequestedLine(p2, 1),),
+        (RequestedLine(new_id("missing"), 1), RequestedLine(p2, 1)),
+    ]
+    outcomes = await asyncio.gather(
+        *(engine.reserve(ReserveRequest(lines, 60, None)) for lines in requests),
+        return_exceptions=True,
+    )
+    assert (engine.lanes.batches, engine.lanes.items) == (1, len(requests))
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds == [
+        "Reservation", "Reservation", "Reservation", "InsufficientStock", "Reservation",
+        "NotFound",
+    ], outcomes  # fmt: skip
+    short = outcomes[3]
+    assert isinstance(short, InsufficientStock)
+    assert short.details == [{"product_id": p1, "requested": 1, "available": 0}]
+    third = outcomes[2]
+    assert isinstance(third, Reservation)
+    assert [(x.product_id, x.quantity) for x in third.lines] == [(p3, 2), (p1, 1), (p3, 1)]
+    for pid, wid, reserved in ((p1, w1, 5), (p2, w2, 5), (p3, w3, 3)):
+        [level] = (await client.get(f"/v1/products/{pid}/stock")).json()["levels"]
+        assert (level["warehouse_id"], level["reserved"]) == (wid, reserved)
+    moves = (await client.get(f"/v1/products/{p3}/movements")).json()["movements"]
+    booked = [(m["reserved_delta"], m["reservation_id"]) for m in moves if m["kind"] == "reserved"]
+    assert booked == [(3, str(third.id))]  # two lines on one row: one ledger row
+    assert not any((await check_database(database_url)).values())
+
+
+async def test_opposite_multi_line_orders_under_load_never_deadlock(
+    client: httpx.AsyncClient, make_stock: StockFactory, database_url: str
+) -> None:
+    """Many concurrent multi-line requests over a few products, half of them listing
+    the products backwards: all answered (201 or 409), nothing oversold."""
+    products = [(await make_stock(40, 40))[0] for _ in range(4)]
+    bodies = []
+    for i in range(160):
+        chosen = [*products[i % 3 : i % 3 + 2], products[3]]
+        if i % 2:
+            chosen.reverse()
+        bodies.append({"lines": [{"product_id": p, "quantity": 1 + i % 2} for p in chosen]})
+    answers = await asyncio.gather(*(client.post("/v1/reservations", json=b) for b in bodies))
+    assert {r.status_code for r in answers} <= {201, 409}, {r.text for r in answers}
+    granted = [b for b, r in zip(bodies, answers, strict=True) if r.status_code == 201]
+    assert granted
+    for pid in products:
+        stock = (await client.get(f"/v1/products/{pid}/stock")).json()
+        wanted = sum(x["quantity"] for b in granted for x in b["lines"] if x["product_id"] == pid)
+        assert stock["reserved"] == wanted <= 80
+    assert not any((await check_database(database_url)).values())
+
+
+@pytest.mark.parametrize(
+    ("workers", "lanes", "per_process"), [(1, 4, 4), (2, 4, 2), (3, 4, 2), (4, 4, 1), (8, 4, 1)]
+)
+def test_lanes_are_split_over_the_workers(workers: int, lanes: int, per_process: int) -> None:
+    """More workers must not mean more, smaller batches at the same load: the lanes
+    are the server's, and every worker process learns how many workers there are."""
+    settings = Settings(workers=workers, reserve_lanes=lanes)
+    assert settings.process_lanes == per_process
+    assert Settings.from_env(settings.to_env()).workers == workers

@@ -33,7 +33,6 @@ import asyncpg
 import httpx
 import pytest
 
-from inventory.batch_reserve import lane_of
 from inventory.check import check_database
 from tests.faultproxy import FaultProxy
 
@@ -669,10 +668,10 @@ async def test_sigterm_finishes_in_flight_requests_and_exits_0(
                 for b in wave_bodies
             ]
 
-            # Each multi-line request of the wave waits for the blocking transaction
-            # directly; single-line ones are combined per lane, so one transaction per
-            # lane they fall in waits (the background load's rows are never blocked).
-            waiting = len(pairs) + len({lane_of(p, 4) for p, _ in singles})
+            # Lane batches skip the held rows; each request of the wave then waits for
+            # them in a waiting batch of its own product set (the background load's rows
+            # are never blocked).
+            waiting = len(pairs) + len(singles)
 
             async def all_waiting() -> bool:
                 # A connection of its own: inside a transaction the activity view is a

@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -93,6 +94,20 @@ async def set_status(client: httpx.AsyncClient, wid: str, status: str) -> None:
 async def db_now(db_pool: asyncpg.Pool) -> datetime:
     value: datetime = await db_pool.fetchval("SELECT clock_timestamp()")
     return value
+
+
+# --- both strategies: every test asking for ``client`` runs against each --------------
+
+
+@pytest.fixture(scope="module", params=["optimistic", "lock"])
+async def client(request: Any, settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """An app of the strategy (on the session database), for this module's tests and
+    the conftest factories they use."""
+    application = create_app(replace(settings, reserve_strategy=request.param))
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+            yield c
 
 
 # --- a second app on its own database, with the expiry sweeper parked -------------------
@@ -565,7 +580,7 @@ async def test_longest_idempotency_key_is_accepted(
     client: httpx.AsyncClient, make_stock: MakeStock
 ) -> None:
     pid, _ = await make_stock(5)
-    key = "~ !" + "k" * 252
+    key = ("~ !" + uuid.uuid4().hex + "k" * 252)[:255]  # unique: both strategies run it
     assert len(key) == 255
     first = await reserve(client, [line(pid, 1)], key=key)
     assert first.status_code == 201, first.text
