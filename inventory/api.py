@@ -115,6 +115,10 @@ _STATUS = {
     "warehouse_unavailable": 409,
     "invalid_state": 409,
     "conflict": 409,
+    "is_kit": 409,
+    "has_stock": 409,
+    "is_component": 409,
+    "bulk_failed": 409,
     "idempotency_key_reused": 422,
     "contention": 503,
     "unavailable": 503,
@@ -195,18 +199,18 @@ def bearer(headers: Any) -> str | None:
 # --- request helpers ------------------------------------------------------------------
 
 
-async def read_body(request: Request) -> bytes:
-    """The body, refusing more than :data:`MAX_BODY` bytes without reading them all."""
+async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    """The body, refusing more than ``limit`` bytes without reading them all."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > MAX_BODY:
-        raise PayloadTooLarge(f"the body exceeds {MAX_BODY} bytes")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"the body exceeds {limit} bytes")
     chunks = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
-            if size > MAX_BODY:
-                raise PayloadTooLarge(f"the body exceeds {MAX_BODY} bytes")
+            if size > limit:
+                raise PayloadTooLarge(f"the body exceeds {limit} bytes")
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientDisconnected("the client disconnected before the body arrived") from None
@@ -406,7 +410,12 @@ class Handlers:
         lines = [RequestedLine(x.product_id, x.quantity, x.warehouse_id) for x in body.lines]
         result = await self.service.reserve(lines, body.ttl_seconds, body.reference, idempotency)
         if isinstance(result, Replay):
-            return Response(result.body, result.status_code, media_type="application/json")
+            return Response(
+                result.body,
+                result.status_code,
+                {"Idempotent-Replayed": "true"},
+                media_type="application/json",
+            )
         return json_response(reservation_out(result), 201)
 
     async def get_reservation(self, request: Request) -> Response:
@@ -543,6 +552,9 @@ def api_routes(
         ),
         *extra,
     ]
+    from .catalog_api import catalog_routes
+
+    table += catalog_routes(get_service, auth)
     by_path: dict[str, dict[str, Handler]] = {}
     docs: dict[str, dict[str, RouteDoc]] = {}
     for path, method, handler, doc in table:

@@ -19,11 +19,13 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .config import ConfigError, Settings, default_data_dir
 from .domain import InventoryError
 from .embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
 from .logs import configure_logging, default_format, uvicorn_log_config
+from .startup import StartupError, check_data_dir, check_redis, database_error
 
 __all__ = ["main"]
 
@@ -60,6 +62,8 @@ def servers(settings: Settings, *, redis: bool = True) -> Iterator[Settings]:
     alone).
     """
     pg = vk = None
+    if settings.database_url is None or (redis and settings.redis_url is None):
+        check_data_dir(settings.data_dir)
     try:
         if settings.database_url is None:
             pg = EmbeddedPostgres(settings.data_dir / "postgres")
@@ -80,7 +84,12 @@ def servers(settings: Settings, *, redis: bool = True) -> Iterator[Settings]:
 def _migrate(url: str) -> list[str]:
     from .store import migrate
 
-    return asyncio.run(migrate(url))
+    try:
+        return asyncio.run(migrate(url))
+    except InventoryError as exc:
+        if exc.code == "unavailable":
+            raise database_error(url, exc) from None
+        raise
 
 
 def _metrics_dir() -> None:
@@ -105,6 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     with servers(settings) as settings:
         applied = _migrate(settings.database_url or "")
+        check_redis(settings.redis_url or "")
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
         if not settings.tokens:
@@ -129,10 +139,73 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 # of state per connection; stock messages are small.
                 ws_per_message_deflate=False,
                 log_level=settings.log_level,
-                log_config=uvicorn_log_config(settings.log_format, settings.log_level),
+                log_config=_log_config(settings, access_log=args.access_log),
                 timeout_graceful_shutdown=10,
-                access_log=False,
+                access_log=args.access_log,
             )
+    return 0
+
+
+def _log_config(settings: Settings, *, access_log: bool) -> dict[str, object]:
+    """The normal logging configuration; ``access_log`` lets uvicorn's access lines through
+    (the same handlers, so the same formatting and redaction as every other line)."""
+    config = uvicorn_log_config(settings.log_format, settings.log_level)
+    if access_log:
+        config["loggers"]["uvicorn.access"]["level"] = "INFO"
+    return config
+
+
+def cmd_tokens_new(args: argparse.Namespace) -> int:
+    """A new random token and the ``sha256:`` key to put in ``INVENTORY_TOKENS``."""
+    import hashlib
+    import json
+    import secrets
+
+    scopes = [x.strip() for x in args.scopes.split(",") if x.strip()]
+    unknown = sorted(set(scopes) - {"read", "reserve", "admin"})
+    if not scopes or unknown:
+        raise CliError(f"--scopes takes read, reserve and admin, got {args.scopes!r}")
+    token = secrets.token_urlsafe(32)
+    key = "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+    print(f"token:  {token}")
+    print(f"key:    {key}")
+    print(f"INVENTORY_TOKENS='{json.dumps({key: scopes})}'")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client
+
+    return Client(args.url, os.environ.get("INVENTORY_TOKEN") or None, timeout=60)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .transfer import TransferError, import_file
+
+    with _client(args) as client:
+        try:
+            summary = import_file(client, args.file, args.format)
+        except TransferError as exc:
+            raise CliError(str(exc)) from None
+    print(
+        f"{summary.rows} rows: {summary.imported} imported, {summary.failed} failed",
+        file=sys.stderr,
+    )
+    return 1 if summary.failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .transfer import TransferError, export_rows
+
+    with _client(args) as client, contextlib.ExitStack() as stack:
+        out = sys.stdout
+        if args.output is not None:
+            out = stack.enter_context(args.output.open("w", encoding="utf-8", newline=""))
+        try:
+            count = export_rows(client, out, args.format)
+        except TransferError as exc:
+            raise CliError(str(exc)) from None
+    print(f"exported {count} stock rows", file=sys.stderr)
     return 0
 
 
@@ -149,8 +222,23 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env().with_overrides(data_dir=args.data_dir)
     with servers(settings, redis=False) as settings:
-        ok = asyncio.run(run_check(settings.database_url or "", sys.stdout))
+        url = settings.database_url or ""
+        try:
+            ok = asyncio.run(run_check(url, sys.stdout))
+        except InventoryError as exc:
+            if exc.code == "unavailable":
+                raise database_error(url, exc) from None
+            raise
     return 0 if ok else 1
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("inventory-server")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"are started under the data directory (default {default_data_dir()}).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def data_dir_option(p: argparse.ArgumentParser) -> None:
@@ -180,8 +269,60 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, help="worker processes (env INVENTORY_WORKERS; default 1)"
     )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per HTTP request (off by default; credentials are redacted)",
+    )
     data_dir_option(serve)
     serve.set_defaults(func=cmd_serve)
+
+    tokens = sub.add_parser(
+        "tokens", help="make API tokens", description="Make API tokens for INVENTORY_TOKENS."
+    )
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    new = tokens_sub.add_parser(
+        "new",
+        help="print a new token and its sha256: key",
+        description="Print a new random token, its sha256: key and an INVENTORY_TOKENS "
+        "value that grants it the scopes (the configuration then holds only the digest).",
+    )
+    new.add_argument(
+        "--scopes", default="read", help="comma-separated: read, reserve, admin (default read)"
+    )
+    new.set_defaults(func=cmd_tokens_new)
+
+    def url_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--url",
+            default="http://127.0.0.1:8000",
+            help="the server's base URL (default http://127.0.0.1:8000); a token is "
+            "taken from INVENTORY_TOKEN",
+        )
+
+    imp = sub.add_parser(
+        "import",
+        help="set on-hand stock from a CSV or JSON lines file, through the HTTP API",
+        description="Set on-hand stock from FILE: CSV with the header "
+        "product_id,warehouse_id,quantity[,reason] or JSON lines (.jsonl) with those keys. "
+        "Rows go in batches of 1,000 through POST /v1/stock/bulk; a failing row is "
+        "reported with its line number and the rest goes on; exit 1 if any row failed.",
+    )
+    imp.add_argument("file", type=Path, metavar="FILE")
+    imp.add_argument("--format", choices=("csv", "jsonl"), help="default: by file name")
+    url_option(imp)
+    imp.set_defaults(func=cmd_import)
+
+    exp = sub.add_parser(
+        "export",
+        help="write every stock row as CSV or JSON lines, through the HTTP API",
+        description="Write every stock row (product_id, warehouse_id, quantity, reserved, "
+        "available, version, updated_at) to standard output or --output.",
+    )
+    exp.add_argument("--format", choices=("csv", "jsonl"), default="csv")
+    exp.add_argument("--output", type=Path, metavar="FILE", help="default: standard output")
+    url_option(exp)
+    exp.set_defaults(func=cmd_export)
 
     migrate = sub.add_parser(
         "migrate", help="apply database migrations and exit", description="Apply migrations."
@@ -237,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except (CliError, ConfigError, EmbeddedError, InventoryError, OSError) as exc:
+    except (CliError, ConfigError, EmbeddedError, InventoryError, StartupError, OSError) as exc:
         print(f"inventory: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

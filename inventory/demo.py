@@ -1,7 +1,7 @@
 """``inventory demo``: seed demo data and run a bounded shopper load against a running server.
 
 It talks to one server, the ``--url`` given (default ``http://127.0.0.1:8000``), over the
-public HTTP API only:
+public HTTP API only, through the typed client :mod:`inventory.client`:
 
 1. seeds ``--warehouses`` warehouses (``PUT /v1/warehouses/{id}``) and ``--products``
    products with stock in each (``PUT /v1/products/{p}/stock/{w}``);
@@ -24,14 +24,18 @@ import contextlib
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 
+from .client import ApiError, AsyncClient, Line
+
 __all__ = ["DemoError", "build_parser", "main", "product_ids", "warehouse_ids"]
+
+T = TypeVar("T")
 
 PRODUCT_NAMES = (
     "tee-black-m", "tee-white-l", "hoodie-grey-m", "cap-navy", "mug-classic", "socks-3pack",
@@ -103,7 +107,7 @@ class Window:
 
 
 class Demo:
-    def __init__(self, client: httpx.AsyncClient, args: argparse.Namespace) -> None:
+    def __init__(self, client: AsyncClient, args: argparse.Namespace) -> None:
         self.client = client
         self.args = args
         self.random = random.Random(args.seed)
@@ -119,50 +123,54 @@ class Demo:
 
     # --- HTTP -------------------------------------------------------------------------
 
-    async def call(self, method: str, path: str, body: Any = None) -> httpx.Response:
+    async def call(self, what: str, request: Awaitable[T]) -> T:
+        """Run one client call: an unreachable server or a refused token is a
+        :class:`DemoError`; other API errors (:class:`ApiError`) are the caller's."""
         try:
-            response = await self.client.request(method, path, json=body)
+            result = await request
         except httpx.TransportError as exc:
             raise DemoError(
                 f"cannot reach the server at {self.args.url} ({type(exc).__name__}: {exc})"
             ) from None
-        if response.status_code in (401, 403):
-            raise DemoError(
-                f"the server refused the token for {method} {path} "
-                f"({response.status_code} {_error_code(response)}); "
-                "pass --token with the admin scope"
-            )
-        if response.status_code < 500:
-            self.last_ok = time.monotonic()
-        return response
+        except ApiError as exc:
+            if exc.status in (401, 403):
+                raise DemoError(
+                    f"the server refused the token for {what} ({exc.status} {exc.code}); "
+                    "pass --token with the admin scope"
+                ) from None
+            if exc.status < 500:
+                self.last_ok = time.monotonic()
+            raise
+        self.last_ok = time.monotonic()
+        return result
 
     # --- seeding ----------------------------------------------------------------------
 
     async def check_reachable(self) -> None:
-        response = await self.call("GET", "/health")
-        if response.status_code != 200:
-            raise DemoError(
-                f"{self.args.url} does not look like an inventory server "
-                f"(GET /health answered {response.status_code})"
-            )
+        if not await self.call("GET /health", self.client.health()):
+            raise DemoError(f"{self.args.url} does not look like an inventory server")
 
     async def seed(self) -> None:
         for warehouse_id, name, location in WAREHOUSES[: self.args.warehouses]:
-            response = await self.call(
-                "PUT",
-                f"/v1/warehouses/{warehouse_id}",
-                {"name": name, "location": location, "status": "active"},
+            await _expect(
+                self.call(
+                    "PUT /v1/warehouses",
+                    self.client.put_warehouse(warehouse_id, name, "active", location),
+                ),
+                f"creating warehouse {warehouse_id}",
             )
-            _expect(response, (200, 201), f"creating warehouse {warehouse_id}")
         semaphore = asyncio.Semaphore(8)
 
         async def stock(product_id: str, warehouse_id: str, quantity: int) -> None:
             async with semaphore:
-                response = await self.call(
-                    "PUT", f"/v1/products/{product_id}/stock/{warehouse_id}", {"quantity": quantity}
+                # 409: an earlier run still holds more reserved than this count; keep it.
+                await _expect(
+                    self.call(
+                        "PUT stock", self.client.set_quantity(product_id, warehouse_id, quantity)
+                    ),
+                    f"stocking {product_id} in {warehouse_id}",
+                    allow=(409,),
                 )
-            # 409: an earlier run still holds more reserved than this count; keep its stock.
-            _expect(response, (200, 201, 409), f"stocking {product_id} in {warehouse_id}")
 
         await asyncio.gather(
             *(
@@ -179,62 +187,69 @@ class Demo:
         quantity = self.random.choice((1, 1, 1, 2, 2, 3))
         ttl = self.random.randint(2, 6)
         started = time.perf_counter()
-        response = await self.call(
-            "POST",
-            "/v1/reservations",
-            {
-                "lines": [{"product_id": product_id, "quantity": quantity}],
-                "ttl_seconds": ttl,
-                "reference": f"demo-order-{self.random.getrandbits(32):08x}",
-            },
-        )
+        try:
+            reservation = await self.call(
+                "POST /v1/reservations",
+                self.client.reserve(
+                    [Line(product_id, quantity)],
+                    ttl_seconds=ttl,
+                    reference=f"demo-order-{self.random.getrandbits(32):08x}",
+                ),
+            )
+        except ApiError as exc:
+            self.window.latencies.append(time.perf_counter() - started)
+            if exc.status == 409:
+                self.window.sold_out += 1
+            else:
+                self.window.errors += 1
+            return
         self.window.latencies.append(time.perf_counter() - started)
-        if response.status_code == 409:
-            self.window.sold_out += 1
-            return
-        if response.status_code != 201:
-            self.window.errors += 1
-            return
         self.window.reserved += 1
-        reservation_id = response.json()["id"]
         outcome = self.random.choices([o for _, o in OUTCOMES], [w for w, _ in OUTCOMES])[0]
         if outcome == "abandon":
             self.window.abandoned += 1  # the server expires it within ttl + 2 s
             return
         await asyncio.sleep(self.random.uniform(0.2, ttl * 0.6))
-        response = await self.call("POST", f"/v1/reservations/{reservation_id}/{outcome}")
-        if response.status_code == 200:
-            if outcome == "commit":
-                self.window.committed += 1
+        finish = self.client.commit if outcome == "commit" else self.client.release
+        try:
+            await self.call(f"POST {outcome}", finish(reservation.id))
+        except ApiError as exc:
+            if exc.status == 409:
+                self.window.late += 1
             else:
-                self.window.released += 1
-        elif response.status_code == 409:
-            self.window.late += 1
+                self.window.errors += 1
+            return
+        if outcome == "commit":
+            self.window.committed += 1
         else:
-            self.window.errors += 1
+            self.window.released += 1
 
     async def restocker(self, deadline: float) -> None:
         """Every half second, top up the products that are running low."""
         while time.monotonic() < deadline:
             await asyncio.sleep(0.5)
             chunk = self.products[:MAX_PRODUCTS]
-            response = await self.call("GET", f"/v1/stock?product_ids={','.join(chunk)}")
-            if response.status_code != 200:
+            try:
+                stocks = await self.call("GET /v1/stock", self.client.get_stocks(chunk))
+            except ApiError:
                 self.window.errors += 1
                 continue
-            for product in response.json()["products"]:
-                for level in product.get("levels", []):
-                    if level["available"] < 8 and self.random.random() < 0.5:
+            for product in stocks:
+                for level in product.levels:
+                    if level.available < 8 and self.random.random() < 0.5:
                         delta = self.random.randint(20, 60)
-                        path = (
-                            f"/v1/products/{product['product_id']}/stock/"
-                            f"{level['warehouse_id']}/adjustments"
-                        )
-                        r = await self.call("POST", path, {"delta": delta, "reason": "restock"})
-                        if r.status_code == 200:
-                            self.window.restocked += 1
-                        else:
+                        try:
+                            await self.call(
+                                "POST adjustments",
+                                self.client.adjust(
+                                    product.product_id, level.warehouse_id, delta,
+                                    reason="restock",
+                                ),
+                            )  # fmt: skip
+                        except ApiError:
                             self.window.errors += 1
+                        else:
+                            self.window.restocked += 1
 
     def spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -292,22 +307,22 @@ class Demo:
         return self.total
 
 
-def _error_code(response: httpx.Response) -> str:
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        return str(response.json()["error"]["code"])
-    return response.reason_phrase or "error"
-
-
-def _expect(response: httpx.Response, ok: Sequence[int], what: str) -> None:
-    if response.status_code not in ok:
-        raise DemoError(f"{what} failed: {response.status_code} {_error_code(response)}")
+async def _expect(request: Awaitable[object], what: str, allow: Sequence[int] = ()) -> None:
+    try:
+        await request
+    except ApiError as exc:
+        if exc.status not in allow:
+            raise DemoError(f"{what} failed: {exc.status} {exc.code}") from None
 
 
 async def _main(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     limits = httpx.Limits(max_connections=args.concurrency + 4)
-    async with httpx.AsyncClient(
+    http = httpx.AsyncClient(
         base_url=args.url, headers=headers, timeout=5.0, limits=limits, trust_env=False
+    )
+    async with AsyncClient(
+        args.url, args.token, retries=2, max_retry_wait=1.0, http=http
     ) as client:
         demo = Demo(client, args)
         await demo.check_reachable()

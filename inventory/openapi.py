@@ -72,7 +72,10 @@ def openapi_document(docs: Mapping[str, Mapping[str, RouteDoc]]) -> dict[str, An
                     **{code: {"description": text, **error} for code, text in _ERRORS.items()},
                 },
             }
-            if path == "/v1/warehouses/{warehouse_id}" and method == "put":
+            if method == "put" and path in (
+                "/v1/warehouses/{warehouse_id}",
+                "/v1/products/{product_id}",
+            ):
                 # 201 when the warehouse was created, 200 when it was updated.
                 op["responses"]["201"] = {**op["responses"]["200"], "description": "Created"}
             if params:

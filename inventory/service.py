@@ -27,6 +27,7 @@ from uuid import UUID
 
 from . import metrics
 from .batch_reserve import LockFactory, ReservationEngine, ReserveRequest
+from .catalog import ensure_not_kit
 from .domain import (
     Contention,
     InventoryError,
@@ -114,6 +115,8 @@ class InventoryService:
                         f"warehouse {warehouse_id} not found", {"warehouse_id": warehouse_id}
                     )
                 level = await self.store.lock_level(conn, product_id, warehouse_id)
+                if not level.exists:
+                    await ensure_not_kit(conn, product_id)
                 level.check_version(expected_version)
                 change: tuple[StockLevel, Movement] | None
                 if delta is not None:

@@ -15,11 +15,11 @@ import argparse
 import ipaddress
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 from urllib.parse import urlsplit
 
-import requests
+import httpx
+
+from inventory.client import ApiError, BulkItem, Client
 
 __all__ = ["HOT_PRODUCTS", "WAREHOUSES", "hot_products", "is_loopback_url", "products", "seed"]
 
@@ -48,37 +48,31 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-def _put(session: requests.Session, url: str, body: dict[str, Any], ok: set[int]) -> None:
-    answer = session.put(url, json=body, timeout=30)
-    if answer.status_code not in ok:
-        raise RuntimeError(f"PUT {url} answered {answer.status_code}: {answer.text[:200]}")
-
-
-def seed(host: str, count: int, token: str | None = None, threads: int = 8) -> int:
+def seed(host: str, count: int, token: str | None = None) -> int:
     """Create the warehouses and stock; returns the number of stock rows written.
 
-    A rerun sets the same on-hand quantities again; a row whose reservations already hold
-    more than that (409) is left as it is.
+    Goes through :mod:`inventory.client`: the rows as sets in ``POST /v1/stock/bulk``
+    batches of 1,000. A rerun sets the same on-hand quantities again; a row whose
+    reservations already hold more than that (409) is left as it is.
     """
     if not is_loopback_url(host):
         raise ValueError(f"refusing to seed {host}: load tests target 127.0.0.1 only")
-    base = host.rstrip("/")
-    session = requests.Session()
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    for wid in WAREHOUSES:
-        _put(session, f"{base}/v1/warehouses/{wid}", {"name": wid, "status": "active"},
-             {200, 201})  # fmt: skip
     rows = [(p, w, PRODUCT_STOCK) for p in products(count) for w in WAREHOUSES]
     rows += [(p, w, HOT_STOCK) for p in hot_products() for w in WAREHOUSES]
-
-    def write(row: tuple[str, str, int]) -> None:
-        product, warehouse, quantity = row
-        url = f"{base}/v1/products/{product}/stock/{warehouse}"
-        _put(session, url, {"quantity": quantity, "reason": "load-test seed"}, {200, 409})
-
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(write, rows))
+    with Client(host, token, timeout=30) as client:
+        for wid in WAREHOUSES:
+            client.put_warehouse(wid, wid)
+        for start in range(0, len(rows), 1000):
+            items = [
+                BulkItem(p, w, quantity=q, reason="load-test seed")
+                for p, w, q in rows[start : start + 1000]
+            ]
+            for result in client.bulk(items):
+                if result.error is not None and result.status != 409:
+                    item = items[result.index]
+                    raise RuntimeError(
+                        f"seeding {item.product_id} in {item.warehouse_id}: {result.error.code}"
+                    )
     return len(rows)
 
 
@@ -90,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         rows = seed(args.host, args.products, args.token)
-    except (ValueError, RuntimeError, requests.RequestException) as exc:
+    except (ValueError, RuntimeError, ApiError, httpx.HTTPError) as exc:
         print(f"seed: error: {exc}", file=sys.stderr)
         return 1
     print(f"seeded {len(WAREHOUSES)} warehouses and {rows} stock rows at {args.host}")

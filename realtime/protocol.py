@@ -272,7 +272,8 @@ def encode_snapshot(product_id: str, levels: Iterable[LevelState]) -> str:
                 }
                 for level in levels
             ],
-        }
+        },
+        option=orjson.OPT_UTC_Z,  # "...Z", as in every HTTP body
     ).decode()
 
 

@@ -34,6 +34,7 @@ from inventory.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
 from inventory.store import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVE = [sys.executable, "-m", "inventory.cli", "serve"]
 
 
 def _with_database(url: str, name: str) -> str:
@@ -228,6 +229,7 @@ class ServerProcess:
     """``inventory serve`` running as a subprocess on a free port."""
 
     env: dict[str, str]
+    args: list[str] = field(default_factory=list)  # extra `inventory serve` options
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(default_factory=lambda: Path(tempfile.mkstemp(suffix=".log")[1]))
@@ -248,7 +250,7 @@ class ServerProcess:
     def start(self, timeout: float = 30) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "inventory.cli", "serve", "--port", str(self.port)],
+                [*SERVE, "--port", str(self.port), *self.args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -294,7 +296,9 @@ async def server_factory(
     """``await server_factory(env={...})`` starts a server; all are stopped at test end."""
     started: list[ServerProcess] = []
 
-    async def start(env: dict[str, str] | None = None) -> ServerProcess:
+    async def start(
+        env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> ServerProcess:
         full = {
             **os.environ,
             "INVENTORY_DATABASE_URL": database_url,
@@ -304,7 +308,7 @@ async def server_factory(
             "INVENTORY_TOKENS": "",
             **(env or {}),
         }
-        server = ServerProcess(full)
+        server = ServerProcess(full, list(args or ()))
         started.append(server)
         await asyncio.to_thread(server.start)
         return server

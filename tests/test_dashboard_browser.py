@@ -550,3 +550,16 @@ async def test_load_200_products_x_3_warehouses_at_500_changes_per_second(page: 
     assert fps >= 10, figures
     assert max(gaps) < 2000, figures
     assert percentile(delays, 0.95) < 2000, figures
+
+
+async def test_lists_the_servers_products_without_a_query(
+    page: Page, server_factory: Any, new_id: Callable[[str], str]
+) -> None:
+    """``/`` alone watches the first page of ``GET /v1/products`` (``--`` sorts first)."""
+    server = await server_factory()
+    product, warehouse = f"--{new_id('listed')}", new_id("wh")
+    await seed(server.base_url, {(product, warehouse): 6})
+    await page.goto(f"{server.base_url}/")
+    await wait_state(page, "connected")
+    await wait_for(page, "d.products.includes(arg)", product, timeout=10.0)
+    await wait_for(page, "d.cell(arg[0], arg[1])?.available === 6", [product, warehouse])

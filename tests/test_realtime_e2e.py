@@ -167,7 +167,7 @@ async def test_snapshot_then_every_event_in_version_order(server_factory: Any) -
         [level] = snapshot[product]["levels"]
         assert level["warehouse_id"] == warehouse
         assert (level["quantity"], level["reserved"], level["version"]) == (10, 0, 1)
-        assert level["updated_at"].endswith("+00:00")
+        assert level["updated_at"].endswith("Z")
         assert snapshot[other]["levels"] == []
         assert first[-1] == {"type": "subscribed", "product_ids": [product, other]}
 

@@ -159,7 +159,7 @@ def test_snapshot_message() -> None:
                 "reserved": 1,
                 "available": 4,
                 "version": 2,
-                "updated_at": "2025-01-02T03:04:05.678000+00:00",
+                "updated_at": "2025-01-02T03:04:05.678000Z",
             }
         ],
     }

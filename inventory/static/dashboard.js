@@ -47,6 +47,7 @@
     body: $("stock-body"),
     captionMeta: $("caption-meta"),
     empty: $("empty"),
+    more: $("more-products"),
     stats: $("stats"),
   };
   const numberFormat = new Intl.NumberFormat();
@@ -845,6 +846,40 @@
     enumerable: false,
   });
 
+  // ---------------------------------------------------------------- product listing
+
+  /**
+   * Without ?products, watch the products the server has: the first page of
+   * GET /v1/products, then more on request. While the server has none yet (a fresh
+   * server before `inventory demo` seeds it), ask again every few seconds.
+   */
+  const LIST_PAGE = 50;
+  let listAfter = "";
+
+  async function listProducts() {
+    const url = new URL("/v1/products", window.location.href);
+    url.searchParams.set("limit", String(LIST_PAGE));
+    if (listAfter) url.searchParams.set("after", listAfter);
+    const t = token();
+    let page = null;
+    try {
+      const response = await fetch(url, { headers: t ? { Authorization: `Bearer ${t}` } : {} });
+      if (response.ok) page = await response.json();
+      else if (response.status !== 401) showNotice(`Listing products failed (${response.status}).`);
+    } catch {
+      // unreachable: the connection state already says so; try again below
+    }
+    if (page === null || (!page.products.length && !listAfter && !products.length)) {
+      window.setTimeout(listProducts, 3000);
+      return;
+    }
+    addProducts(page.products.map((p) => p.product_id));
+    listAfter = page.next_after || "";
+    ui.more.hidden = !listAfter || products.length >= MAX_PRODUCTS;
+  }
+
+  ui.more.addEventListener("click", () => listProducts());
+
   // ---------------------------------------------------------------- start
 
   const initial = parseProductList(
@@ -856,6 +891,7 @@
   }
   ui.tokenInput.value = token();
   addProducts(initial.ids);
+  if (!initial.ids.length && !initial.bad.length) listProducts();
   structureDirty = true;
   scheduleFrame();
   window.setInterval(tick, 1000);

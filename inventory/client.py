@@ -1,0 +1,799 @@
+"""A typed Python client for the inventory server: sync (:class:`Client`) and async
+(:class:`AsyncClient`), typed answers (msgspec Structs), a live stock stream that resumes,
+and a webhook signature verifier. Core dependencies only (httpx, msgspec, websockets).
+
+Policy on retries (both classes):
+
+- a 503 (``contention`` / ``unavailable``) is retried after its ``Retry-After`` (capped
+  by ``max_retry_wait``), up to ``retries`` times: the server wrote nothing;
+- a request that never reached the server (connection refused, DNS) is retried the same
+  way; one that may have reached it (a read timeout, a dropped connection) is retried
+  only when repeating it is harmless: reads, PUTs, commit, release, extend, and
+  reservations, which always carry an ``Idempotency-Key`` (one is generated per call
+  when none is given, and the same key is sent on every attempt, so a retried
+  reservation can never reserve twice; a replay is marked ``replayed``);
+- anything else raises :class:`ApiError` with the server's ``code``, ``message`` and
+  ``details``.
+
+The stream (:meth:`Client.stream` / :meth:`AsyncClient.stream`) subscribes over
+WebSocket with the ``Authorization`` header and remembers the newest version of every
+(product, warehouse) it has seen; after a disconnect (a server restart included) it
+reconnects with backoff and subscribes with ``since``, so the server sends only rows that
+changed meanwhile and the caller never sees a version go backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+import msgspec
+from msgspec import Struct
+
+__all__ = [
+    "ApiError",
+    "AsyncClient",
+    "BulkItem",
+    "BulkResult",
+    "Client",
+    "Component",
+    "Level",
+    "Line",
+    "Movement",
+    "Product",
+    "ProductStock",
+    "Reservation",
+    "SignatureError",
+    "StreamMessage",
+    "Warehouse",
+    "verify_signature",
+]
+
+T = TypeVar("T")
+
+# --- models -----------------------------------------------------------------------------
+
+
+class Warehouse(Struct):
+    id: str
+    name: str
+    location: str | None
+    status: str
+
+
+class Level(Struct):
+    warehouse_id: str
+    quantity: int
+    reserved: int
+    available: int
+    version: int
+    updated_at: datetime | None
+
+
+class ProductStock(Struct):
+    product_id: str
+    quantity: int
+    reserved: int
+    available: int
+    reservable: int
+    levels: list[Level]
+
+
+class Component(Struct):
+    product_id: str
+    quantity: int
+
+
+class Product(Struct):
+    product_id: str
+    name: str | None
+    safety_stock: int
+    low_stock_threshold: int | None
+    max_per_customer: int | None
+    components: list[Component] | None
+    stock: ProductStock | None
+
+
+class Line(Struct, omit_defaults=True):
+    """A reservation line; ``warehouse_id`` None lets the server allocate."""
+
+    product_id: str
+    quantity: int
+    warehouse_id: str | None = None
+
+
+class Reservation(Struct):
+    id: str
+    status: str
+    lines: list[Line]
+    reference: str | None
+    created_at: datetime
+    expires_at: datetime
+    replayed: bool = False  # answered from a stored Idempotency-Key record
+
+
+class Movement(Struct):
+    id: int
+    product_id: str
+    warehouse_id: str
+    kind: str
+    quantity_delta: int
+    reserved_delta: int
+    quantity: int
+    reserved: int
+    version: int
+    reservation_id: str | None
+    reason: str | None
+    created_at: datetime
+
+
+class BulkItem(Struct, omit_defaults=True):
+    """An adjustment (``delta``) or a set (``quantity``) for ``POST /v1/stock/bulk``."""
+
+    product_id: str
+    warehouse_id: str
+    delta: int | None = None
+    quantity: int | None = None
+    expected_version: int | None = None
+    reason: str | None = None
+
+
+class ErrorBody(Struct):
+    code: str
+    message: str
+    details: Any = None
+
+
+class BulkResult(Struct):
+    index: int
+    status: int
+    level: Level | None = None
+    error: ErrorBody | None = None
+
+
+class _Warehouses(Struct):
+    warehouses: list[Warehouse]
+
+
+class _Movements(Struct):
+    movements: list[Movement]
+    next_after: int | None
+
+
+class _Products(Struct):
+    products: list[Product]
+    next_after: str | None
+
+
+class _Reservations(Struct):
+    reservations: list[Reservation]
+    next_after: str | None
+
+
+class _Stocks(Struct):
+    products: list[ProductStock]
+    missing: list[str]
+
+
+class _Bulk(Struct):
+    results: list[BulkResult]
+
+
+class _Error(Struct):
+    error: ErrorBody
+
+
+class Page(Struct, Generic[T]):
+    """One page of a listing and the ``after`` of the next one (None: the last page)."""
+
+    items: list[T]
+    next_after: Any
+
+
+class ApiError(Exception):
+    """The server answered with an error (``status``, ``code``, ``message``, ``details``)."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+# --- stream messages -------------------------------------------------------------------
+
+
+class StreamMessage(Struct):
+    """A message of the live stream: ``type`` and the rest as sent (see docs/websocket.md).
+
+    ``stock`` messages carry ``product_id``, ``warehouse_id``, ``quantity``, ``reserved``,
+    ``available``, ``version``, ``event``, ``ts``; ``snapshot`` messages ``product_id``
+    and ``levels``.
+    """
+
+    type: str
+    data: dict[str, Any]
+
+
+# --- calls -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Call(Generic[T]):
+    """What one API method sends and how its answer decodes; run by either class."""
+
+    method: str
+    path: str
+    decode: type[T] | None
+    json: Any = None
+    params: Mapping[str, Any] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    retry_unsent_only: bool = False  # not harmless to repeat once it may have arrived
+
+    def result(self, response: httpx.Response) -> T:
+        if response.status_code >= 400:
+            raise _api_error(response)
+        value: T = msgspec.json.decode(response.content, type=self.decode or Any)
+        if isinstance(value, Reservation) and response.headers.get("idempotent-replayed"):
+            value.replayed = True
+        return value
+
+
+def _api_error(response: httpx.Response) -> ApiError:
+    try:
+        body = msgspec.json.decode(response.content, type=_Error).error
+        return ApiError(response.status_code, body.code, body.message, body.details)
+    except msgspec.DecodeError:
+        return ApiError(response.status_code, "http_error", response.text[:200])
+
+
+def _p(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+class _Calls:
+    """The routes, each as a :class:`_Call` (shared by the sync and async clients)."""
+
+    @staticmethod
+    def put_warehouse(
+        warehouse_id: str, name: str, status: str = "active", location: str | None = None
+    ) -> _Call[Warehouse]:
+        body = {"name": name, "status": status, "location": location}
+        return _Call("PUT", f"/v1/warehouses/{_p(warehouse_id)}", Warehouse, body)
+
+    @staticmethod
+    def adjust(
+        product_id: str,
+        warehouse_id: str,
+        delta: int,
+        reason: str | None = None,
+        expected_version: int | None = None,
+    ) -> _Call[Level]:
+        body = _params(delta=delta, reason=reason, expected_version=expected_version)
+        path = f"/v1/products/{_p(product_id)}/stock/{_p(warehouse_id)}/adjustments"
+        return _Call("POST", path, Level, body, retry_unsent_only=True)
+
+    @staticmethod
+    def set_quantity(
+        product_id: str,
+        warehouse_id: str,
+        quantity: int,
+        reason: str | None = None,
+        expected_version: int | None = None,
+    ) -> _Call[Level]:
+        body = _params(quantity=quantity, reason=reason, expected_version=expected_version)
+        return _Call("PUT", f"/v1/products/{_p(product_id)}/stock/{_p(warehouse_id)}", Level, body)
+
+    @staticmethod
+    def put_product(product_id: str, **settings: Any) -> _Call[Product]:
+        if settings.get("components") is not None:
+            settings["components"] = [
+                msgspec.to_builtins(c) if isinstance(c, Component) else c
+                for c in settings["components"]
+            ]
+        return _Call("PUT", f"/v1/products/{_p(product_id)}", Product, settings)
+
+    @staticmethod
+    def reserve(
+        lines: Sequence[Line | Mapping[str, Any]],
+        ttl_seconds: int | None,
+        reference: str | None,
+        idempotency_key: str | None,
+    ) -> _Call[Reservation]:
+        body = _params(
+            lines=[msgspec.to_builtins(x) if isinstance(x, Line) else dict(x) for x in lines],
+            ttl_seconds=ttl_seconds,
+            reference=reference,
+        )
+        key = idempotency_key or f"client-{uuid.uuid4()}"
+        return _Call("POST", "/v1/reservations", Reservation, body, None, {"Idempotency-Key": key})
+
+    @staticmethod
+    def finish(reservation_id: str, action: str) -> _Call[Reservation]:
+        return _Call("POST", f"/v1/reservations/{_p(reservation_id)}/{action}", Reservation)
+
+    @staticmethod
+    def bulk(items: Sequence[BulkItem], atomic: bool) -> _Call[_Bulk]:
+        body = {"items": [msgspec.to_builtins(x) for x in items], "atomic": atomic}
+        return _Call("POST", "/v1/stock/bulk", _Bulk, body, retry_unsent_only=True)
+
+
+def _retry_wait(response: httpx.Response | None, attempt: int, cap: float) -> float:
+    if response is not None:
+        raw = response.headers.get("retry-after", "")
+        if raw.isdigit():
+            return min(cap, float(raw))
+    return min(cap, 0.05 * 2.0**attempt) * random.uniform(0.5, 1.0)
+
+
+def _should_retry(call: _Call[Any], exc: httpx.TransportError) -> bool:
+    """Whether a transport failure may be retried (see the module's policy)."""
+    unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+    return unsent or not call.retry_unsent_only
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+class _Since:
+    """The newest version seen per (product, warehouse): the ``since`` of a resubscribe."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, dict[str, int]] = {}
+
+    def fresh(self, message: dict[str, Any]) -> bool:
+        """Record a message; False for a ``stock`` message older than what was seen."""
+        kind = message.get("type")
+        if kind == "snapshot":
+            seen = self.versions.setdefault(message["product_id"], {})
+            for level in message["levels"]:
+                seen[level["warehouse_id"]] = max(
+                    seen.get(level["warehouse_id"], 0), level["version"]
+                )
+        elif kind == "stock":
+            seen = self.versions.setdefault(message["product_id"], {})
+            if message["version"] <= seen.get(message["warehouse_id"], 0):
+                return False
+            seen[message["warehouse_id"]] = message["version"]
+        return True
+
+    def subscribe(self, product_ids: Sequence[str]) -> bytes:
+        since = {p: self.versions[p] for p in product_ids if self.versions.get(p)}
+        command: dict[str, Any] = {"op": "subscribe", "product_ids": list(product_ids)}
+        if since:
+            command["since"] = since
+        return msgspec.json.encode(command)
+
+
+def _ws_url(base_url: str) -> str:
+    return base_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/v1/ws"
+
+
+def _message(raw: str | bytes) -> StreamMessage:
+    data = msgspec.json.decode(raw)
+    return StreamMessage(str(data.get("type")), data)
+
+
+# --- the sync client -------------------------------------------------------------------
+
+
+class Client:
+    """Blocking client. ``with Client("http://127.0.0.1:8000", token=...) as c: ...``"""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        retries: int = 4,
+        max_retry_wait: float = 5.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.retries = retries
+        self.max_retry_wait = max_retry_wait
+        self.http = http or httpx.Client(
+            base_url=self.base_url, headers=_headers(token), timeout=timeout, trust_env=False
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _run(self, call: _Call[T]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.http.request(
+                    call.method, call.path, json=call.json, params=call.params,
+                    headers=call.headers,
+                )  # fmt: skip
+            except httpx.TransportError as exc:
+                if attempt == self.retries or not _should_retry(call, exc):
+                    raise
+                time.sleep(_retry_wait(None, attempt, self.max_retry_wait))
+                continue
+            if response.status_code == 503 and attempt < self.retries:
+                time.sleep(_retry_wait(response, attempt, self.max_retry_wait))
+                continue
+            return call.result(response)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # warehouses
+    def put_warehouse(
+        self, warehouse_id: str, name: str, status: str = "active", location: str | None = None
+    ) -> Warehouse:
+        return self._run(_Calls.put_warehouse(warehouse_id, name, status, location))
+
+    def get_warehouse(self, warehouse_id: str) -> Warehouse:
+        return self._run(_Call("GET", f"/v1/warehouses/{_p(warehouse_id)}", Warehouse))
+
+    def list_warehouses(self) -> list[Warehouse]:
+        return self._run(_Call("GET", "/v1/warehouses", _Warehouses)).warehouses
+
+    # stock
+    def get_stock(self, product_id: str) -> ProductStock:
+        return self._run(_Call("GET", f"/v1/products/{_p(product_id)}/stock", ProductStock))
+
+    def get_stocks(self, product_ids: Sequence[str]) -> list[ProductStock]:
+        call = _Call("GET", "/v1/stock", _Stocks, params={"product_ids": ",".join(product_ids)})
+        return self._run(call).products
+
+    def adjust(self, product_id: str, warehouse_id: str, delta: int, **kw: Any) -> Level:
+        return self._run(_Calls.adjust(product_id, warehouse_id, delta, **kw))
+
+    def set_quantity(self, product_id: str, warehouse_id: str, quantity: int, **kw: Any) -> Level:
+        return self._run(_Calls.set_quantity(product_id, warehouse_id, quantity, **kw))
+
+    def movements(self, product_id: str, after: int = 0, limit: int = 100) -> Page[Movement]:
+        path = f"/v1/products/{_p(product_id)}/movements"
+        page = self._run(_Call("GET", path, _Movements, params={"after": after, "limit": limit}))
+        return Page(page.movements, page.next_after)
+
+    def bulk(self, items: Sequence[BulkItem], *, atomic: bool = False) -> list[BulkResult]:
+        return self._run(_Calls.bulk(items, atomic)).results
+
+    # products
+    def put_product(self, product_id: str, **settings: Any) -> Product:
+        return self._run(_Calls.put_product(product_id, **settings))
+
+    def get_product(self, product_id: str) -> Product:
+        return self._run(_Call("GET", f"/v1/products/{_p(product_id)}", Product))
+
+    def list_products(self, after: str | None = None, limit: int = 100) -> Page[Product]:
+        params = _params(after=after, limit=limit)
+        page = self._run(_Call("GET", "/v1/products", _Products, params=params))
+        return Page(page.products, page.next_after)
+
+    def iter_products(self, limit: int = 1000) -> Iterator[Product]:
+        """Every product, page by page (bounded memory)."""
+        after = None
+        while True:
+            page = self.list_products(after, limit)
+            yield from page.items
+            if page.next_after is None:
+                return
+            after = page.next_after
+
+    # reservations
+    def reserve(
+        self,
+        lines: Sequence[Line | Mapping[str, Any]],
+        *,
+        ttl_seconds: int | None = None,
+        reference: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Reservation:
+        return self._run(_Calls.reserve(lines, ttl_seconds, reference, idempotency_key))
+
+    def get_reservation(self, reservation_id: str) -> Reservation:
+        return self._run(_Call("GET", f"/v1/reservations/{_p(reservation_id)}", Reservation))
+
+    def commit(self, reservation_id: str) -> Reservation:
+        return self._run(_Calls.finish(reservation_id, "commit"))
+
+    def release(self, reservation_id: str) -> Reservation:
+        return self._run(_Calls.finish(reservation_id, "release"))
+
+    def extend(self, reservation_id: str, ttl_seconds: int) -> Reservation:
+        path = f"/v1/reservations/{_p(reservation_id)}/extend"
+        return self._run(_Call("POST", path, Reservation, {"ttl_seconds": ttl_seconds}))
+
+    def list_reservations(
+        self,
+        *,
+        reference: str | None = None,
+        customer_id: str | None = None,
+        status: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> Page[Reservation]:
+        params = _params(
+            reference=reference, customer_id=customer_id, status=status, after=after, limit=limit
+        )
+        page = self._run(_Call("GET", "/v1/reservations", _Reservations, params=params))
+        return Page(page.reservations, page.next_after)
+
+    # operations
+    def health(self) -> bool:
+        return self.http.get("/health").status_code == 200
+
+    def stream(
+        self, product_ids: Sequence[str], *, reconnect: bool = True, max_backoff: float = 5.0
+    ) -> Iterator[StreamMessage]:
+        """Live messages for ``product_ids``, resuming with ``since`` after a disconnect."""
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+        from websockets.sync.client import connect
+
+        since = _Since()
+        attempt = 0
+        while True:
+            try:
+                with connect(
+                    _ws_url(self.base_url), additional_headers=_headers(self.token),
+                    max_size=64 * 1024, compression=None,
+                ) as ws:  # fmt: skip
+                    ws.send(since.subscribe(product_ids).decode())
+                    for raw in ws:
+                        attempt = 0
+                        message = _message(raw)
+                        if since.fresh(message.data):
+                            yield message
+            except InvalidStatus as exc:
+                if exc.response.status_code in (401, 403):
+                    raise ApiError(exc.response.status_code, "unauthorized", str(exc)) from None
+                if not reconnect:
+                    raise
+            except (ConnectionClosed, InvalidHandshake, OSError):
+                if not reconnect:
+                    raise
+            if not reconnect:
+                return
+            time.sleep(min(max_backoff, 0.05 * 2**attempt) * random.uniform(0.5, 1))
+            attempt += 1
+
+
+# --- the async client ------------------------------------------------------------------
+
+
+class AsyncClient:
+    """The same API as :class:`Client`, awaitable. ``async with AsyncClient(...) as c:``"""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        token: str | None = None,
+        *,
+        timeout: float = 10.0,
+        retries: int = 4,
+        max_retry_wait: float = 5.0,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.retries = retries
+        self.max_retry_wait = max_retry_wait
+        self.http = http or httpx.AsyncClient(
+            base_url=self.base_url, headers=_headers(token), timeout=timeout, trust_env=False
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _run(self, call: _Call[T]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self.http.request(
+                    call.method, call.path, json=call.json, params=call.params,
+                    headers=call.headers,
+                )  # fmt: skip
+            except httpx.TransportError as exc:
+                if attempt == self.retries or not _should_retry(call, exc):
+                    raise
+                await asyncio.sleep(_retry_wait(None, attempt, self.max_retry_wait))
+                continue
+            if response.status_code == 503 and attempt < self.retries:
+                await asyncio.sleep(_retry_wait(response, attempt, self.max_retry_wait))
+                continue
+            return call.result(response)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def put_warehouse(
+        self, warehouse_id: str, name: str, status: str = "active", location: str | None = None
+    ) -> Warehouse:
+        return await self._run(_Calls.put_warehouse(warehouse_id, name, status, location))
+
+    async def get_warehouse(self, warehouse_id: str) -> Warehouse:
+        return await self._run(_Call("GET", f"/v1/warehouses/{_p(warehouse_id)}", Warehouse))
+
+    async def list_warehouses(self) -> list[Warehouse]:
+        return (await self._run(_Call("GET", "/v1/warehouses", _Warehouses))).warehouses
+
+    async def get_stock(self, product_id: str) -> ProductStock:
+        return await self._run(_Call("GET", f"/v1/products/{_p(product_id)}/stock", ProductStock))
+
+    async def get_stocks(self, product_ids: Sequence[str]) -> list[ProductStock]:
+        call = _Call("GET", "/v1/stock", _Stocks, params={"product_ids": ",".join(product_ids)})
+        return (await self._run(call)).products
+
+    async def adjust(self, product_id: str, warehouse_id: str, delta: int, **kw: Any) -> Level:
+        return await self._run(_Calls.adjust(product_id, warehouse_id, delta, **kw))
+
+    async def set_quantity(
+        self, product_id: str, warehouse_id: str, quantity: int, **kw: Any
+    ) -> Level:
+        return await self._run(_Calls.set_quantity(product_id, warehouse_id, quantity, **kw))
+
+    async def movements(self, product_id: str, after: int = 0, limit: int = 100) -> Page[Movement]:
+        path = f"/v1/products/{_p(product_id)}/movements"
+        params = {"after": after, "limit": limit}
+        page = await self._run(_Call("GET", path, _Movements, params=params))
+        return Page(page.movements, page.next_after)
+
+    async def bulk(self, items: Sequence[BulkItem], *, atomic: bool = False) -> list[BulkResult]:
+        return (await self._run(_Calls.bulk(items, atomic))).results
+
+    async def put_product(self, product_id: str, **settings: Any) -> Product:
+        return await self._run(_Calls.put_product(product_id, **settings))
+
+    async def get_product(self, product_id: str) -> Product:
+        return await self._run(_Call("GET", f"/v1/products/{_p(product_id)}", Product))
+
+    async def list_products(self, after: str | None = None, limit: int = 100) -> Page[Product]:
+        params = _params(after=after, limit=limit)
+        page = await self._run(_Call("GET", "/v1/products", _Products, params=params))
+        return Page(page.products, page.next_after)
+
+    async def iter_products(self, limit: int = 1000) -> AsyncIterator[Product]:
+        after = None
+        while True:
+            page = await self.list_products(after, limit)
+            for product in page.items:
+                yield product
+            if page.next_after is None:
+                return
+            after = page.next_after
+
+    async def reserve(
+        self,
+        lines: Sequence[Line | Mapping[str, Any]],
+        *,
+        ttl_seconds: int | None = None,
+        reference: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Reservation:
+        return await self._run(_Calls.reserve(lines, ttl_seconds, reference, idempotency_key))
+
+    async def get_reservation(self, reservation_id: str) -> Reservation:
+        return await self._run(_Call("GET", f"/v1/reservations/{_p(reservation_id)}", Reservation))
+
+    async def commit(self, reservation_id: str) -> Reservation:
+        return await self._run(_Calls.finish(reservation_id, "commit"))
+
+    async def release(self, reservation_id: str) -> Reservation:
+        return await self._run(_Calls.finish(reservation_id, "release"))
+
+    async def extend(self, reservation_id: str, ttl_seconds: int) -> Reservation:
+        path = f"/v1/reservations/{_p(reservation_id)}/extend"
+        return await self._run(_Call("POST", path, Reservation, {"ttl_seconds": ttl_seconds}))
+
+    async def list_reservations(
+        self,
+        *,
+        reference: str | None = None,
+        customer_id: str | None = None,
+        status: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> Page[Reservation]:
+        params = _params(
+            reference=reference, customer_id=customer_id, status=status, after=after, limit=limit
+        )
+        page = await self._run(_Call("GET", "/v1/reservations", _Reservations, params=params))
+        return Page(page.reservations, page.next_after)
+
+    async def health(self) -> bool:
+        return (await self.http.get("/health")).status_code == 200
+
+    async def stream(
+        self, product_ids: Sequence[str], *, reconnect: bool = True, max_backoff: float = 5.0
+    ) -> AsyncIterator[StreamMessage]:
+        """Live messages for ``product_ids``, resuming with ``since`` after a disconnect."""
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+        since = _Since()
+        attempt = 0
+        while True:
+            try:
+                async with connect(
+                    _ws_url(self.base_url), additional_headers=_headers(self.token),
+                    max_size=64 * 1024, compression=None,
+                ) as ws:  # fmt: skip
+                    await ws.send(since.subscribe(product_ids).decode())
+                    async for raw in ws:
+                        attempt = 0
+                        message = _message(raw)
+                        if since.fresh(message.data):
+                            yield message
+            except InvalidStatus as exc:
+                if exc.response.status_code in (401, 403):
+                    raise ApiError(exc.response.status_code, "unauthorized", str(exc)) from None
+                if not reconnect:
+                    raise
+            except (ConnectionClosed, InvalidHandshake, OSError):
+                if not reconnect:
+                    raise
+            if not reconnect:
+                return
+            await asyncio.sleep(min(max_backoff, 0.05 * 2**attempt) * random.uniform(0.5, 1))
+            attempt += 1
+
+
+# --- webhooks --------------------------------------------------------------------------
+
+
+class SignatureError(Exception):
+    """An ``Inventory-Signature`` header that is malformed, stale or does not match."""
+
+
+def verify_signature(
+    secret: str | bytes,
+    header: str,
+    body: bytes,
+    *,
+    tolerance: float = 300.0,
+    now: float | None = None,
+) -> int:
+    """Check a webhook delivery's ``Inventory-Signature: t=<unix>,v1=<hex>`` over the raw
+    body (``HMAC-SHA256(secret, "<t>.<body>")``); returns ``t``.
+
+    Raises :class:`SignatureError` when the header is malformed, no ``v1`` matches
+    (compared in constant time) or ``t`` is more than ``tolerance`` seconds from ``now``
+    (a replayed old delivery).
+    """
+    key = secret.encode() if isinstance(secret, str) else secret
+    stamp: int | None = None
+    signatures: list[str] = []
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t" and value.isdigit():
+            stamp = int(value)
+        elif name == "v1" and value:
+            signatures.append(value)
+    if stamp is None or not signatures:
+        raise SignatureError("the header needs t=<unix seconds> and v1=<hex>")
+    if abs((time.time() if now is None else now) - stamp) > tolerance:
+        raise SignatureError("the signature is too old (or from the future)")
+    expected = hmac.new(key, f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    if not any(hmac.compare_digest(expected, s) for s in signatures):
+        raise SignatureError("no signature matches")
+    return stamp
