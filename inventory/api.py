@@ -19,6 +19,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .catalog import ProductSettings, get_settings
+from .commerce import active_available, kit_reservable, reservable
 from .domain import (
     Contention,
     InventoryError,
@@ -40,6 +42,8 @@ from .schemas import (
     ErrorBody,
     ErrorOut,
     ExtendIn,
+    KitComponentStockOut,
+    KitStockOut,
     LevelOut,
     MovementOut,
     MovementsOut,
@@ -116,6 +120,9 @@ _STATUS = {
     "invalid_state": 409,
     "conflict": 409,
     "is_kit": 409,
+    "customer_required": 422,
+    "purchase_limit_exceeded": 409,
+    "already_waiting": 409,
     "has_stock": 409,
     "is_component": 409,
     "bulk_failed": 409,
@@ -265,15 +272,24 @@ def level_out(lv: StockLevel) -> LevelOut:
 
 
 def product_stock(
-    product_id: str, levels: list[StockLevel], warehouses: dict[str, Warehouse]
+    product_id: str,
+    levels: list[StockLevel],
+    warehouses: dict[str, Warehouse],
+    settings: ProductSettings | None = None,
 ) -> ProductStockOut:
+    """The stock body; ``reservable`` and ``low_stock`` follow the product's settings."""
+    free = reservable(
+        active_available(levels, warehouses), settings.safety_stock if settings else 0
+    )
+    threshold = settings.low_stock_threshold if settings else None
     return ProductStockOut(
         product_id,
         sum(lv.quantity for lv in levels),
         sum(lv.reserved for lv in levels),
         sum(lv.available for lv in levels),
-        sum(lv.available for lv in levels if warehouses[lv.warehouse_id].can_allocate),
+        free,
         [level_out(lv) for lv in levels],
+        threshold is not None and free <= threshold,
     )
 
 
@@ -281,7 +297,7 @@ def reservation_out(r: Reservation) -> ReservationOut:
     return ReservationOut(
         r.id,
         r.status.value,
-        [ReservationLineOut(x.product_id, x.warehouse_id, x.quantity) for x in r.lines],
+        [ReservationLineOut(x.product_id, x.warehouse_id, x.quantity, x.kit_id) for x in r.lines],
         r.reference,
         r.created_at,
         r.expires_at,
@@ -334,10 +350,34 @@ class Handlers:
     async def product_stock(self, request: Request) -> Response:
         self._identity(request, "read")
         product_id = _product_id(request)
+        settings = await get_settings(self.service.store, [product_id])
+        mine = settings.get(product_id)
+        if mine is not None and mine.components is not None:
+            return json_response(await self._kit_stock(mine))
         levels, warehouses = await self.service.stock([product_id])
         if not levels:
             raise NotFound(f"product {product_id} has no stock", {"product_id": product_id})
-        return json_response(product_stock(product_id, levels, warehouses))
+        return json_response(product_stock(product_id, levels, warehouses, mine))
+
+    async def _kit_stock(self, kit: ProductSettings) -> KitStockOut:
+        """A kit's stock body: its reservable and each component's body."""
+        assert kit.components is not None
+        ids = [c.product_id for c in kit.components]
+        settings = await get_settings(self.service.store, ids)
+        levels, warehouses = await self.service.stock(ids)
+        bodies = {
+            p: product_stock(p, [lv for lv in levels if lv.product_id == p], warehouses,
+                             settings.get(p))
+            for p in ids if any(lv.product_id == p for lv in levels)
+        }  # fmt: skip
+        free = kit_reservable(kit.components, {p: b.reservable for p, b in bodies.items()})
+        return KitStockOut(
+            kit.product_id,
+            True,
+            free,
+            [KitComponentStockOut(c.product_id, c.quantity, bodies.get(c.product_id))
+             for c in kit.components],
+        )  # fmt: skip
 
     async def stock_list(self, request: Request) -> Response:
         self._identity(request, "read")
@@ -353,12 +393,17 @@ class Handlers:
         if bad:
             raise ValidationFailed(f"invalid product id {bad[0][:140]!r}", {"field": "product_ids"})
         levels, warehouses = await self.service.stock(ids)
+        settings = await get_settings(self.service.store, ids)
         by_product: dict[str, list[StockLevel]] = {}
         for lv in levels:
             by_product.setdefault(lv.product_id, []).append(lv)
         return json_response(
             StockListOut(
-                [product_stock(p, by_product[p], warehouses) for p in ids if p in by_product],
+                [
+                    product_stock(p, by_product[p], warehouses, settings.get(p))
+                    for p in ids
+                    if p in by_product
+                ],
                 [p for p in ids if p not in by_product],
             )
         )
@@ -408,7 +453,9 @@ class Handlers:
         if key is not None:
             idempotency = Idempotency(identity, key, body_hash(raw), _render_reservation)
         lines = [RequestedLine(x.product_id, x.quantity, x.warehouse_id) for x in body.lines]
-        result = await self.service.reserve(lines, body.ttl_seconds, body.reference, idempotency)
+        result = await self.service.reserve(
+            lines, body.ttl_seconds, body.reference, idempotency, body.customer_id
+        )
         if isinstance(result, Replay):
             return Response(
                 result.body,
@@ -498,7 +545,7 @@ def api_routes(
             "/v1/products/{product_id}/stock",
             "GET",
             h.product_stock,
-            RouteDoc("Stock of one product", "read", None, ProductStockOut),
+            RouteDoc("Stock of one product (a kit: KitStockOut)", "read", None, ProductStockOut),
         ),
         (
             "/v1/products/{product_id}/stock/{warehouse_id}/adjustments",
