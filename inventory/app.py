@@ -31,6 +31,7 @@ from realtime.tasks import cancel_and_wait
 from realtime.ws import websocket_route
 
 from . import metrics
+from .alerts import install as install_alerts
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
@@ -40,6 +41,9 @@ from .service import InventoryService
 from .store import connect
 from .store_feed import PgLevelReader, PgOutbox
 from .tracing import instrument
+from .waitlist import Offerer, Waitlist
+from .waitlist import install as install_offered
+from .waitlist_api import waitlist_routes
 from .webhooks.api import webhook_routes
 from .webhooks.delivery import Dispatcher, policy_from
 from .webhooks.store import WebhookStore
@@ -153,12 +157,17 @@ def _lock_factory(redis: aioredis.Redis, settings: Settings) -> Any:
 
 def create_app(settings: Settings) -> Starlette:
     runtime = Runtime(settings)
+    install_alerts()  # webhook producers of stock.low/out/back and waitlist.offered
+    install_offered()
     auth = Auth(settings.tokens)
 
     routes, docs = api_routes(
         runtime.get_service,
         auth,
-        webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
+        [
+            *webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
+            *waitlist_routes(runtime.get_service, auth),
+        ],
     )
 
     async def health(request: Request) -> Response:
@@ -212,16 +221,25 @@ def create_app(settings: Settings) -> Starlette:
         hub = runtime.hub = Hub(
             runtime.redis, PgLevelReader(store.pool), prefix=settings.redis_prefix
         )
+        offerer: Offerer | None = None
+
+        def on_change() -> None:
+            relay.wake()
+            if offerer is not None:
+                offerer.wake()
+
         service = InventoryService(
             store,
             lock_products=lock_products,
-            on_change=relay.wake,
+            on_change=on_change,
             lanes=settings.process_lanes,
             wait_bound=settings.db_timeout,
             # Requests waiting for a busy row never take the lanes' connections.
             wait_slots=max(1, settings.db_pool_max - settings.process_lanes - 2),
         )
         runtime.service = service
+        offerer = Offerer(Waitlist(service))
+        runtime.tasks.append(asyncio.create_task(offerer.run(), name="waitlist-offerer"))
         await hub.start()
         await relay.start()
         runtime.tasks.append(asyncio.create_task(_export_hub_stats(hub), name="hub-metrics"))

@@ -51,7 +51,7 @@ def openapi_document(docs: Mapping[str, Mapping[str, RouteDoc]]) -> dict[str, An
                 "in": "path",
                 "required": True,
                 "schema": {"type": "string", "format": "uuid"}
-                if name == "reservation_id"
+                if name in ("reservation_id", "entry_id")
                 else {"type": "string", "pattern": _PARAM_PATTERNS[name]},
             }
             for name in re.findall(r"{(\w+)}", path)
