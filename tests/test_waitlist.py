@@ -230,3 +230,52 @@ async def test_two_processes_one_customer_never_exceeds_limit(
     )
     assert 1 <= held <= 3
     assert any(err(r) == "purchase_limit_exceeded" for r in answers if r.status_code == 409)
+
+
+async def test_restock_racing_new_buyers_serves_the_queue_first(
+    server_factory: Any, new_id: NewId
+) -> None:
+    """Two processes: buyers hammer a product while it is restocked; the waiting entries
+    get their units, in queue order, and buyers only what lies beyond the queue."""
+    servers = [await server_factory(), await server_factory()]
+    pid, w = new_id("drop"), new_id("wh")
+    clients = [httpx.AsyncClient(base_url=s.base_url, timeout=30) for s in servers]
+    c0 = clients[0]
+    try:
+        await c0.put(f"/v1/warehouses/{w}", json={"name": w, "status": "active"})
+        await c0.put(f"/v1/products/{pid}/stock/{w}", json={"quantity": 0})
+        queue = [(await join(clients[i % 2], pid, f"q{i}", 2)).json() for i in range(5)]
+        assert [e["position"] for e in queue] == [1, 2, 3, 4, 5]
+        line = {"lines": [{"product_id": pid, "quantity": 1}]}
+
+        async def buyer(i: int) -> int:
+            got = 0
+            for _ in range(10):
+                r = await clients[i % 2].post("/v1/reservations", json=line)
+                assert r.status_code in (201, 409), r.text
+                got += r.status_code == 201
+            return got
+
+        restock = c0.post(f"/v1/products/{pid}/stock/{w}/adjustments", json={"delta": 15})
+        results = await asyncio.gather(restock, *(buyer(i) for i in range(20)))
+        assert results[0].status_code == 200
+
+        async def all_offered() -> bool:
+            return all([await _status(c0, e["id"], "offered") for e in queue])
+
+        await wait_until(all_offered, 3, "every waiting entry offered")
+        bought = sum(results[1:])
+        assert bought <= 5, bought  # 15 restocked - 10 waited for
+        offers = [
+            (
+                await c0.get(f"/v1/reservations/{(await entry(c0, e['id']))['reservation_id']}")
+            ).json()
+            for e in queue
+        ]
+        created = [o["created_at"] for o in offers]
+        assert created == sorted(created)  # served in queue order
+        stock = (await c0.get(f"/v1/products/{pid}/stock")).json()
+        assert stock["reserved"] == 10 + bought
+    finally:
+        for c in clients:
+            await c.aclose()
