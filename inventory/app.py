@@ -33,6 +33,7 @@ from realtime.ws import websocket_route
 from . import metrics
 from .alerts import install as install_alerts
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
+from .commerce_feed import CommerceFeed, KitSnapshots
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
 from .middleware import RequestMiddleware
@@ -219,12 +220,19 @@ def create_app(settings: Settings) -> Starlette:
             poll_interval=settings.relay_poll_interval,
         )
         hub = runtime.hub = Hub(
-            runtime.redis, PgLevelReader(store.pool), prefix=settings.redis_prefix
+            runtime.redis,
+            PgLevelReader(store.pool),
+            prefix=settings.redis_prefix,
+            extra_snapshots=KitSnapshots(store, runtime.redis, settings.redis_prefix),
+        )
+        feed = CommerceFeed(
+            PgOutbox(store.pool), store, runtime.redis, prefix=settings.redis_prefix
         )
         offerer: Offerer | None = None
 
         def on_change() -> None:
             relay.wake()
+            feed.wake()
             if offerer is not None:
                 offerer.wake()
 
@@ -240,6 +248,7 @@ def create_app(settings: Settings) -> Starlette:
         runtime.service = service
         offerer = Offerer(Waitlist(service))
         runtime.tasks.append(asyncio.create_task(offerer.run(), name="waitlist-offerer"))
+        runtime.tasks.append(asyncio.create_task(feed.run(), name="commerce-feed"))
         await hub.start()
         await relay.start()
         runtime.tasks.append(asyncio.create_task(_export_hub_stats(hub), name="hub-metrics"))

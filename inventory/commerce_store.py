@@ -219,3 +219,40 @@ COMMERCE_INVARIANTS: dict[str, str] = {
             FROM n WINDOW w AS (PARTITION BY reservation_id, kit_id)) v
         WHERE broken > 0 OR lo <> hi""",
 }
+
+
+async def kits_using(conn: Conn, product_ids: Sequence[str]) -> dict[str, tuple[KitComponent, ...]]:
+    """The kits with one of ``product_ids`` among their components, and their components."""
+    rows = await conn.fetch(
+        """SELECT product_id, components FROM products
+           WHERE components IS NOT NULL AND components @> ANY(
+               SELECT jsonb_build_array(jsonb_build_object('product_id', x))
+               FROM unnest($1::text[]) AS x)""",
+        list(product_ids),
+    )
+    return {r["product_id"]: _components(r["components"]) or () for r in rows}
+
+
+async def kits_among_ids(
+    conn: Conn, product_ids: Sequence[str]
+) -> dict[str, tuple[KitComponent, ...]]:
+    """Those of ``product_ids`` that are kits, and their components."""
+    rows = await conn.fetch(
+        """SELECT product_id, components FROM products
+           WHERE product_id = ANY($1::text[]) AND components IS NOT NULL""",
+        list(product_ids),
+    )
+    return {r["product_id"]: _components(r["components"]) or () for r in rows}
+
+
+async def reservables(conn: Conn, product_ids: Sequence[str]) -> dict[str, int]:
+    """``reservable`` of each product (after safety stock; 0 without rows)."""
+    rows = await conn.fetch(
+        """SELECT x AS product_id, greatest(0, coalesce(
+               (SELECT sum(s.quantity - s.reserved) FROM stock_levels s
+                JOIN warehouses w ON w.id = s.warehouse_id AND w.status = 'active'
+                WHERE s.product_id = x), 0) - coalesce(p.safety_stock, 0))::bigint AS reservable
+           FROM unnest($1::text[]) AS x LEFT JOIN products p ON p.product_id = x""",
+        list(product_ids),
+    )
+    return {r["product_id"]: r["reservable"] for r in rows}

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 
 from inventory.alerts import crossings, judge
 from tests.conftest import wait_until
@@ -279,3 +280,44 @@ async def test_restock_racing_new_buyers_serves_the_queue_first(
     finally:
         for c in clients:
             await c.aclose()
+
+
+async def test_stream_carries_kit_numbers_and_alerts(server_factory: Any, new_id: NewId) -> None:
+    """A kit's subscribers get its number on subscribe and when a component changes it
+    (seq going up); a product's subscribers get its low-stock alerts."""
+    from websockets.asyncio.client import connect
+
+    server = await server_factory()
+    a, b, kit, w = new_id("a"), new_id("b"), new_id("kit"), new_id("wh")
+    async with httpx.AsyncClient(base_url=server.base_url) as c:
+        await c.put(f"/v1/warehouses/{w}", json={"name": w, "status": "active"})
+        await c.put(f"/v1/products/{a}/stock/{w}", json={"quantity": 4})
+        await c.put(f"/v1/products/{b}/stock/{w}", json={"quantity": 9})
+        await c.put(f"/v1/products/{a}", json={"low_stock_threshold": 2})
+        comps = [{"product_id": a, "quantity": 1}, {"product_id": b, "quantity": 3}]
+        await c.put(f"/v1/products/{kit}", json={"components": comps})
+        async with connect(server.ws_url, open_timeout=10) as ws:
+            await ws.send(orjson.dumps({"op": "subscribe", "product_ids": [kit, a]}).decode())
+            seen: list[dict[str, Any]] = []
+
+            async def until(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+                while True:
+                    message = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+                    seen.append(message)
+                    if pred(message):
+                        return message
+
+            first = await until(lambda m: m["type"] == "kit")
+            assert (first["product_id"], first["reservable"]) == (kit, 3)
+            await until(lambda m: m["type"] == "subscribed")
+            r = await c.post(
+                "/v1/reservations", json={"lines": [{"product_id": kit, "quantity": 2}]}
+            )
+            assert r.status_code == 201  # a: 4 -> 2 (low), b: 9 -> 3
+            # (a lagging feed may first repeat the number for earlier rows, seq still rising)
+            changed = await until(lambda m: m["type"] == "kit" and m["reservable"] == 1)
+            assert changed["seq"] > first["seq"]
+            # (the first receipt's stock.back may come too, if the feed was behind)
+            low = [m for m in seen if m["type"] == "alert" and m["event"] == "stock.low"]
+            alert = low[0] if low else await until(lambda m: m.get("event") == "stock.low")
+            assert (alert["product_id"], alert["event"], alert["reservable"]) == (a, "stock.low", 2)
