@@ -44,7 +44,6 @@ from .store_feed import PgLevelReader, PgOutbox
 from .tracing import instrument
 from .waitlist import Offerer, Waitlist
 from .waitlist import install as install_offered
-from .waitlist_api import waitlist_routes
 from .webhooks.api import webhook_routes
 from .webhooks.delivery import Dispatcher, policy_from
 from .webhooks.store import WebhookStore
@@ -165,10 +164,7 @@ def create_app(settings: Settings) -> Starlette:
     routes, docs = api_routes(
         runtime.get_service,
         auth,
-        [
-            *webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
-            *waitlist_routes(runtime.get_service, auth),
-        ],
+        webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
     )
 
     async def health(request: Request) -> Response:
