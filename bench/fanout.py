@@ -28,6 +28,17 @@ The clients are raw asyncio protocols (handshake, unmasked frame parsing, pong r
 costing a few microseconds per frame, so the client side does not cap the servers on a
 2-core machine. Neither side negotiates permessage-deflate.
 
+A fourth measurement, **slow clients** (``--slow``), shows what the raw clients hide:
+real clients read slower, so the server meets backpressure. ``clients`` subscribers in
+``slow_processes`` client processes (sharing the machine's cores with the servers), of
+two kinds in turn: ``raw`` (the protocol above) and ``library`` (the ``websockets``
+library's asyncio client, parsing every frame with orjson). Updates are made through
+the HTTP API at ``latency_rate`` per second in both phases; the hub's clients subscribe to
+the product, the bare server's get every message of the namespace from the same relay.
+Reported per kind: deliveries/s, server CPU per delivery (the hub's from which the
+inventory server's HTTP and relay CPU in the bare phase, same load, is subtracted) and
+commit -> client p50/p99 (log-binned at 2 % resolution in the client processes).
+
 Run: ``python -m bench.fanout [--clients 1000] [--repeats 3] [--json out.json]``; it uses
 ``INVENTORY_DATABASE_URL`` / ``INVENTORY_REDIS_URL`` or embedded servers.
 """
@@ -39,6 +50,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import platform
 import resource
@@ -46,6 +58,7 @@ import secrets
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -404,6 +417,247 @@ async def _memory(
     return (after - before) / connections / 1024
 
 
+# --- slow clients: client processes, raw or the websockets library ----------------------
+
+_BIN = math.log(1.02)  # latency histogram: 2 % wide bins
+
+
+def _bin(seconds: float) -> int:
+    return round(math.log(max(seconds, 1e-5)) / _BIN)
+
+
+class _Tally:
+    """Stock frames and their commit -> client latencies, binned (one per client process)."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.bins: Counter[int] = Counter()
+        self.ready = 0  # clients connected (and subscribed, on the hub)
+
+    def add(self, latency: float) -> None:
+        self.frames += 1
+        self.bins[_bin(latency)] += 1
+
+
+async def _library_client(port: int, product: str, hub: bool, tally: _Tally) -> None:
+    """One ``websockets`` asyncio client parsing every frame with orjson."""
+    from websockets.asyncio.client import connect
+
+    async with connect(
+        f"ws://127.0.0.1:{port}/v1/ws", compression=None, open_timeout=60, max_size=2**20
+    ) as connection:
+        if hub:
+            await connection.send(
+                orjson.dumps({"op": "subscribe", "product_ids": [product]}).decode()
+            )
+        else:
+            tally.ready += 1
+        async for raw in connection:
+            message = orjson.loads(raw)
+            if message["type"] == "stock":
+                tally.add(time.time() - message["ts"])
+            elif message["type"] == "subscribed":
+                tally.ready += 1
+
+
+async def _client_process(port: int, count: int, product: str, hub: bool, kind: str) -> None:
+    """A client process: ``count`` clients of ``kind``; answers ``reset`` and ``report``
+    lines on stdin (the report is one JSON line on stdout), ends on ``stop``."""
+    tally = _Tally()
+    loop = asyncio.get_running_loop()
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "raw":
+            raw = await stack.enter_async_context(
+                _clients(port, count, subscribe=[[product]] * count if hub else None, record=True)
+            )
+
+            def collect() -> None:  # raw clients keep their own samples
+                for client in raw:
+                    for latency in client.latencies or ():
+                        tally.add(latency)
+                    client.reset()
+
+        else:
+            tasks = [
+                asyncio.create_task(_library_client(port, product, hub, tally))
+                for _ in range(count)
+            ]
+            stack.callback(lambda: [t.cancel() for t in tasks])
+
+            def collect() -> None:
+                for task in tasks:
+                    if task.done() and not task.cancelled() and task.exception():
+                        raise RuntimeError("a client failed") from task.exception()
+
+            while tally.ready < count:
+                collect()
+                await asyncio.sleep(0.05)
+
+        print("ready", flush=True)
+        while (line := (await loop.run_in_executor(None, sys.stdin.readline)).strip()) != "stop":
+            collect()
+            if line == "report":
+                print(json.dumps({"frames": tally.frames, "bins": tally.bins}), flush=True)
+            tally.frames, tally.bins = 0, Counter()
+
+
+class _ClientProcesses:
+    """The client processes of one phase, driven over their stdin/stdout."""
+
+    def __init__(self, procs: list[asyncio.subprocess.Process]) -> None:
+        self._procs = procs
+
+    async def _ask(self, command: str) -> list[bytes]:
+        for proc in self._procs:
+            assert proc.stdin is not None
+            proc.stdin.write(f"{command}\n".encode())
+        if command != "report":
+            return []
+        lines = []
+        for proc in self._procs:
+            assert proc.stdout is not None
+            lines.append(await asyncio.wait_for(proc.stdout.readline(), 60))
+        return lines
+
+    async def reset(self) -> None:
+        await self._ask("reset")
+
+    async def report(self) -> tuple[int, Counter[int]]:
+        frames, bins = 0, Counter[int]()
+        for line in await self._ask("report"):
+            data = json.loads(line)
+            frames += data["frames"]
+            bins.update({int(k): v for k, v in data["bins"].items()})
+        return frames, bins
+
+
+@contextlib.asynccontextmanager
+async def _client_processes(
+    port: int, clients: int, processes: int, product: str, hub: bool, kind: str
+) -> AsyncIterator[_ClientProcesses]:
+    procs = []
+    try:
+        for i in range(processes):
+            count = clients // processes + (1 if i < clients % processes else 0)
+            argv = ["-m", "bench.fanout", "clients", str(port), str(count), product, kind]
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    *argv,
+                    *(["--hub"] if hub else []),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                )
+            )
+        for proc in procs:
+            assert proc.stdout is not None
+            if (await asyncio.wait_for(proc.stdout.readline(), 120)).strip() != b"ready":
+                raise RuntimeError("a client process failed to start")
+        yield _ClientProcesses(procs)
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+def _bin_percentiles(bins: Counter[int]) -> dict[str, float]:
+    total = sum(bins.values())
+    result = {"p50_ms": float("nan"), "p99_ms": float("nan")}
+    seen = 0
+    for key in sorted(bins):
+        seen += bins[key]
+        for name, q in (("p50_ms", 0.50), ("p99_ms", 0.99)):
+            if math.isnan(result[name]) and seen >= q * total:
+                result[name] = math.exp(key * _BIN) * 1e3
+    return result
+
+
+@dataclass(frozen=True)
+class _SlowRun:
+    deliveries_per_s: float
+    cpu_us_per_delivery: float
+    p50_ms: float
+    p99_ms: float
+
+
+async def _slow_phase(
+    fan_out: _Server,
+    inventory: _Server,
+    http: httpx.AsyncClient,
+    urls: Sequence[str],
+    kind: str,
+    cfg: Settings,
+    product: str,
+) -> tuple[int, float, float, float, Counter[int]]:
+    """One phase: frames, seconds, fan-out server CPU, inventory server CPU, latency bins."""
+    async with _client_processes(
+        fan_out.port, cfg.clients, cfg.slow_processes, product, fan_out.hub, kind
+    ) as clients:
+
+        async def send(i: int) -> None:
+            url = urls[i % len(urls)]
+            delta = -1 if (i // len(urls)) % 2 else 1
+            (await http.post(url, json={"delta": delta})).raise_for_status()
+
+        await _paced(cfg.latency_rate, 2.0, send)  # warm-up
+        await asyncio.sleep(1.0)
+        await clients.reset()
+        cpu0, inv0, started = _cpu(fan_out.process), _cpu(inventory.process), time.perf_counter()
+        await _paced(cfg.latency_rate, cfg.latency_duration, send)
+        await asyncio.sleep(1.0)  # let what is in flight arrive
+        elapsed = time.perf_counter() - started
+        cpu, inv = _cpu(fan_out.process) - cpu0, _cpu(inventory.process) - inv0
+        frames, bins = await clients.report()
+    return frames, elapsed, cpu, inv, bins
+
+
+async def _slow_clients(
+    database_url: str, redis_url: str, cfg: Settings
+) -> dict[str, dict[str, _SlowRun]]:
+    """The slow-client measurement (see the module docstring), both client kinds."""
+    prefix = f"bench-{secrets.token_hex(4)}"
+    product = "slow"
+    runs: dict[str, dict[str, _SlowRun]] = {}
+    async with (
+        _hub_server(database_url, redis_url, prefix) as server,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http,
+    ):
+        # Rows updated round-robin: a row changes 4 times a second at 40 updates/s, so a
+        # hub that keeps up has nothing to coalesce (each row's message is full state).
+        urls = []
+        for n in range(WAREHOUSES):
+            warehouse = f"bench-{secrets.token_hex(3)}-{n}"
+            answer = await http.put(
+                f"/v1/warehouses/{warehouse}", json={"name": "b", "status": "active"}
+            )
+            answer.raise_for_status()
+            urls.append(f"/v1/products/{product}/stock/{warehouse}/adjustments")
+            (await http.post(urls[-1], json={"delta": 1000})).raise_for_status()
+        for kind in ("raw", "library"):
+            frames, elapsed, cpu, _, bins = await _slow_phase(
+                server, server, http, urls, kind, cfg, product
+            )
+            async with _bare_server(redis_url, prefix) as bare:
+                b_frames, b_elapsed, b_cpu, feed_cpu, b_bins = await _slow_phase(
+                    bare, server, http, urls, kind, cfg, product
+                )
+            # The hub's process also served the HTTP updates and ran the relay: that
+            # part, measured in the bare phase at the same load, is not fan-out.
+            hub_cpu = max(0.0, cpu - feed_cpu * elapsed / b_elapsed)
+            runs[kind] = {
+                "hub": _SlowRun(
+                    frames / elapsed, hub_cpu / max(frames, 1) * 1e6, **_bin_percentiles(bins)
+                ),
+                "bare": _SlowRun(
+                    b_frames / b_elapsed,
+                    b_cpu / max(b_frames, 1) * 1e6,
+                    **_bin_percentiles(b_bins),
+                ),
+            }
+    return runs
+
+
 @dataclass(frozen=True)
 class Settings:
     clients: int = 1000
@@ -415,6 +669,7 @@ class Settings:
     idle_connections: int = 2000
     idle_products: int = 10
     repeats: int = 3
+    slow_processes: int = 2  # client processes of the slow-client measurement
 
 
 @dataclass(frozen=True)
@@ -486,8 +741,13 @@ def _machine() -> dict[str, Any]:
     }
 
 
-async def run_fanout_bench(settings: Settings | None = None) -> dict[str, Any]:
-    """Run all measurements (see the module docstring); returns medians and ratios."""
+async def run_fanout_bench(
+    settings: Settings | None = None, scenarios: Sequence[str] = ("default", "slow")
+) -> dict[str, Any]:
+    """Run the measurements (see the module docstring); returns medians and ratios.
+
+    ``scenarios``: ``default`` (throughput, latency and memory with raw clients) and/or
+    ``slow`` (slow clients, both kinds)."""
     cfg = settings or Settings()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -496,34 +756,60 @@ async def run_fanout_bench(settings: Settings | None = None) -> dict[str, Any]:
         raise RuntimeError(f"needs {needed} open files, the hard limit is {hard}")
     load_start = os.getloadavg()[0]
     runs: dict[str, list[_Run]] = {"hub": [], "bare": []}
+    slow: list[dict[str, dict[str, _SlowRun]]] = []
     with backing_servers() as backing:
         async with scratch_databases(backing.pg_url) as databases:
             redis = aioredis.Redis.from_url(backing.redis_url)
             try:
                 for _ in range(cfg.repeats):
-                    prefix = f"bench-{secrets.token_hex(4)}"
-                    async with _hub_server(databases.http, backing.redis_url, prefix) as server:
-                        runs["hub"].append(await _measure(server, redis, prefix, cfg))
-                    async with _bare_server(backing.redis_url, prefix) as server:
-                        runs["bare"].append(await _measure(server, redis, prefix, cfg))
+                    if "default" in scenarios:
+                        prefix = f"bench-{secrets.token_hex(4)}"
+                        async with _hub_server(databases.http, backing.redis_url, prefix) as hub:
+                            runs["hub"].append(await _measure(hub, redis, prefix, cfg))
+                        async with _bare_server(backing.redis_url, prefix) as bare:
+                            runs["bare"].append(await _measure(bare, redis, prefix, cfg))
+                    if "slow" in scenarios:
+                        slow.append(await _slow_clients(databases.http, backing.redis_url, cfg))
             finally:
                 await redis.aclose()
-    medians = {
-        kind: {f: _median([getattr(r, f) for r in rs]) for f in _Run.__dataclass_fields__}
-        for kind, rs in runs.items()
-    }
-    return {
+    result: dict[str, Any] = {
         "machine": {**_machine(), "load_start": load_start, "load_end": os.getloadavg()[0]},
         "settings": vars(cfg),
-        "hub": medians["hub"],
-        "bare": medians["bare"],
-        "ratio": {f: medians["hub"][f] / medians["bare"][f] for f in medians["hub"]},
-        "runs": {kind: [vars(r) for r in rs] for kind, rs in runs.items()},
     }
+    if runs["hub"]:
+        medians = {
+            kind: {f: _median([getattr(r, f) for r in rs]) for f in _Run.__dataclass_fields__}
+            for kind, rs in runs.items()
+        }
+        result.update(
+            hub=medians["hub"],
+            bare=medians["bare"],
+            ratio={f: medians["hub"][f] / medians["bare"][f] for f in medians["hub"]},
+            runs={kind: [vars(r) for r in rs] for kind, rs in runs.items()},
+        )
+    if slow:
+        summary: dict[str, Any] = {}
+        for kind in slow[0]:
+            medians = {
+                server: {
+                    f: _median([getattr(run[kind][server], f) for run in slow])
+                    for f in _SlowRun.__dataclass_fields__
+                }
+                for server in ("hub", "bare")
+            }
+            summary[kind] = {
+                **medians,
+                "ratio": {f: medians["hub"][f] / medians["bare"][f] for f in medians["hub"]},
+            }
+        result["slow"] = summary
+        result["slow_runs"] = [
+            {k: {srv: vars(r) for srv, r in v.items()} for k, v in run.items()} for run in slow
+        ]
+    return result
 
 
-def _report(result: dict[str, Any]) -> str:
-    m, cfg = result["machine"], result["settings"]
+def _report_default(result: dict[str, Any]) -> list[str]:
+    cfg = result["settings"]
     hub, bare, ratio = result["hub"], result["bare"], result["ratio"]
     rows = [
         (f"deliveries/s (offered {cfg['rate'] * cfg['clients']:.0f}/s)", "deliveries_per_s", ".0f"),
@@ -538,8 +824,6 @@ def _report(result: dict[str, Any]) -> str:
         (f"KiB per idle connection ({cfg['idle_connections']})", "kib_per_connection", ".1f"),
     ]
     lines = [
-        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, Python"
-        f" {m['python']}, uvicorn {m['uvicorn']}, websockets {m['websockets']}",
         f"medians of {cfg['repeats']} runs; {cfg['clients']} subscribers of one product",
         "",
         f"{'measure':<44}{'hub':>10}{'bare ws':>10}{'ratio':>8}",
@@ -560,8 +844,52 @@ def _report(result: dict[str, Any]) -> str:
         "includes offers conflated away (the bare server never drops, it queues without bound).",
         "hub latency: commit -> client (HTTP adjustment, outbox relay, Redis, hub); bare:",
         f"publish -> client. Hub idle connections hold {cfg['idle_products']} subscriptions each.",
-        f"load average (1 min) at start / end: {m['load_start']:.1f} / {m['load_end']:.1f}",
     ]
+    return lines
+
+
+def _report_slow(result: dict[str, Any]) -> list[str]:
+    cfg = result["settings"]
+    rows = [
+        ("deliveries/s", "deliveries_per_s", ".0f"),
+        ("  server CPU us/delivery", "cpu_us_per_delivery", ".1f"),
+        ("  commit -> client p50 ms", "p50_ms", ".1f"),
+        ("  commit -> client p99 ms", "p99_ms", ".1f"),
+    ]
+    lines = [
+        f"slow clients: {cfg['clients']} subscribers in {cfg['slow_processes']} client"
+        f" processes, updates through HTTP at {cfg['latency_rate']:g}/s"
+        f" (offered {cfg['latency_rate'] * cfg['clients']:.0f} deliveries/s)",
+        f"{'measure':<44}{'hub':>10}{'bare ws':>10}{'ratio':>8}",
+    ]
+    for kind, label in (("raw", "raw clients"), ("library", "websockets-library clients")):
+        data = result["slow"][kind]
+        lines.append(f"{label}:")
+        lines += [
+            f"  {name:<42}{data['hub'][key]:>10{fmt}}{data['bare'][key]:>10{fmt}}"
+            f"{data['ratio'][key]:>8.2f}"
+            for name, key, fmt in rows
+        ]
+    lines.append(
+        "hub CPU: the server's HTTP and relay CPU at the same load (measured in the bare"
+        " phase) is subtracted."
+    )
+    return lines
+
+
+def _report(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, Python"
+        f" {m['python']}, uvicorn {m['uvicorn']}, websockets {m['websockets']}",
+    ]
+    if "hub" in result:
+        lines += _report_default(result)
+    if "slow" in result:
+        lines += ["", *_report_slow(result)]
+    lines.append(
+        f"load average (1 min) at start / end: {m['load_start']:.1f} / {m['load_end']:.1f}"
+    )
     return "\n".join(lines)
 
 
@@ -576,16 +904,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     bare.add_argument("port", type=int)
     bare.add_argument("redis_url")
     bare.add_argument("prefix")
+    clients = sub.add_parser("clients", help="internal: run one slow-client process")
+    clients.add_argument("port", type=int)
+    clients.add_argument("count", type=int)
+    clients.add_argument("product")
+    clients.add_argument("kind", choices=("raw", "library"))
+    clients.add_argument("--hub", action="store_true")
     defaults = Settings()
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument(
+        "--scenario",
+        choices=("all", "default", "slow"),
+        default="all",
+        help="default: raw-client throughput, latency, memory; slow: slow clients",
+    )
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     if args.command == "bare-server":
         uvloop.run(serve_bare(args.port, args.redis_url, args.prefix))
         return 0
+    if args.command == "clients":
+        uvloop.run(_client_process(args.port, args.count, args.product, args.hub, args.kind))
+        return 0
     cfg = Settings(**{name: getattr(args, name) for name in vars(defaults)})
-    result = uvloop.run(run_fanout_bench(cfg))
+    scenarios = ("default", "slow") if args.scenario == "all" else (args.scenario,)
+    result = uvloop.run(run_fanout_bench(cfg, scenarios))
     print(_report(result))
     if args.json:
         with open(args.json, "w") as out:

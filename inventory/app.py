@@ -23,11 +23,12 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket
 
-from realtime.hub import Hub
+from realtime.hub import Hub, HubSettings
 from realtime.relay import Relay
+from realtime.sse import sse_route
 from realtime.tasks import cancel_and_wait
+from realtime.tickets import TicketStore
 from realtime.ws import websocket_route
 
 from . import metrics
@@ -41,6 +42,7 @@ from .openapi import openapi_document
 from .service import InventoryService
 from .store import connect
 from .store_feed import PgLevelReader, PgOutbox
+from .stream_auth import StreamAuth
 from .tracing import instrument
 from .waitlist import Offerer, Waitlist
 from .waitlist import install as install_offered
@@ -80,6 +82,7 @@ class Runtime:
         self.redis: aioredis.Redis | None = None
         self.service: InventoryService | None = None
         self.hub: Hub | None = None
+        self.tickets: TicketStore | None = None
         self.tasks: list[asyncio.Task[Any]] = []
 
     def get_service(self) -> InventoryService:
@@ -90,6 +93,11 @@ class Runtime:
     def get_hub(self) -> Hub:
         assert self.hub is not None, "the hub starts with the lifespan"
         return self.hub
+
+    def get_tickets(self) -> TicketStore:
+        if self.tickets is None:
+            raise Unavailable("the server is starting")
+        return self.tickets
 
 
 _HUB_COUNTERS = {
@@ -166,6 +174,7 @@ def create_app(settings: Settings) -> Starlette:
         auth,
         webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
     )
+    stream_auth = StreamAuth(auth, runtime.get_tickets)
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -219,8 +228,10 @@ def create_app(settings: Settings) -> Starlette:
             runtime.redis,
             PgLevelReader(store.pool),
             prefix=settings.redis_prefix,
+            settings=HubSettings(max_connections=settings.max_streams),
             extra_snapshots=KitSnapshots(store, runtime.redis, settings.redis_prefix),
         )
+        runtime.tickets = TicketStore(runtime.redis, prefix=settings.redis_prefix)
         feed = CommerceFeed(
             PgOutbox(store.pool), store, runtime.redis, prefix=settings.redis_prefix
         )
@@ -276,15 +287,6 @@ def create_app(settings: Settings) -> Starlette:
             auth.check(bearer(request.headers), "read")
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
 
-    async def authenticate_ws(websocket: WebSocket) -> Response | None:
-        """Bearer header or ``token`` query parameter with the ``read`` scope."""
-        token = bearer(websocket.headers) or websocket.query_params.get("token")
-        try:
-            auth.check(token, "read")
-        except InventoryError as exc:
-            return error_response(exc)
-        return None
-
     async def dashboard(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
 
@@ -296,7 +298,9 @@ def create_app(settings: Settings) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
-        websocket_route(runtime.get_hub, authenticate_ws if auth.enabled else None),
+        Route("/v1/stream-tickets", stream_auth.create_ticket, methods=["POST"]),
+        websocket_route(runtime.get_hub, stream_auth.authenticate),
+        sse_route(runtime.get_hub, stream_auth.authenticate),
     ]
     app = Starlette(
         routes=all_routes,

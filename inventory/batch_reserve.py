@@ -518,7 +518,7 @@ class ReservationEngine:
         results: list[MemberOutcome | None] = [None] * len(batch)
         requests = [m.request for m in batch]
         wait_for = frozenset[str]().union(*(m.busy for m in batch))
-        async with self.store.transaction() as conn:
+        async with self.store.transaction(wait if wait_for else None) as conn:
             keyed = any(r.idempotency is not None for r in requests)
             levels, warehouses, busy = await self.store.lock_rows(
                 conn, products, wait_for, wait, then_claims=keyed

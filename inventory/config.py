@@ -141,6 +141,7 @@ class Settings:
     webhook_retry_max: float = 3600.0
     webhook_retry_window: float = 86400.0
     webhook_concurrency: int = 8
+    max_streams: int = 10_000  # open WebSocket/SSE connections per process
 
     @property
     def process_lanes(self) -> int:
@@ -199,6 +200,7 @@ class Settings:
                 env, "INVENTORY_WEBHOOK_RETRY_WINDOW", 86400.0, 1, 7 * 86400
             ),
             webhook_concurrency=_int(env, "INVENTORY_WEBHOOK_CONCURRENCY", 8, 1, 256),
+            max_streams=_int(env, "INVENTORY_MAX_STREAMS", 10_000, 1, 1_000_000),
         )
 
     def with_overrides(self, **overrides: Any) -> Settings:

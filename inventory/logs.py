@@ -4,12 +4,19 @@ Every record carries the request id of the HTTP request it was logged under (a
 context variable set by the request-id middleware) and, with tracing on, the trace and
 span ids of the span it was logged in. Nothing here ever logs a header or a
 token; configuration values with secrets are never passed to the logger.
+
+Every line is also redacted on its way out (:func:`redact`), whoever logged it: uvicorn
+logs WebSocket handshakes with their query string at INFO, and with debug logging the
+``websockets`` protocol logs request headers and uvicorn's trace level whole ASGI scopes.
+Credentials in those (``Authorization`` values, ``?ticket=``/``?token=`` query values)
+become ``[redacted]`` before the line is written, at every level.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -19,7 +26,9 @@ import orjson
 
 __all__ = [
     "JsonFormatter",
+    "TextFormatter",
     "configure_logging",
+    "redact",
     "request_id_var",
     "set_trace_ids",
     "uvicorn_log_config",
@@ -40,6 +49,29 @@ def set_trace_ids(getter: TraceIds | None) -> None:
     """Make JSON log lines carry ``trace_id`` and ``span_id`` (``None``: stop)."""
     global _trace_ids
     _trace_ids = getter
+
+
+_REDACTIONS = (
+    # A credential as a query parameter, in a URL or a raw query string (b'ticket=...').
+    (
+        re.compile(r"(?i)((?:^|[?&;\s'\"(])(?:ticket|token|access_token)=)[^&\s'\"#\\]+"),
+        r"\1[redacted]",
+    ),
+    # An Authorization header's value: "authorization: x", ('authorization', b'x'), ...
+    (
+        re.compile(r"(?i)(authorization['\"]?\s*[:=,]\s*(?:b?['\"])?)[^'\"\r\n\\]+"),
+        r"\1[redacted]",
+    ),
+    # A bearer credential wherever it appears.
+    (re.compile(r"(?i)\b(bearer\s+)[^\s'\"\\,;]+"), r"\1[redacted]"),
+)
+
+
+def redact(line: str) -> str:
+    """``line`` with every credential it carries replaced by ``[redacted]``."""
+    for pattern, replacement in _REDACTIONS:
+        line = pattern.sub(replacement, line)
+    return line
 
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
@@ -72,13 +104,20 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return redact(orjson.dumps(entry, default=str).decode())
+
+
+class TextFormatter(logging.Formatter):
+    """Readable lines for a terminal, redacted like the JSON ones."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def _formatter(fmt: str) -> dict[str, Any]:
     if fmt == "json":
         return {"()": JsonFormatter}
-    return {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    return {"()": TextFormatter, "format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
 
 
 def uvicorn_log_config(fmt: str, level: str) -> dict[str, Any]:

@@ -251,10 +251,26 @@ class Store:
         await self.pool.close()
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Conn]:
+    async def transaction(self, lock_timeout: float | None = None) -> AsyncIterator[Conn]:
+        """A transaction on a pooled connection; ``lock_timeout`` (seconds) bounds every
+        lock wait in it (then :class:`RowsBusy` from :meth:`lock_rows`), set in the
+        same round trip as ``BEGIN``."""
         with _translated():
-            async with self.pool.acquire(timeout=self.acquire_timeout) as conn, conn.transaction():
-                yield conn
+            async with self.pool.acquire(timeout=self.acquire_timeout) as conn:
+                if lock_timeout is None:
+                    async with conn.transaction():
+                        yield conn
+                    return
+                ms = max(1, round(lock_timeout * 1000))
+                await conn.execute(f"BEGIN; SET LOCAL lock_timeout = '{ms}ms'")
+                try:
+                    yield conn
+                except BaseException:
+                    if not conn.is_closed():  # else the pool discards the connection
+                        with contextlib.suppress(*_CONNECTION_ERRORS, asyncpg.PostgresError):
+                            await conn.execute("ROLLBACK")
+                    raise
+                await conn.execute("COMMIT")
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
@@ -389,19 +405,17 @@ class Store:
         """Lock the products' stock rows in (product, warehouse) order.
 
         Rows of ``wait_for`` products are locked first, waiting at most ``wait`` seconds
-        (``lock_timeout``; then :class:`RowsBusy`, the transaction being unusable) while
-        holding nothing else; the others never wait: rows another transaction holds are
-        skipped (``SKIP LOCKED``). Returns the locked rows, the warehouses they are in,
-        and the products with a row that could not be locked. ``then_claims``: the
-        transaction claims idempotency keys next, so the ``lock_timeout`` is lifted
-        again (a claim waits for a racing transaction's key as long as it takes).
+        (the transaction's ``lock_timeout``, see :meth:`transaction`; then
+        :class:`RowsBusy`, the transaction being unusable) while holding nothing else;
+        the others never wait: rows another transaction holds are skipped (``SKIP
+        LOCKED``). Returns the locked rows, the warehouses they are in, and the products
+        with a row that could not be locked. ``then_claims``: the transaction claims
+        idempotency keys next, so the ``lock_timeout`` is lifted again (a claim waits
+        for a racing transaction's key as long as it takes).
         """
         rows: list[Row] = []
         rest = list(product_ids)
         if wait_for:
-            await conn.execute(
-                "SELECT set_config('lock_timeout', $1, true)", f"{max(1, int(wait * 1000))}ms"
-            )
             try:
                 # The client-side command timeout must not fire before lock_timeout.
                 rows = await conn.fetch(_LOCK_ALL_ROWS, sorted(wait_for), timeout=wait + 1)

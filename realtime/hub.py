@@ -80,7 +80,16 @@ from realtime.session import (
 from realtime.subscriber import ChannelSubscriber
 from realtime.tasks import cancel_and_wait
 
-__all__ = ["ALERT_KEY", "KIT_KEY", "ExtraSnapshots", "Hub", "HubSettings", "HubStats"]
+__all__ = [
+    "ALERT_KEY",
+    "KIT_KEY",
+    "MAX_CONNECTIONS",
+    "ExtraSnapshots",
+    "Hub",
+    "HubFull",
+    "HubSettings",
+    "HubStats",
+]
 
 log = logging.getLogger("realtime.hub")
 
@@ -94,6 +103,11 @@ _ALERT_PREFIX = b'{"type":"alert"'
 ExtraSnapshots = Callable[[Sequence[str]], Awaitable[list[tuple[str, str, int, bytes]]]]
 
 SHUTDOWN_CLOSE = 1001
+MAX_CONNECTIONS = 10_000  # stream connections (WebSocket and SSE) per process, by default
+
+
+class HubFull(Exception):
+    """The process already holds :attr:`HubSettings.max_connections` stream connections."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +115,7 @@ class HubSettings:
     """Limits and timings; defaults follow the product spec."""
 
     max_subscriptions: int = MAX_SUBSCRIPTIONS  # products per connection
+    max_connections: int = MAX_CONNECTIONS  # open sessions per process (handshake: 503)
     buffer_capacity: int = 1024  # pending stock states per connection (~200 B each)
     control_capacity: int = 64  # queued control messages per connection
     send_timeout: float = 30.0  # a client not reading for this long is closed
@@ -191,7 +206,18 @@ class Hub:
 
     # sessions
 
+    @property
+    def full(self) -> bool:
+        """Whether a new connection would pass ``max_connections`` (checked at handshakes
+        before the credentials, so a refused client does not spend its ticket)."""
+        return self.stats.connections >= self.settings.max_connections
+
     def open(self, transport: Transport) -> Session:
+        """A session for a new connection (WebSocket or SSE); raises :class:`HubFull`.
+
+        Synchronous, so the check and the count cannot be raced by another handshake."""
+        if self.full:
+            raise HubFull
         session = Session(transport, self, self._session_settings)
         self._sessions.add(session)
         self.stats.connections += 1

@@ -50,6 +50,7 @@ __all__ = [
     "stock_from_change",
     "stock_from_level",
     "text_frame",
+    "validate_product_ids",
 ]
 
 PRODUCT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -124,6 +125,12 @@ def _product_ids(raw: Any, *, subscribing: bool) -> tuple[str, ...]:
                 f"product id {_quote(value)} must be 1-128 characters of [A-Za-z0-9._:-]",
             )
     return tuple(dict.fromkeys(raw))
+
+
+def validate_product_ids(raw: Any) -> tuple[str, ...]:
+    """Product ids to subscribe (as for ``subscribe``), deduplicated in order; for
+    transports that take them elsewhere than in a message (SSE's query string)."""
+    return _product_ids(raw, subscribing=True)
 
 
 def _since(raw: Any, product_ids: tuple[str, ...]) -> dict[str, dict[str, int]]:

@@ -13,9 +13,13 @@ Policy (backpressure and limits):
   cost about as much again as the socket write itself).
 * Only when the socket pushes back (its transport paused writing: the client reads
   slower than updates arrive) or the transport cannot write directly (another ASGI
-  server) does the session start a writer task. While it exists it is the only writer,
-  so frames are never interleaved or reordered; it waits for the socket, writes what is
-  queued, and ends when the queues are empty. An idle connection has no task of its own.
+  server, SSE) does the session start a writer task. While it exists it is the only
+  writer, so frames are never interleaved or reordered; it waits for the socket
+  (:meth:`Transport.wait_ready`), writes what is queued as direct batches again, and ends
+  when the queues are empty. Nothing is taken out of the buffer while it waits, so the
+  updates arriving meanwhile conflate with the pending ones: a slow reader costs an
+  offer per update and one batched write per drain, and gets the newest state next.
+  An idle connection has no task of its own.
   One direct write carries at most about :data:`WRITE_BATCH` bytes before readiness is
   checked again, so a client that stops reading holds at most the transport's high-water
   mark plus one batch in its write buffer, besides the bounded queues.
@@ -84,6 +88,11 @@ class Transport(Protocol):
 
     def write(self, frames: bytes) -> None:
         """Write complete pre-encoded frames at once, without waiting (only when ready)."""
+        ...
+
+    async def wait_ready(self) -> bool:
+        """Wait while the socket pushes back; true when :meth:`write` may be called now,
+        false for a transport without direct writes (use :meth:`send_text`)."""
         ...
 
     async def send_text(self, text: str) -> None:
@@ -300,9 +309,9 @@ class Session:
                 if transport.ready():
                     transport.write(self._take_frames())
                     continue
-                text = self._take_text()
                 self.blocked_since = loop.time()
-                await transport.send_text(text)
+                if not await transport.wait_ready():
+                    await transport.send_text(self._take_text())
                 self.blocked_since = None
         except TransportClosed:
             self._mark_closed()

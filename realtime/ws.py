@@ -20,7 +20,7 @@ frames without extensions, flushes its own output (pongs, closes) synchronously,
 signals backpressure through its ``writable`` event, so a whole frame written while the
 connection is open and writable is exactly what its own ``send`` would write. Anywhere
 else (another server or WebSocket implementation, or an ASGI middleware that wraps
-``receive``) every message goes through the ASGI ``send`` (:class:`_AsgiTransport`),
+``receive``) every message goes through the ASGI ``send`` (:class:`AsgiTransport`),
 correct but slower.
 
 Bad input never closes the connection: malformed JSON, unknown ops, bad ids and binary
@@ -34,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+from starlette.requests import HTTPConnection
 from starlette.responses import Response
 from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
@@ -41,7 +43,7 @@ from starlette.websockets import WebSocket
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
-from realtime.hub import Hub
+from realtime.hub import Hub, HubFull
 from realtime.protocol import (
     MAX_FRAME_BYTES,
     ErrorCode,
@@ -51,15 +53,36 @@ from realtime.protocol import (
 )
 from realtime.session import Session, SessionClosed, Transport, TransportClosed
 
-__all__ = ["Authenticate", "websocket_route"]
+__all__ = ["AsgiTransport", "Authenticate", "capacity_refusal", "refusal", "websocket_route"]
 
-Authenticate = Callable[[WebSocket], Awaitable[Response | None]]
-"""Called before the handshake is accepted; a returned response denies it (401/403)."""
+Authenticate = Callable[[HTTPConnection], Awaitable[Response | None]]
+"""Called before a stream handshake (WebSocket or SSE) is accepted; a returned response
+denies it (401/403/503)."""
+
+
+def refusal(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    """A handshake denial in the API's error shape ``{"error": {code, message, details}}``."""
+    body = orjson.dumps({"error": {"code": code, "message": message, "details": None}})
+    return Response(body, status, headers, media_type="application/json")
+
+
+def capacity_refusal(hub: Hub) -> Response:
+    """503 for a handshake past the process's connection cap (WebSocket and SSE)."""
+    return refusal(
+        503,
+        "too_many_connections",
+        f"this server process holds its maximum of {hub.settings.max_connections} stream "
+        "connections; retry later or elsewhere",
+        {"Retry-After": "1"},
+    )
+
 
 MESSAGE_TOO_BIG_CLOSE = 1009
 
 
-class _AsgiTransport:
+class AsgiTransport:
     """:class:`realtime.session.Transport` over the ASGI ``send``: no direct writes."""
 
     __slots__ = ("_receive", "_send")
@@ -73,6 +96,9 @@ class _AsgiTransport:
 
     def write(self, frames: bytes) -> None:
         raise RuntimeError("this transport has no direct writes")
+
+    async def wait_ready(self) -> bool:
+        return False
 
     async def send_text(self, text: str) -> None:
         try:
@@ -97,7 +123,7 @@ class _AsgiTransport:
             abort()
 
 
-class _SansIOTransport(_AsgiTransport):
+class _SansIOTransport(AsgiTransport):
     """Direct frame writes on uvicorn's websockets-sansio protocol (see the module doc)."""
 
     __slots__ = ("_protocol",)
@@ -113,6 +139,13 @@ class _SansIOTransport(_AsgiTransport):
             and not protocol.disconnected
             and protocol.conn.state is State.OPEN  # no close sent or received
         )
+
+    async def wait_ready(self) -> bool:
+        protocol = self._protocol
+        await protocol.writable.wait()  # set again by resume_writing, or on connection loss
+        if protocol.disconnected:
+            raise TransportClosed
+        return self.ready()  # false once closing: then the ASGI send reports it
 
     def write(self, frames: bytes) -> None:
         # Runs inside the hub's fan-out loop, so it must not raise; a transport closing
@@ -136,7 +169,7 @@ def _transport(receive: Receive, send: Send) -> Transport:
         and not protocol.conn.extensions  # frames are sent as built, uncompressed
     ):
         return _SansIOTransport(protocol, receive, send)
-    return _AsgiTransport(receive, send)
+    return AsgiTransport(receive, send)
 
 
 def _frame_too_big(text: str) -> bool:
@@ -179,22 +212,36 @@ class _Endpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub = self._hub if isinstance(self._hub, Hub) else self._hub()
-        if self._authenticate is not None:
-            websocket = WebSocket(scope, receive, send)
-            denial = await self._authenticate(websocket)
-            if denial is not None:
-                await websocket.send_denial_response(denial)
-                return
-        if (await receive())["type"] != "websocket.connect":
-            return  # gone before the handshake
-        await send({"type": "websocket.accept"})
-        session = hub.open(_transport(receive, send))
+        session = await self._admit(hub, scope, receive, send)
+        if session is None:
+            return
         try:
+            await send({"type": "websocket.accept"})
             await _read_loop(hub, session, receive)
         except SessionClosed:
             pass
         finally:
             await session.close(1000, "")
+
+    async def _admit(self, hub: Hub, scope: Scope, receive: Receive, send: Send) -> Session | None:
+        """The connection's session, counted before the accept (so no handshake slips
+        past the cap meanwhile), or ``None`` after denying the handshake. The Starlette
+        ``WebSocket`` lives only here, not for the whole connection."""
+        if (await receive())["type"] != "websocket.connect":
+            return None  # gone before the handshake
+        websocket = WebSocket(scope, receive, send)
+        denial = None
+        if hub.full:  # before the credentials: a refused client keeps its ticket
+            denial = capacity_refusal(hub)
+        elif self._authenticate is not None:
+            denial = await self._authenticate(websocket)
+        if denial is None:
+            try:
+                return hub.open(_transport(receive, send))
+            except HubFull:
+                denial = capacity_refusal(hub)
+        await websocket.send_denial_response(denial)
+        return None
 
 
 def websocket_route(

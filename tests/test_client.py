@@ -92,7 +92,9 @@ async def test_every_route(server_factory: ServerFactory) -> None:
         assert (await c.list_reservations(status="released", reference=None)).items
         assert (await c.get_product(product)).safety_stock == 1
         assert [p.product_id async for p in c.iter_products()]
-        assert (await c.movements(product, after=0, limit=1)).next_after == 1
+        first = await c.movements(product, after=0, limit=1)
+        assert first.next_after == first.items[0].id
+        assert first.items[0].quantity == 10
 
 
 async def test_reserve_retries_keep_one_key(server_factory: ServerFactory) -> None:

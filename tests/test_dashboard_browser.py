@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import statistics
 import time
@@ -41,7 +42,8 @@ import uvicorn  # noqa: E402
 from playwright.async_api import BrowserContext, Page, async_playwright  # noqa: E402
 from playwright.async_api import TimeoutError as PlaywrightTimeout  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
-from starlette.responses import FileResponse  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import FileResponse, JSONResponse, Response  # noqa: E402
 from starlette.routing import Mount, Route, WebSocketRoute  # noqa: E402
 from starlette.staticfiles import StaticFiles  # noqa: E402
 from starlette.websockets import WebSocket, WebSocketDisconnect  # noqa: E402
@@ -274,12 +276,14 @@ class StubStockServer:
         self.clients: set[WebSocket] = set()
         self.commands: list[dict[str, Any]] = []
         self.accepting = True  # False: refuse handshakes (as a server that is down would)
+        self.tickets: set[str] = set()
         self.port = free_port()
         self.sent = 0
         app = Starlette(
             routes=[
                 Route("/", lambda request: FileResponse(STATIC / "dashboard.html")),
                 Mount("/static", StaticFiles(directory=STATIC)),
+                Route("/v1/stream-tickets", self.ticket, methods=["POST"]),
                 WebSocketRoute("/v1/ws", self.endpoint),
             ]
         )
@@ -321,7 +325,19 @@ class StubStockServer:
             "version": version,
         }
 
+    async def ticket(self, request: Request) -> Response:
+        """A stream ticket, as the real server issues them (refused while "down")."""
+        if not self.accepting:
+            return JSONResponse({"error": {"code": "unavailable"}}, status_code=503)
+        ticket = secrets.token_urlsafe(16)
+        self.tickets.add(ticket)
+        return JSONResponse({"ticket": ticket, "expires_at": None}, status_code=201)
+
     async def endpoint(self, ws: WebSocket) -> None:
+        if ws.query_params.get("ticket") not in self.tickets:
+            await ws.close(1008)  # the page must come with a ticket it was given
+            return
+        self.tickets.discard(ws.query_params["ticket"])
         if not self.accepting:
             await ws.close(1013)  # before accept: the handshake is refused
             return

@@ -180,15 +180,16 @@ async def test_isolation_over_http(
     database_url: str,
 ) -> None:
     """Through the app's own engine: requests for other products of the busy product's
-    lane are answered 201 while the foreign lock is held."""
+    lane are answered 201 while the foreign lock is held; the busy product's request
+    (with an Idempotency-Key) is answered after the release and replays."""
     busy, _ = await make_stock(10)
     lane = lane_of(busy, LANES)
     others = [await same_lane_stock(make_stock, new_id, lane, 10) for _ in range(3)]
     async with ForeignLock(database_url) as foreign:
         await foreign.hold(busy)
-        blocked = asyncio.create_task(
-            client.post("/v1/reservations", json={"lines": [{"product_id": busy, "quantity": 1}]})
-        )
+        busy_body = {"lines": [{"product_id": busy, "quantity": 1}]}
+        key = {"Idempotency-Key": new_id("key")}
+        blocked = asyncio.create_task(client.post("/v1/reservations", json=busy_body, headers=key))
         await wait_until(foreign.blocking, 10, "the busy product's request waits")
         answers = await asyncio.gather(
             *(
@@ -199,5 +200,9 @@ async def test_isolation_over_http(
         assert [r.status_code for r in answers] == [201] * len(answers)
         assert not blocked.done()
         await foreign.release()
-        assert (await asyncio.wait_for(blocked, 10)).status_code == 201
+        first = await asyncio.wait_for(blocked, 10)
+        assert first.status_code == 201, first.text
+    # The key was claimed after the wait for the row and its answer stored.
+    again = await client.post("/v1/reservations", json=busy_body, headers=key)
+    assert (again.status_code, again.content) == (201, first.content)
     assert not any((await check_database(database_url)).values())

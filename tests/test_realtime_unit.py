@@ -362,6 +362,14 @@ class FakeTransport:
         if self.pause_after is not None and self.writes >= self.pause_after:
             self.block.clear()  # as asyncio calls pause_writing() inside write()
 
+    async def wait_ready(self) -> bool:
+        if not self.direct:
+            return False
+        await self.block.wait()
+        if self.closed is not None:
+            raise TransportClosed
+        return True
+
     async def send_text(self, text: str) -> None:
         await self.block.wait()
         if self.closed is not None:
@@ -567,10 +575,16 @@ async def test_backpressure_moves_writes_to_a_writer_that_ends_on_the_newest(
     assert len(session.buffer) == 2  # one pending state per row
     assert hub.stats.conflated > 0
     transport.pause_after = None
+    writes, sent = transport.writes, len(transport.sent)
     transport.block.set()  # the client reads again
     await settle()
     assert writer_tasks() == []
     assert session.blocked_since is None
+    # The writer kept nothing aside while it waited: one direct write of the newest
+    # state of each row, no step in between and no per-message send.
+    assert transport.writes == writes + 1
+    caught_up = [(m["product_id"], m["version"]) for m in transport.sent[sent:]]
+    assert caught_up == [("p", 39), ("q", 39)]
     seen: dict[str, int] = {}
     for message in transport.of_type("stock"):
         assert message["version"] > seen.get(message["product_id"], 0)

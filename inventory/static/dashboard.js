@@ -5,6 +5,9 @@
  *   socket message -> model (Maps, version-checked) -> "dirty" sets -> one DOM pass per
  *   animation frame (requestAnimationFrame), so bursts of updates never cost more than one
  *   render per frame.
+ * Before each (re)connect the page trades its token (sent in a header) for a single-use
+ * stream ticket (POST /v1/stream-tickets) and opens /v1/ws?ticket=...: the token itself
+ * never goes into a URL, where logs and proxies would keep it.
  * After any disconnect the socket reconnects with exponential backoff and jitter and
  * re-subscribes with `since` (the versions on screen); until the server has answered every
  * subscribe, the table is marked stale, so a number from before the disconnect is never
@@ -84,6 +87,7 @@
     stale: true, // what is on screen may be behind the server
     pendingSubscribes: 0,
     attempt: 0,
+    generation: 0, // bumped by every connect(): a superseded ticket request gives up
     reconnectTimer: 0,
     lastRx: 0,
     lastPing: 0,
@@ -307,11 +311,27 @@
     }
   }
 
-  function socketUrl() {
+  /**
+   * A single-use ticket for the stream (POST /v1/stream-tickets with the token in the
+   * Authorization header), or null when the server refuses the token. Throws when the
+   * server cannot be reached or cannot issue one right now.
+   */
+  async function streamTicket() {
+    const t = token();
+    const response = await fetch("/v1/stream-tickets", {
+      method: "POST",
+      headers: t ? { Authorization: `Bearer ${t}` } : {},
+      cache: "no-store",
+    });
+    if (response.status === 401 || response.status === 403) return null;
+    if (!response.ok) throw new Error(`the ticket request answered ${response.status}`);
+    return (await response.json()).ticket;
+  }
+
+  function socketUrl(ticket) {
     const url = new URL("/v1/ws", window.location.href);
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
-    const t = token();
-    if (t) url.searchParams.set("token", t);
+    url.searchParams.set("ticket", ticket);
     return url.toString();
   }
 
@@ -351,12 +371,28 @@
     flush();
   }
 
-  function connect() {
+  async function connect() {
     window.clearTimeout(conn.reconnectTimer);
     conn.reconnectTimer = 0;
+    const generation = ++conn.generation;
+    let ticket;
+    try {
+      ticket = await streamTicket();
+    } catch {
+      ticket = undefined; // unreachable: retried with backoff below
+    }
+    if (generation !== conn.generation || conn.socket) return; // superseded meanwhile
+    if (ticket === undefined) {
+      scheduleReconnect();
+      return;
+    }
+    if (ticket === null) {
+      showUnauthorized();
+      return;
+    }
     let socket;
     try {
-      socket = new WebSocket(socketUrl());
+      socket = new WebSocket(socketUrl(ticket));
     } catch (error) {
       showNotice(`Cannot open the WebSocket: ${error.message}`);
       scheduleReconnect();
@@ -426,12 +462,18 @@
     }
     if (response.status !== 401 && response.status !== 403) return false;
     if (conn.socket) return true; // a new token was entered meanwhile
+    showUnauthorized();
+    return true;
+  }
+
+  function showUnauthorized() {
     setState(
       "unauthorized",
-      t ? "Token rejected: enter a token with the read scope" : "Token needed: enter a read token",
+      token()
+        ? "Token rejected: enter a token with the read scope"
+        : "Token needed: enter a read token",
     );
     ui.tokenInput.focus();
-    return true;
   }
 
   function scheduleReconnect(code) {
