@@ -183,6 +183,7 @@ class BatchState:
         warehouses: dict[str, Warehouse],
         rules: dict[str, ProductRules] | None = None,
         held: dict[tuple[str, str], int] | None = None,
+        offers: dict[UUID, tuple[int, int]] | None = None,
     ) -> None:
         self.locked: list[StockLevel] = sorted(
             levels, key=lambda lv: (lv.product_id, lv.warehouse_id)
@@ -198,6 +199,10 @@ class BatchState:
         # reservation adds to ``held``.
         self.rules = dict(rules or {})
         self.held = dict(held or {})
+        # Waitlist entries offered in this batch: entry -> (queue seq, units waiting before
+        # it when locked); and the offers planned so far: (product, seq, units).
+        self.offers = offers or {}
+        self._offered: list[tuple[str, int, int]] = []
 
     def reserve(self, index: int, request: ReserveRequest) -> PlannedReservation:
         """Allocate ``request`` from what is left; raises the member's
@@ -228,9 +233,9 @@ class BatchState:
         try:
             allocation = allocate(lines, levels, self.warehouses)
         except InsufficientStock:
-            self._check_claims(wanted, request.offer is not None)
+            self._check_claims(wanted, request.offer)
             raise
-        self._check_claims(wanted, request.offer is not None)
+        self._check_claims(wanted, request.offer)
         reservation_id = uuid.uuid4()
         for (product_id, warehouse_id), n in allocation.deltas().items():
             rows = self.rows[product_id]
@@ -243,12 +248,14 @@ class BatchState:
                 key = (request.customer_id, product_id)
                 self.held[key] = self.held.get(key, 0) + wanted[product_id]
         if request.offer is not None:  # the entry leaves the queue it was waiting in
+            seq = self.offers[request.offer][0]
             for product_id, n in wanted.items():
                 rules = self.rules.get(product_id, _NO_RULES)
                 self.rules[product_id] = replace(rules, waiting=max(0, rules.waiting - n))
+                self._offered.append((product_id, seq, n))
         return planned
 
-    def _check_claims(self, wanted: dict[str, int], offer: bool) -> None:
+    def _check_claims(self, wanted: dict[str, int], offer: UUID | None) -> None:
         """Raise :class:`InsufficientStock` (``available``: what the request may take)
         when a product's units exceed what is reservable beyond safety stock and queue."""
         short = []
@@ -262,12 +269,18 @@ class BatchState:
     def _rules_of(self, wanted: Iterable[str]) -> list[tuple[str, ProductRules]]:
         return [(p, self.rules.get(p, _NO_RULES)) for p in wanted]
 
-    def claimable(self, product_id: str, *, offer: bool = False) -> int:
-        """What a new reservation (``offer``: the queue head's offer) may take of the
-        product now: ``reservable`` after safety stock, less the waiting units."""
+    def claimable(self, product_id: str, offer: UUID | None = None) -> int:
+        """What a new reservation may take of the product now: ``reservable`` after
+        safety stock, less the waiting units; for the offer of waitlist entry ``offer``,
+        less only the units still waiting before that entry."""
         rows = self.rows.get(product_id, {})
         rules = self.rules.get(product_id, _NO_RULES)
-        return rules.claimable(active_available(rows.values(), self.warehouses), offer=offer)
+        available = active_available(rows.values(), self.warehouses)
+        if offer is None:
+            return rules.claimable(available)
+        seq, ahead = self.offers[offer]
+        served = sum(n for p, s, n in self._offered if p == product_id and s < seq)
+        return rules.claimable(available, ahead=max(0, ahead - served))
 
     def changed_rows(self) -> list[tuple[StockLevel, StockLevel]]:
         """(locked state, state now) of every row the batch changed, in lock order."""
@@ -543,15 +556,13 @@ class ReservationEngine:
             limited = [p for p, r in rules.items() if r.max_per_customer is not None]
             held = await held_units(conn, customers, limited) if customers and limited else {}
             offers = {e: i for i in live if (e := requests[i].offer) is not None}
-            if offers:
-                heads = await lock_offers(conn, list(offers))
-                for entry, i in offers.items():
-                    if entry not in heads:
-                        results[i] = InvalidState(
-                            "the waitlist entry is no longer waiting at the head of its queue",
-                            {"status": "not_head"},
-                        )
-            state = BatchState(levels, warehouses, rules, held)
+            waiting = await lock_offers(conn, list(offers)) if offers else {}
+            for entry, i in offers.items():
+                if entry not in waiting:
+                    results[i] = InvalidState(
+                        "the waitlist entry is no longer waiting", {"status": "not_waiting"}
+                    )
+            state = BatchState(levels, warehouses, rules, held, waiting)
             for i in live:
                 if results[i] is not None:
                     continue

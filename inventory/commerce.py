@@ -7,8 +7,8 @@ stock bodies and the waitlist offerer:
 
 - ``reservable = max(0, available in active warehouses - safety_stock)``;
 - what a new reservation may take is ``reservable`` minus the quantities waiting in the
-  product's queue (:meth:`ProductRules.claimable`); the head entry's offer may take all of
-  ``reservable``;
+  product's queue (:meth:`ProductRules.claimable`); an entry's offer may take what lies
+  beyond the entries waiting before it (the head: all of ``reservable``);
 - a kit's ``reservable`` is the minimum over its components of
   ``floor(component reservable / quantity per kit)``;
 - a customer's held units of a limited product plus a request's units may not exceed
@@ -71,11 +71,12 @@ class ProductRules:
     components: tuple[KitComponent, ...] | None = None
     waiting: int = 0  # units in the product's waiting entries
 
-    def claimable(self, available: int, *, offer: bool = False) -> int:
-        """Units a new reservation (``offer``: the queue head's offer) may take when the
-        active warehouses have ``available``."""
+    def claimable(self, available: int, *, ahead: int | None = None) -> int:
+        """Units a new reservation may take when the active warehouses have ``available``:
+        what lies beyond the waiting units; for a waitlist entry's offer (``ahead``: the
+        units of the entries waiting before it), what lies beyond those."""
         free = reservable(available, self.safety_stock)
-        return free if offer else max(0, free - self.waiting)
+        return max(0, free - (self.waiting if ahead is None else ahead))
 
 
 def reservable(available: int, safety_stock: int) -> int:

@@ -112,18 +112,24 @@ class WaitlistHead:
     warehouse_id: str | None
 
 
-async def lock_offers(conn: Conn, entry_ids: Sequence[UUID]) -> set[UUID]:
-    """Lock the entries (id order) and return those still waiting at the head of their
-    product's queue: only those may be offered in this transaction."""
+async def lock_offers(conn: Conn, entry_ids: Sequence[UUID]) -> dict[UUID, tuple[int, int]]:
+    """Lock the entries (id order); for those still waiting: their queue ``seq`` and the
+    units of the entries waiting before them (what their offer must leave alone).
+
+    Read after the batch holds the product's rows: an offer committed by another
+    transaction before that is already gone from the queue and from the stock.
+    """
     rows = await conn.fetch(
-        """SELECT w.id FROM waitlist w
+        """SELECT w.id, w.seq,
+                  (SELECT coalesce(sum(e.quantity), 0) FROM waitlist e
+                   WHERE e.product_id = w.product_id AND e.status = 'waiting'
+                     AND e.seq < w.seq)::bigint AS ahead
+           FROM waitlist w
            WHERE w.id = ANY($1::uuid[]) AND w.status = 'waiting'
-             AND NOT EXISTS (SELECT 1 FROM waitlist e WHERE e.product_id = w.product_id
-                             AND e.status = 'waiting' AND e.seq < w.seq)
            ORDER BY w.id FOR UPDATE""",
         list(entry_ids),
     )
-    return {r["id"] for r in rows}
+    return {r["id"]: (r["seq"], r["ahead"]) for r in rows}
 
 
 async def mark_offered(conn: Conn, offers: Mapping[UUID, UUID]) -> None:

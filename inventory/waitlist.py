@@ -2,21 +2,25 @@
 
 Policy:
 
-- Per product, entries are served strictly in ``seq`` order. Only the head of a queue is
-  ever offered; the entries behind it wait for it.
+- Per product, entries are served strictly in ``seq`` order: an entry's offer may only
+  take what lies beyond the units of the entries still waiting before it, so nobody is
+  served from stock an earlier entry needs; the entries behind a head that does not fit
+  wait for it.
 - An offer is a reservation made by the reservation engine like any other (so safety
   stock, the purchase limit and combining apply), flagged with the entry: the engine's
-  batch locks the entry, checks it still waits at the head, lets it take all of
-  ``reservable`` (new reservations only take what lies beyond the waiting units) and marks
+  batch locks the entry, checks it still waits, lets it take what lies beyond the entries
+  before it (new reservations only take what lies beyond all waiting units) and marks
   it ``offered`` in the same transaction as the reservation.
-- The offerer (:class:`Offerer`, one task per process) looks for heads that ``reservable``
-  can now hold: woken by this process's stock changes, and polling every
+- The offerer (:class:`Offerer`, one task per process) looks for the entries, from each
+  head on, that ``reservable`` can now hold, and offers them together (one batch):
+  woken by this process's stock changes, and polling every
   ``interval`` seconds for changes made elsewhere (another process, an expiry, a server
-  that was down). Several processes may try the same head at once: the engine's row and
-  entry locks let exactly one succeed, the others get ``not_head`` and move on, so no
-  lease is needed for correctness, only the poll's cost (one indexed query) per process.
-- A head whose offer would break the customer's purchase limit is ``cancelled`` (it could
-  never be served, and would block everyone behind it).
+  that was down). Several processes may try the same entry at once: the engine's row and
+  entry locks let exactly one succeed, the others get ``not_waiting`` (or a shortage) and
+  move on, so no lease is needed for correctness, only the poll's cost (one indexed query)
+  per process.
+- An entry whose offer would break the customer's purchase limit is ``cancelled`` (it
+  could never be served, and would block everyone behind it).
 """
 
 from __future__ import annotations
@@ -230,42 +234,47 @@ class Waitlist:
                 )
         return [_entry(r) for r in rows]
 
-    async def offerable_heads(self, product_id: str | None = None) -> list[dict[str, Any]]:
-        """Heads of queues whose quantity ``reservable`` can hold now (all products, or
-        one)."""
+    async def offerable(self, product_id: str | None = None) -> list[dict[str, Any]]:
+        """Entries ``reservable`` can serve now, from the head of each queue on (all
+        products, or one), in queue order."""
         with _translated():
             async with self.store.connection() as conn:
                 rows = await conn.fetch(_OFFERABLE, product_id)
         return [dict(r) for r in rows]
 
     async def offer_heads(self, product_id: str | None = None) -> int:
-        """Offer every head that fits, repeating while offers are made; returns how
-        many were made."""
-        made = 0
-        while heads := await self.offerable_heads(product_id):
-            round_made = 0
-            for head in heads:
-                round_made += await self._offer(head)
-            made += round_made
-            if not round_made:
-                break
-        return made
+        """Offer every entry that fits, from the heads on, repeating while offers are
+        made; returns how many queue entries moved (offered or cancelled).
 
-    async def _offer(self, head: dict[str, Any]) -> int:
+        The offers of one pass are submitted together in queue order, so the engine
+        combines them into one batch; each may only take what lies beyond the entries
+        still waiting before it, so the queue order holds whatever the batching does.
+        """
+        moved = 0
+        while entries := await self.offerable(product_id):
+            done = await asyncio.gather(*(self._offer(e) for e in entries))
+            moved += sum(done)
+            if not any(done):
+                break
+        return moved
+
+    async def _offer(self, entry: dict[str, Any]) -> int:
+        """Try one entry's offer; 1 when the queue moved (offered, or cancelled because
+        its customer's limit can never let it be served), else 0."""
         request = ReserveRequest(
-            (RequestedLine(head["product_id"], head["quantity"], head["warehouse_id"]),),
-            head["hold_seconds"],
-            f"waitlist:{head['id']}",
-            customer_id=head["customer_id"],
-            offer=head["id"],
+            (RequestedLine(entry["product_id"], entry["quantity"], entry["warehouse_id"]),),
+            entry["hold_seconds"],
+            f"waitlist:{entry['id']}",
+            customer_id=entry["customer_id"],
+            offer=entry["id"],
         )
         try:
             await self.service.engine.reserve(request)
         except PurchaseLimitExceeded:
-            await self._cancel_if_waiting(head["id"])
-            return 1  # the queue moved
+            await self._cancel_if_waiting(entry["id"])
+            return 1
         except (InsufficientStock, InvalidState, NotFound):
-            return 0  # taken meanwhile, or another process offered it
+            return 0  # taken meanwhile, behind one that did not fit, or offered elsewhere
         return 1
 
     async def _cancel_if_waiting(self, entry_id: UUID) -> None:
@@ -278,23 +287,25 @@ class Waitlist:
                 )
 
 
-# Heads whose quantity fits in reservable (pinned entries: also in their warehouse).
+# Per product, the waiting entries (queue order, at most 500) whose quantities, added up
+# from the head, fit in reservable; a pinned head also needs its warehouse to hold it.
 _OFFERABLE = """
-WITH heads AS (
-    SELECT DISTINCT ON (product_id) id, product_id, customer_id, quantity, hold_seconds,
-           warehouse_id
-    FROM waitlist WHERE status = 'waiting' AND ($1::text IS NULL OR product_id = $1)
-    ORDER BY product_id, seq)
-SELECT h.* FROM heads h
-LEFT JOIN products p ON p.product_id = h.product_id,
+WITH q AS (
+    SELECT id, product_id, customer_id, quantity, hold_seconds, warehouse_id, seq,
+           sum(quantity) OVER (PARTITION BY product_id ORDER BY seq) AS upto,
+           row_number() OVER (PARTITION BY product_id ORDER BY seq) AS n
+    FROM waitlist WHERE status = 'waiting' AND ($1::text IS NULL OR product_id = $1))
+SELECT q.id, q.product_id, q.customer_id, q.quantity, q.hold_seconds, q.warehouse_id
+FROM q
+LEFT JOIN products p ON p.product_id = q.product_id,
 LATERAL (SELECT coalesce(sum(s.quantity - s.reserved), 0) AS available,
                 coalesce(sum(s.quantity - s.reserved)
-                         FILTER (WHERE s.warehouse_id = h.warehouse_id), 0) AS pinned
+                         FILTER (WHERE s.warehouse_id = q.warehouse_id), 0) AS pinned
          FROM stock_levels s JOIN warehouses x ON x.id = s.warehouse_id
-         WHERE s.product_id = h.product_id AND x.status = 'active') a
-WHERE a.available - coalesce(p.safety_stock, 0) >= h.quantity
-  AND (h.warehouse_id IS NULL OR a.pinned >= h.quantity)
-ORDER BY h.product_id
+         WHERE s.product_id = q.product_id AND x.status = 'active') a
+WHERE q.n <= 500 AND a.available - coalesce(p.safety_stock, 0) >= q.upto
+  AND (q.warehouse_id IS NULL OR a.pinned >= q.quantity)
+ORDER BY q.product_id, q.seq
 """
 
 

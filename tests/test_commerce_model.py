@@ -29,7 +29,6 @@ from inventory.commerce import (
 )
 from inventory.domain import (
     InsufficientStock,
-    InventoryError,
     MovementKind,
     RequestedLine,
     ReservationLine,
@@ -82,13 +81,13 @@ class FlashSale(RuleBasedStateMachine):
 
     # --- what the batch transaction reads --------------------------------------------
 
-    def _state(self) -> BatchState:
+    def _state(self, offers: dict[UUID, tuple[int, int]] | None = None) -> BatchState:
         waiting = {p: sum(e.quantity for e in self._queue(p)) for p in self.safety}
         rules = {
             p: ProductRules(self.safety[p], LIMIT.get(p), None, None, waiting[p])
             for p in self.safety
         }
-        return BatchState(self.rows.values(), WAREHOUSES, rules, self._held())
+        return BatchState(self.rows.values(), WAREHOUSES, rules, self._held(), offers)
 
     def _held(self) -> dict[tuple[str, str], int]:
         held: dict[tuple[str, str], int] = {}
@@ -174,30 +173,40 @@ class FlashSale(RuleBasedStateMachine):
 
     @rule()
     def offer_pass(self) -> None:
-        """What the offerer does: offer each queue's head while it fits, in order."""
+        """What the offerer does: offer every waiting entry of a product in one batch, in
+        queue order, each beyond the units still waiting before it; repeat while the
+        queues move."""
         progress = True
         while progress:
             progress = False
             for product in ("a", "b"):
                 queue = self._queue(product)
-                if not queue:
-                    continue
-                head = queue[0]
-                state = self._state()
-                request = ReserveRequest(
-                    (RequestedLine(product, head.quantity),), 60, f"waitlist:{head.id}",
-                    customer_id=head.customer, offer=head.id,
-                )  # fmt: skip
-                try:
-                    planned = state.reserve(0, request)
-                except PurchaseLimitExceeded:
-                    head.status = "cancelled"
+                offers, ahead = {}, 0
+                for e in queue:
+                    offers[e.id] = (e.seq, ahead)
+                    ahead += e.quantity
+                state = self._state(offers)
+                made: list[tuple[Held, Entry | None]] = []
+                for index, e in enumerate(queue):
+                    request = ReserveRequest(
+                        (RequestedLine(product, e.quantity),), 60, f"waitlist:{e.id}",
+                        customer_id=e.customer, offer=e.id,
+                    )  # fmt: skip
+                    try:
+                        planned = state.reserve(index, request)
+                    except PurchaseLimitExceeded:
+                        e.status = "cancelled"
+                        progress = True
+                        continue
+                    except InsufficientStock:
+                        continue
+                    made.append((Held(planned.id, e.customer, planned.lines), e))
                     progress = True
-                    continue
-                except InventoryError:
-                    continue
-                self._commit_state(state, [(Held(planned.id, head.customer, planned.lines), head)])
-                progress = True
+                self._commit_state(state, made)
+                served = [x.seq for _, x in made if x is not None]
+                waiting = [e.seq for e in self._queue(product)]
+                # strictly in order: nobody still waiting was ahead of someone served
+                assert not served or not waiting or max(served) < min(waiting)
         self.settled = True
 
     # --- the invariants inventory check verifies ---------------------------------------
