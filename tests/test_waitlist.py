@@ -321,3 +321,45 @@ async def test_stream_carries_kit_numbers_and_alerts(server_factory: Any, new_id
             low = [m for m in seen if m["type"] == "alert" and m["event"] == "stock.low"]
             alert = low[0] if low else await until(lambda m: m.get("event") == "stock.low")
             assert (alert["product_id"], alert["event"], alert["reservable"]) == (a, "stock.low", 2)
+
+
+async def test_webhook_producers_for_alerts_and_offers(
+    client: httpx.AsyncClient, make_stock: MakeStock, database_url: str, app: Any
+) -> None:
+    """The registered producers turn ledger rows into ``stock.out``/``stock.back`` and
+    ``waitlist.offered`` events with ids that are the same at every attempt."""
+    from inventory.webhooks.events import LedgerRow, ProduceContext, produce
+
+    pid, [w] = await make_stock(1)
+    await client.put(f"/v1/products/{pid}", json={"low_stock_threshold": 0})
+    r = await client.post("/v1/reservations", json={"lines": [{"product_id": pid, "quantity": 1}]})
+    assert r.status_code == 201
+    e = (await join(client, pid, "hook", 1)).json()
+    await client.post(f"/v1/products/{pid}/stock/{w}/adjustments", json={"delta": 1})
+    await wait_until(lambda: _status(client, e["id"], "offered"), 2, "offer")
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = [
+            LedgerRow(int(m["xid"]), m["id"], m["product_id"], m["warehouse_id"], m["kind"],
+                      m["quantity"], m["reserved"], m["version"], m["reservation_id"],
+                      m["created_at"])
+            for m in await conn.fetch(
+                "SELECT xid::text::bigint AS xid, * FROM movements"
+                " WHERE product_id = $1 ORDER BY id",
+                pid,
+            )
+        ]  # fmt: skip
+        ctx = ProduceContext(conn, app.state.runtime.service.store)
+        types = ["stock.low", "stock.out", "stock.back", "waitlist.offered"]
+        events = await produce(ctx, rows, types)
+        again = await produce(ctx, rows, types)
+    finally:
+        await conn.close()
+    assert [ev.type for ev in events] == [  # threshold 0: reaching 0 is low and out
+        "stock.back", "stock.low", "stock.out", "stock.back", "stock.low", "stock.out",
+        "waitlist.offered",
+    ]  # fmt: skip
+    offered = orjson.loads(events[-1].body)
+    assert offered["data"]["id"] == e["id"]
+    assert offered["data"]["status"] == "offered"
+    assert [ev.event_id for ev in again] == [ev.event_id for ev in events]
