@@ -775,7 +775,8 @@
     if (kit) {
       row.tr.classList.add("kit");
       row.tr.classList.remove("no-stock");
-      row.total.textContent = `${numberFormat.format(kit.reservable)} kits`;
+      const unit = kit.reservable === 1 ? "kit" : "kits";
+      row.total.textContent = `${numberFormat.format(kit.reservable)} ${unit}`;
       row.total.dataset.value = String(kit.reservable);
       return;
     }
