@@ -14,7 +14,11 @@ while the lane's previous batch was in flight. A batch is one transaction:
    replays and repeats within the batch;
 4. allocate the members one after another, in arrival order, against the batch's running
    state (:class:`BatchState`): several lines of one product draw on one running balance,
-   and each reservation adds one ledger row per stock row it touches;
+   and each reservation adds one ledger row per stock row it touches. The state also
+   holds the flash-sale rules read under the row locks (:mod:`inventory.commerce`):
+   safety stock, the waiting units of each product's waitlist, each customer's held units
+   of limited products (running, so a combined batch counts its own earlier members) and
+   the waitlist entries being offered (locked; marked ``offered`` in the same write);
 5. write every reservation, line and ledger row with one statement that updates each
    touched row once (version-checked against the locked state, a row's version moving by
    the number of reservations that touched it), then store the keyed answers.

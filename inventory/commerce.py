@@ -67,7 +67,6 @@ class ProductRules:
 
     safety_stock: int = 0
     max_per_customer: int | None = None
-    low_stock_threshold: int | None = None
     components: tuple[KitComponent, ...] | None = None
     waiting: int = 0  # units in the product's waiting entries
 

@@ -9,8 +9,6 @@ around the store's transactions).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -21,14 +19,15 @@ from .store import Conn, Store, _translated
 
 __all__ = [
     "COMMERCE_INVARIANTS",
-    "WaitlistEntry",
-    "WaitlistHead",
     "drop_idempotency_keys",
     "held_units",
     "kit_components",
+    "kits_among_ids",
+    "kits_using",
     "load_rules",
     "lock_offers",
     "mark_offered",
+    "reservables",
 ]
 
 
@@ -39,7 +38,7 @@ def _components(raw: Any) -> tuple[KitComponent, ...] | None:
 
 
 _RULES = """
-SELECT x AS product_id, p.safety_stock, p.max_per_customer, p.low_stock_threshold,
+SELECT x AS product_id, p.safety_stock, p.max_per_customer,
        p.components,
        (SELECT coalesce(sum(w.quantity), 0) FROM waitlist w
         WHERE w.product_id = x AND w.status = 'waiting')::bigint AS waiting
@@ -55,7 +54,6 @@ async def load_rules(conn: Conn, product_ids: Sequence[str]) -> dict[str, Produc
         r["product_id"]: ProductRules(
             r["safety_stock"] or 0,
             r["max_per_customer"],
-            r["low_stock_threshold"],
             _components(r["components"]),
             r["waiting"],
         )
@@ -100,18 +98,6 @@ async def held_units(
     return {(r["customer_id"], r["product_id"]): r["held"] for r in rows}
 
 
-@dataclass(frozen=True, slots=True)
-class WaitlistHead:
-    """An entry the offerer may try to serve (the head of its product's queue)."""
-
-    id: UUID
-    product_id: str
-    customer_id: str
-    quantity: int
-    hold_seconds: int
-    warehouse_id: str | None
-
-
 async def lock_offers(conn: Conn, entry_ids: Sequence[UUID]) -> dict[UUID, tuple[int, int]]:
     """Lock the entries (id order); for those still waiting: their queue ``seq`` and the
     units of the entries waiting before them (what their offer must leave alone).
@@ -151,18 +137,6 @@ async def drop_idempotency_keys(conn: Conn, keys: Sequence[tuple[str, str]]) -> 
         [k[0] for k in keys],
         [k[1] for k in keys],
     )
-
-
-@dataclass(frozen=True, slots=True)
-class WaitlistEntry:
-    id: UUID
-    product_id: str
-    customer_id: str
-    quantity: int
-    status: str
-    position: int | None
-    reservation_id: UUID | None
-    created_at: datetime
 
 
 COMMERCE_INVARIANTS: dict[str, str] = {

@@ -84,8 +84,7 @@ class FlashSale(RuleBasedStateMachine):
     def _state(self, offers: dict[UUID, tuple[int, int]] | None = None) -> BatchState:
         waiting = {p: sum(e.quantity for e in self._queue(p)) for p in self.safety}
         rules = {
-            p: ProductRules(self.safety[p], LIMIT.get(p), None, None, waiting[p])
-            for p in self.safety
+            p: ProductRules(self.safety[p], LIMIT.get(p), None, waiting[p]) for p in self.safety
         }
         return BatchState(self.rows.values(), WAREHOUSES, rules, self._held(), offers)
 
