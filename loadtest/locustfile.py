@@ -251,7 +251,9 @@ class FlashSaleUser(HttpUser):
             self.client.put(f"/v1/products/{FLASH}", json={"max_per_customer": 2},
                             headers=self.headers, name="flash setup")  # fmt: skip
 
-    def _post(self, path: str, body: dict[str, Any], name: str) -> int:
+    def _post(self, path: str, body: dict[str, Any], name: str) -> str:
+        """POST and report under the status and error code; returns the error code
+        (``""`` on success)."""
         with self.client.post(
             path, json=body, headers=self.headers, name=name, catch_response=True
         ) as answer:
@@ -263,14 +265,21 @@ class FlashSaleUser(HttpUser):
                 answer.success()
             else:
                 answer.failure(f"{answer.status_code}: {answer.text[:200]}")
-            return int(answer.status_code)
+            return code.strip()
 
     @task
     def buy(self) -> None:
-        customer = f"bot-{random.randrange(20)}" if self.bot else self.customer
+        # A shopper user stands for many buyers (a new customer most of the time).
+        if self.bot:
+            customer = f"bot-{random.randrange(20)}"
+        elif random.random() < 0.8:
+            customer = f"locust-{uuid.uuid4().hex[:10]}"
+        else:
+            customer = self.customer
         body = {"lines": [{"product_id": FLASH, "quantity": random.randint(1, 2)}],
                 "customer_id": customer, "ttl_seconds": 30}  # fmt: skip
-        if self._post("/v1/reservations", body, "flash reserve") == 409 and random.random() < 0.1:
+        refused = self._post("/v1/reservations", body, "flash reserve")
+        if refused == "insufficient_stock" and random.random() < 0.1:
             self._post(f"/v1/products/{FLASH}/waitlist",
                        {"customer_id": customer, "quantity": 1, "hold_seconds": 30},
                        "flash waitlist")  # fmt: skip
