@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
+import pytest
 
 from inventory.alerts import crossings, judge
 from tests.conftest import wait_until
@@ -193,10 +194,12 @@ async def test_offers_with_no_traffic_after_restart(server_factory: Any, new_id:
         )
 
 
+@pytest.mark.parametrize("strategy", ["optimistic", "lock"])
 async def test_two_processes_one_customer_never_exceeds_limit(
-    server_factory: Any, new_id: NewId
+    server_factory: Any, new_id: NewId, strategy: str
 ) -> None:
-    servers = [await server_factory(), await server_factory()]
+    env = {"INVENTORY_RESERVE_STRATEGY": strategy}
+    servers = [await server_factory(env), await server_factory(env)]
     pid, other, w = new_id("lim"), new_id("lim2"), new_id("wh")
     async with httpx.AsyncClient(base_url=servers[0].base_url) as c:
         await c.put(f"/v1/warehouses/{w}", json={"name": w, "status": "active"})
