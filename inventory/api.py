@@ -19,6 +19,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .catalog import ProductSettings, get_settings
+from .commerce import active_available, kit_reservable, reservable
 from .domain import (
     PRODUCT_ID_RE,
     Contention,
@@ -41,6 +43,8 @@ from .schemas import (
     ErrorBody,
     ErrorOut,
     ExtendIn,
+    KitComponentStockOut,
+    KitStockOut,
     LevelOut,
     MovementOut,
     MovementsOut,
@@ -132,6 +136,9 @@ _STATUS = {
     "invalid_state": 409,
     "conflict": 409,
     "is_kit": 409,
+    "customer_required": 422,
+    "purchase_limit_exceeded": 409,
+    "already_waiting": 409,
     "has_stock": 409,
     "is_component": 409,
     "bulk_failed": 409,
@@ -289,15 +296,24 @@ def level_out(lv: StockLevel) -> LevelOut:
 
 
 def product_stock(
-    product_id: str, levels: list[StockLevel], warehouses: dict[str, Warehouse]
+    product_id: str,
+    levels: list[StockLevel],
+    warehouses: dict[str, Warehouse],
+    settings: ProductSettings | None = None,
 ) -> ProductStockOut:
+    """The stock body; ``reservable`` and ``low_stock`` follow the product's settings."""
+    free = reservable(
+        active_available(levels, warehouses), settings.safety_stock if settings else 0
+    )
+    threshold = settings.low_stock_threshold if settings else None
     return ProductStockOut(
         product_id,
         sum(lv.quantity for lv in levels),
         sum(lv.reserved for lv in levels),
         sum(lv.available for lv in levels),
-        sum(lv.available for lv in levels if warehouses[lv.warehouse_id].can_allocate),
+        free,
         [level_out(lv) for lv in levels],
+        threshold is not None and free <= threshold,
     )
 
 
@@ -305,7 +321,7 @@ def reservation_out(r: Reservation) -> ReservationOut:
     return ReservationOut(
         r.id,
         r.status.value,
-        [ReservationLineOut(x.product_id, x.warehouse_id, x.quantity) for x in r.lines],
+        [ReservationLineOut(x.product_id, x.warehouse_id, x.quantity, x.kit_id) for x in r.lines],
         r.reference,
         r.created_at,
         r.expires_at,
@@ -358,10 +374,34 @@ class Handlers:
     async def product_stock(self, request: Request) -> Response:
         self._identity(request, "read")
         product_id = _product_id(request)
+        settings = await get_settings(self.service.store, [product_id])
+        mine = settings.get(product_id)
+        if mine is not None and mine.components is not None:
+            return json_response(await self._kit_stock(mine))
         levels, warehouses = await self.service.stock([product_id])
         if not levels:
             raise NotFound(f"product {product_id} has no stock", {"product_id": product_id})
-        return json_response(product_stock(product_id, levels, warehouses))
+        return json_response(product_stock(product_id, levels, warehouses, mine))
+
+    async def _kit_stock(self, kit: ProductSettings) -> KitStockOut:
+        """A kit's stock body: its reservable and each component's body."""
+        assert kit.components is not None
+        ids = [c.product_id for c in kit.components]
+        settings = await get_settings(self.service.store, ids)
+        levels, warehouses = await self.service.stock(ids)
+        bodies = {
+            p: product_stock(p, [lv for lv in levels if lv.product_id == p], warehouses,
+                             settings.get(p))
+            for p in ids if any(lv.product_id == p for lv in levels)
+        }  # fmt: skip
+        free = kit_reservable(kit.components, {p: b.reservable for p, b in bodies.items()})
+        return KitStockOut(
+            kit.product_id,
+            True,
+            free,
+            [KitComponentStockOut(c.product_id, c.quantity, bodies.get(c.product_id))
+             for c in kit.components],
+        )  # fmt: skip
 
     async def stock_list(self, request: Request) -> Response:
         self._identity(request, "read")
@@ -380,12 +420,17 @@ class Handlers:
             raise ValidationFailed(f"invalid product id {bad[0][:140]!r}", {"field": "product_ids"})
         ids = list(dict.fromkeys(entries))
         levels, warehouses = await self.service.stock(ids)
+        settings = await get_settings(self.service.store, ids)
         by_product: dict[str, list[StockLevel]] = {}
         for lv in levels:
             by_product.setdefault(lv.product_id, []).append(lv)
         return json_response(
             StockListOut(
-                [product_stock(p, by_product[p], warehouses) for p in ids if p in by_product],
+                [
+                    product_stock(p, by_product[p], warehouses, settings.get(p))
+                    for p in ids
+                    if p in by_product
+                ],
                 [p for p in ids if p not in by_product],
             )
         )
@@ -435,7 +480,9 @@ class Handlers:
         if key is not None:
             idempotency = Idempotency(identity, key, body_hash(raw), _render_reservation)
         lines = [RequestedLine(x.product_id, x.quantity, x.warehouse_id) for x in body.lines]
-        result = await self.service.reserve(lines, body.ttl_seconds, body.reference, idempotency)
+        result = await self.service.reserve(
+            lines, body.ttl_seconds, body.reference, idempotency, body.customer_id
+        )
         if isinstance(result, Replay):
             return Response(
                 result.body,
@@ -636,10 +683,12 @@ def api_routes(
             "GET",
             h.product_stock,
             RouteDoc(
-                "Stock of one product", "read", None, ProductStockOut,
+                "Stock of one product (a kit: KitStockOut)", "read", None, ProductStockOut,
                 operation_id="getProductStock", tag="Stock", errors=("not_found", *_READ),
                 description="404 when the product has no stock row anywhere. `reservable` "
-                "sums `available` over active warehouses only.",
+                "sums `available` over active warehouses only, less `safety_stock` and what the "
+                "waitlist is waiting for. A kit answers `KitStockOut` (`kit: true`, its "
+                "`reservable` and its components' bodies).",
             ),
         ),
         (
@@ -700,7 +749,10 @@ def api_routes(
                     "lines": [{"product_id": "sku-1", "quantity": 2}],
                     "ttl_seconds": 600, "reference": "order-42",
                 },
-                errors=("not_found", "insufficient_stock", "warehouse_unavailable", *_WRITE),
+                errors=(
+                    "not_found", "insufficient_stock", "warehouse_unavailable",
+                    "customer_required", "purchase_limit_exceeded", *_WRITE,
+                ),
                 description="Lines without `warehouse_id` are allocated from active "
                 "warehouses (the one with the most available first, split when none holds "
                 "the line). Short stock is 409 `insufficient_stock` listing every short "
@@ -764,8 +816,10 @@ def api_routes(
         *extra,
     ]  # fmt: skip
     from .catalog_api import catalog_routes
+    from .waitlist_api import waitlist_routes
 
     table += catalog_routes(get_service, auth)
+    table += waitlist_routes(get_service, auth)
     by_path: dict[str, dict[str, Handler]] = {}
     docs: dict[str, dict[str, RouteDoc]] = {}
     for path, method, handler, doc in table:

@@ -35,8 +35,10 @@ from realtime.tickets import TicketStore
 from realtime.ws import websocket_route
 
 from . import metrics
+from .alerts import install as install_alerts
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
 from .app_docs import APP_DOCS
+from .commerce_feed import CommerceFeed, KitSnapshots
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
 from .expiry import Expiry
@@ -48,6 +50,8 @@ from .store import connect
 from .store_feed import PgLevelReader, PgOutbox
 from .stream_auth import StreamAuth
 from .tracing import instrument
+from .waitlist import Offerer, Waitlist
+from .waitlist import install as install_offered
 from .webhooks.api import webhook_routes
 from .webhooks.delivery import Dispatcher, policy_from
 from .webhooks.store import WebhookStore
@@ -179,6 +183,8 @@ def _lock_factory(redis: RedisClient, settings: Settings) -> Any:
 
 def create_app(settings: Settings) -> Starlette:
     runtime = Runtime(settings)
+    install_alerts()  # webhook producers of stock.low/out/back and waitlist.offered
+    install_offered()
     auth = Auth(settings.tokens)
 
     routes, docs = api_routes(
@@ -245,18 +251,33 @@ def create_app(settings: Settings) -> Starlette:
             PgLevelReader(store.pool),
             prefix=settings.redis_prefix,
             settings=HubSettings(max_connections=settings.max_streams),
+            extra_snapshots=KitSnapshots(store, runtime.redis, settings.redis_prefix),
         )
         runtime.tickets = TicketStore(runtime.redis, prefix=settings.redis_prefix)
+        feed = CommerceFeed(
+            PgOutbox(store.pool), store, runtime.redis, prefix=settings.redis_prefix
+        )
+        offerer: Offerer | None = None
+
+        def on_change() -> None:
+            relay.wake()
+            feed.wake()
+            if offerer is not None:
+                offerer.wake()
+
         service = InventoryService(
             store,
             lock_products=lock_products,
-            on_change=relay.wake,
+            on_change=on_change,
             lanes=settings.process_lanes,
             wait_bound=settings.db_timeout,
             # Requests waiting for a busy row never take the lanes' connections.
             wait_slots=max(1, settings.db_pool_max - settings.process_lanes - 2),
         )
         runtime.service = service
+        offerer = Offerer(Waitlist(service))
+        runtime.tasks.append(spawn("waitlist-offerer", offerer.run))
+        runtime.tasks.append(spawn("commerce-feed", feed.run))
         await hub.start()
         await relay.start()
         runtime.tasks.append(spawn("hub-metrics", lambda: _export_hub_stats(hub)))

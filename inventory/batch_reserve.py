@@ -14,7 +14,11 @@ while the lane's previous batch was in flight. A batch is one transaction:
    replays and repeats within the batch;
 4. allocate the members one after another, in arrival order, against the batch's running
    state (:class:`BatchState`): several lines of one product draw on one running balance,
-   and each reservation adds one ledger row per stock row it touches;
+   and each reservation adds one ledger row per stock row it touches. The state also
+   holds the flash-sale rules read under the row locks (:mod:`inventory.commerce`):
+   safety stock, the waiting units of each product's waitlist, each customer's held units
+   of limited products (running, so a combined batch counts its own earlier members) and
+   the waitlist entries being offered (locked; marked ``offered`` in the same write);
 5. write every reservation, line and ledger row with one statement that updates each
    touched row once (version-checked against the locked state, a row's version moving by
    the number of reservations that touched it), then store the keyed answers.
@@ -68,10 +72,27 @@ from uuid import UUID
 
 from . import metrics
 from .combining import Combiner
+from .commerce import (
+    CustomerRequired,
+    KitComponent,
+    ProductRules,
+    PurchaseLimitExceeded,
+    active_available,
+    expand_kits,
+)
+from .commerce_store import (
+    drop_idempotency_keys,
+    held_units,
+    kit_components,
+    load_rules,
+    lock_offers,
+    mark_offered,
+)
 from .domain import (
     Contention,
     IdempotencyKeyReused,
     InsufficientStock,
+    InvalidState,
     InventoryError,
     Movement,
     NotFound,
@@ -101,6 +122,9 @@ __all__ = [
 WAIT_SLICE: Final = 0.1
 #: How long a product found busy by a lane batch sends its requests to the waiting path.
 CONTENDED_TTL: Final = 0.5
+#: How long the engine trusts its memory of a product's kit components and purchase limit
+#: (used before a batch: expanding kit lines, refusing lines without a customer early).
+SETTINGS_TTL: Final = 1.0
 
 LockFactory = Callable[[Sequence[str]], contextlib.AbstractAsyncContextManager[Any]]
 
@@ -113,6 +137,8 @@ class ReserveRequest:
     ttl_seconds: int
     reference: str | None
     idempotency: Idempotency | None = None
+    customer_id: str | None = None
+    offer: UUID | None = None  # the waitlist entry this reservation is the offer for
     products: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -155,7 +181,14 @@ class BatchState:
     per member and writes :meth:`changed_rows`, :attr:`movements` and :attr:`planned`.
     """
 
-    def __init__(self, levels: Iterable[StockLevel], warehouses: dict[str, Warehouse]) -> None:
+    def __init__(
+        self,
+        levels: Iterable[StockLevel],
+        warehouses: dict[str, Warehouse],
+        rules: dict[str, ProductRules] | None = None,
+        held: dict[tuple[str, str], int] | None = None,
+        offers: dict[UUID, tuple[int, int]] | None = None,
+    ) -> None:
         self.locked: list[StockLevel] = sorted(
             levels, key=lambda lv: (lv.product_id, lv.warehouse_id)
         )
@@ -165,20 +198,48 @@ class BatchState:
         self.warehouses = warehouses
         self.movements: list[Movement] = []
         self.planned: list[PlannedReservation] = []
+        # Product rules (safety stock, limit, waiting units) and each (customer, product)'s
+        # held units, both running: an offer takes its entry out of ``waiting``, a planned
+        # reservation adds to ``held``.
+        self.rules = dict(rules or {})
+        self.held = dict(held or {})
+        # Waitlist entries offered in this batch: entry -> (queue seq, units waiting before
+        # it when locked); and the offers planned so far: (product, seq, units).
+        self.offers = offers or {}
+        self._offered: list[tuple[str, int, int]] = []
 
     def reserve(self, index: int, request: ReserveRequest) -> PlannedReservation:
         """Allocate ``request`` from what is left; raises the member's
         :class:`~inventory.domain.InventoryError` (404, 409) and changes nothing then."""
         lines = request.lines
-        missing = [p for p in dict.fromkeys(x.product_id for x in lines) if p not in self.rows]
+        wanted: dict[str, int] = {}
+        for x in lines:
+            wanted[x.product_id] = wanted.get(x.product_id, 0) + x.quantity
+        limited = {p: r.max_per_customer for p, r in self._rules_of(wanted) if r.max_per_customer}
+        if limited and request.customer_id is None:
+            raise _customer_required(next(iter(limited)))
+        missing = [p for p in wanted if p not in self.rows]
         if missing:
             raise NotFound(f"product {missing[0]} has no stock", {"product_ids": missing})
         pinned = {x.warehouse_id for x in lines if x.warehouse_id is not None}
         unknown = sorted(pinned - self.warehouses.keys())
         if unknown:
             raise NotFound(f"warehouse {unknown[0]} not found", {"warehouse_id": unknown[0]})
+        for product_id, limit in limited.items():
+            assert request.customer_id is not None
+            held = self.held.get((request.customer_id, product_id), 0)
+            if held + wanted[product_id] > limit:
+                raise PurchaseLimitExceeded(
+                    f"customer {request.customer_id} may hold at most {limit} of {product_id}",
+                    {"product_id": product_id, "limit": limit, "held": held},
+                )
         levels = [lv for p in request.products for lv in self.rows[p].values()]
-        allocation = allocate(lines, levels, self.warehouses)
+        try:
+            allocation = allocate(lines, levels, self.warehouses)
+        except InsufficientStock:
+            self._check_claims(wanted, request.offer)
+            raise
+        self._check_claims(wanted, request.offer)
         reservation_id = uuid.uuid4()
         for (product_id, warehouse_id), n in allocation.deltas().items():
             rows = self.rows[product_id]
@@ -186,7 +247,44 @@ class BatchState:
             self.movements.append(movement)
         planned = PlannedReservation(index, reservation_id, allocation.lines)
         self.planned.append(planned)
+        if request.customer_id is not None:
+            for product_id in limited:
+                key = (request.customer_id, product_id)
+                self.held[key] = self.held.get(key, 0) + wanted[product_id]
+        if request.offer is not None:  # the entry leaves the queue it was waiting in
+            seq = self.offers[request.offer][0]
+            for product_id, n in wanted.items():
+                rules = self.rules.get(product_id, _NO_RULES)
+                self.rules[product_id] = replace(rules, waiting=max(0, rules.waiting - n))
+                self._offered.append((product_id, seq, n))
         return planned
+
+    def _check_claims(self, wanted: dict[str, int], offer: UUID | None) -> None:
+        """Raise :class:`InsufficientStock` (``available``: what the request may take)
+        when a product's units exceed what is reservable beyond safety stock and queue."""
+        short = []
+        for product_id, n in wanted.items():
+            claimable = self.claimable(product_id, offer=offer)
+            if n > claimable:
+                short.append({"product_id": product_id, "requested": n, "available": claimable})
+        if short:
+            raise InsufficientStock("not enough stock for every line", short)
+
+    def _rules_of(self, wanted: Iterable[str]) -> list[tuple[str, ProductRules]]:
+        return [(p, self.rules.get(p, _NO_RULES)) for p in wanted]
+
+    def claimable(self, product_id: str, offer: UUID | None = None) -> int:
+        """What a new reservation may take of the product now: ``reservable`` after
+        safety stock, less the waiting units; for the offer of waitlist entry ``offer``,
+        less only the units still waiting before that entry."""
+        rows = self.rows.get(product_id, {})
+        rules = self.rules.get(product_id, _NO_RULES)
+        available = active_available(rows.values(), self.warehouses)
+        if offer is None:
+            return rules.claimable(available)
+        seq, ahead = self.offers[offer]
+        served = sum(n for p, s, n in self._offered if p == product_id and s < seq)
+        return rules.claimable(available, ahead=max(0, ahead - served))
 
     def changed_rows(self) -> list[tuple[StockLevel, StockLevel]]:
         """(locked state, state now) of every row the batch changed, in lock order."""
@@ -194,13 +292,10 @@ class BatchState:
         return [(before, after) for before, after in now if after is not before]
 
     def reservable(self, product_id: str) -> int | None:
-        """Units of the product still reservable (active warehouses); None: no rows."""
-        rows = self.rows.get(product_id)
-        if not rows:
+        """Units a new reservation could still take of the product; None: no rows."""
+        if not self.rows.get(product_id):
             return None
-        return sum(
-            lv.available for lv in rows.values() if self.warehouses[lv.warehouse_id].can_allocate
-        )
+        return self.claimable(product_id)
 
 
 class ReservationEngine:
@@ -229,6 +324,11 @@ class ReservationEngine:
         self._wait_bound = wait_bound
         self._wait_slots = asyncio.Semaphore(wait_slots)
         self._waiting: dict[str, int] = {}  # product -> members on the waiting path
+        # product -> (kit components, max_per_customer, trusted until (monotonic))
+        self._settings: dict[str, tuple[tuple[KitComponent, ...] | None, int | None, float]] = {}
+        self._round: asyncio.Future[None] | None = None  # the next read of misses
+        self._queued: set[str] = set()  # the products it reads
+        self._loader: asyncio.Task[None] | None = None
         self._contended: dict[str, float] = {}  # product -> found busy, until (monotonic)
         self.lanes: Combiner[int, _Member, MemberOutcome] = Combiner(
             self._run_lane, max_batch=max_batch
@@ -245,6 +345,7 @@ class ReservationEngine:
     async def reserve(self, request: ReserveRequest) -> Reservation | Replay:
         """Reserve every line of ``request`` or none; raises the request's
         :class:`~inventory.domain.InventoryError`."""
+        request = await self._prepare(request)
         self._refuse_sold_out(request)
         deadline = time.monotonic() + self._wait_bound
         waiting = frozenset(p for p in request.products if self._is_contended(p))
@@ -259,6 +360,73 @@ class ReservationEngine:
     def forget(self, product_id: str) -> None:
         """Stock of the product changed here: stop refusing it from memory."""
         self._sold_out.pop(product_id, None)
+
+    def forget_settings(self, product_ids: Iterable[str]) -> None:
+        """Settings of the products changed here: read them again on next use."""
+        for product_id in product_ids:
+            self._settings.pop(product_id, None)
+            self._sold_out.pop(product_id, None)
+
+    async def _settings_of(
+        self, product_ids: Iterable[str]
+    ) -> dict[str, tuple[tuple[KitComponent, ...] | None, int | None]]:
+        """Kit components and purchase limit per product, remembered for ``SETTINGS_TTL``
+        (the batch re-reads the limit under its row locks; a kit change is seen here at
+        most that late, and a product can only become a kit while it has no stock rows).
+
+        Misses of requests arriving together are read with one query, so the requests
+        also reach their lane together and still share a batch.
+        """
+        now = time.monotonic()
+        ids = list(dict.fromkeys(product_ids))
+        stale = [p for p in ids if (got := self._settings.get(p)) is None or got[2] < now]
+        if stale:
+            if self._round is None:
+                self._round = asyncio.get_running_loop().create_future()
+                self._queued = set()
+                if self._loader is None:
+                    self._loader = asyncio.create_task(self._load_settings())
+            self._queued.update(stale)
+            # One future per round: its waiters resume in arrival order.
+            await asyncio.shield(self._round)
+        return {p: self._settings[p][:2] for p in ids}
+
+    async def _load_settings(self) -> None:
+        """Read the settings of every product queued since the last read, once."""
+        try:
+            while self._round is not None:
+                done, ids = self._round, self._queued
+                self._round, self._queued = None, set()
+                try:
+                    found = await kit_components(self.store, sorted(ids))
+                except Exception as exc:
+                    done.set_exception(exc)
+                    done.exception()  # retrieved here; each waiter raises it
+                    continue
+                until = time.monotonic() + SETTINGS_TTL
+                if len(self._settings) > 100_000:
+                    self._settings.clear()
+                for p in ids:
+                    components, limit = found.get(p, (None, None))
+                    self._settings[p] = (components, limit, until)
+                done.set_result(None)
+        finally:
+            self._loader = None
+
+    async def _prepare(self, request: ReserveRequest) -> ReserveRequest:
+        """Expand kit lines into component lines; refuse a line for a limited product
+        without a customer (422, before anything is claimed or written)."""
+        settings = await self._settings_of(request.products)
+        kits = {p: c for p, (c, _) in settings.items() if c is not None}
+        if kits:
+            lines = expand_kits(request.lines, kits)
+            request = replace(request, lines=lines)  # products follow the new lines
+            settings = await self._settings_of(request.products)
+        if request.customer_id is None:
+            for product_id in dict.fromkeys(x.product_id for x in request.lines):
+                if settings[product_id][1] is not None:
+                    raise _customer_required(product_id)
+        return request
 
     def _is_contended(self, product_id: str) -> bool:
         if product_id in self._waiting:
@@ -279,7 +447,7 @@ class ReservationEngine:
             self._contended[product_id] = now + CONTENDED_TTL
 
     def _refuse_sold_out(self, request: ReserveRequest) -> None:
-        if request.idempotency is not None or len(request.lines) != 1:
+        if request.idempotency is not None or request.offer is not None or len(request.lines) != 1:
             return
         [line] = request.lines
         if line.warehouse_id is not None:
@@ -387,8 +555,21 @@ class ReservationEngine:
             }
             if pinned:
                 warehouses = {**warehouses, **await self.store.warehouses(conn, pinned)}
-            state = BatchState(levels, warehouses)
+            rules = await load_rules(conn, products)
+            customers = {c for i in live if (c := requests[i].customer_id) is not None}
+            limited = [p for p, r in rules.items() if r.max_per_customer is not None]
+            held = await held_units(conn, customers, limited) if customers and limited else {}
+            offers = {e: i for i in live if (e := requests[i].offer) is not None}
+            waiting = await lock_offers(conn, list(offers)) if offers else {}
+            for entry, i in offers.items():
+                if entry not in waiting:
+                    results[i] = InvalidState(
+                        "the waitlist entry is no longer waiting", {"status": "not_waiting"}
+                    )
+            state = BatchState(levels, warehouses, rules, held, waiting)
             for i in live:
+                if results[i] is not None:
+                    continue
                 try:
                     state.reserve(i, requests[i])
                 except InventoryError as exc:
@@ -398,14 +579,17 @@ class ReservationEngine:
                     conn,
                     state.changed_rows(),
                     state.movements,
-                    [(p.id, requests[p.index].reference, requests[p.index].ttl_seconds)
-                     for p in state.planned],
+                    [(p.id, requests[p.index].reference, requests[p.index].ttl_seconds,
+                      requests[p.index].customer_id) for p in state.planned],
                     [(p.id, n, line) for p in state.planned
                      for n, line in enumerate(p.lines, start=1)],
                 )  # fmt: skip
                 for p in state.planned:
                     request = requests[p.index]
                     results[p.index] = _reservation(p, request, at)
+                offered = {e: p.id for p in state.planned if (e := requests[p.index].offer)}
+                if offered:
+                    await mark_offered(conn, offered)
             await keys.remember(self.store, conn)
         keys.mirror_repeats()
         for product_id in products:
@@ -473,13 +657,20 @@ class _Keys:
         """Store the answers of newly claimed keys (201, 404 and 409: nothing else
         reaches this point)."""
         answers: list[tuple[str, str, int, bytes]] = []
+        unstored: list[tuple[str, str]] = []
         for i in self.fresh:
             idem, outcome = self.requests[i].idempotency, self.results[i]
             assert idem is not None
             assert isinstance(outcome, Reservation | InventoryError)
-            answers.append((idem.scope, idem.key, *idem.render(outcome)))
+            status, body = idem.render(outcome)
+            if status == 422:  # customer_required found in the batch: not stored
+                unstored.append((idem.scope, idem.key))
+            else:
+                answers.append((idem.scope, idem.key, status, body))
         if answers:
             await store.store_idempotent_responses(conn, answers)
+        if unstored:
+            await drop_idempotency_keys(conn, unstored)
 
     def mirror_repeats(self) -> None:
         """Answer each repeat of a key used earlier in the same batch."""
@@ -504,6 +695,16 @@ def lane_of(product_id: str, lanes: int) -> int:
     """The lane of a request whose first product is ``product_id`` (stable across
     processes)."""
     return zlib.crc32(product_id.encode()) % lanes
+
+
+_NO_RULES: Final = ProductRules()
+
+
+def _customer_required(product_id: str) -> CustomerRequired:
+    return CustomerRequired(
+        f"{product_id} has a purchase limit: the reservation needs a customer_id",
+        {"field": "customer_id", "product_id": product_id},
+    )
 
 
 def _answer(outcome: Outcome) -> Reservation | Replay:

@@ -291,7 +291,8 @@ async def list_reservations(
                           THEN 'expired' ELSE r.status END AS status,
                r.reference, r.created_at, r.expires_at,
                coalesce((SELECT jsonb_agg(jsonb_build_object('product_id', l.product_id,
-                                 'warehouse_id', l.warehouse_id, 'quantity', l.quantity)
+                                 'warehouse_id', l.warehouse_id, 'quantity', l.quantity,
+                                 'kit_id', l.kit_id)
                                  ORDER BY l.line_no)
                          FROM reservation_lines l WHERE l.reservation_id = r.id),
                         '[]') AS lines

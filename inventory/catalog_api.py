@@ -182,7 +182,9 @@ class CatalogHandlers:
             _product_out(
                 p,
                 settings.get(p),
-                product_stock(p, by_product[p], warehouses) if p in by_product else None,
+                product_stock(p, by_product[p], warehouses, settings.get(p))
+                if p in by_product
+                else None,
             )
             for p in ids
             if p in settings or p in by_product
@@ -206,6 +208,7 @@ class CatalogHandlers:
                 components,
             ),
         )
+        self.service.settings_changed(product_id)
         [out] = await self._products([product_id])
         return json_response(out, 201 if created else 200)
 

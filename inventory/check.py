@@ -2,14 +2,17 @@
 
 The same checks run after every load test and benchmark scenario: no oversell or
 negative stock, ``reserved`` equal to the active reservation lines, a ledger that replays
-to every row, contiguous versions.
+to every row, contiguous versions; and the flash-sale rules (purchase limits held, offered
+waitlist entries backed by their reservation, no head entry left waiting that could have
+been offered, kit lines in whole kits).
 """
 
 from __future__ import annotations
 
 from typing import Any, TextIO
 
-from .store import connect_one, invariant_violations
+from .commerce_store import COMMERCE_INVARIANTS
+from .store import INVARIANTS, connect_one, invariant_violations
 
 __all__ = ["check_database", "run_check"]
 
@@ -18,7 +21,7 @@ async def check_database(url: str) -> dict[str, list[dict[str, Any]]]:
     """Invariant name -> offending rows (empty lists when everything holds)."""
     conn = await connect_one(url)
     try:
-        return await invariant_violations(conn)
+        return await invariant_violations(conn, invariants={**INVARIANTS, **COMMERCE_INVARIANTS})
     finally:
         await conn.close()
 

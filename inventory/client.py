@@ -314,11 +314,13 @@ class _Calls:
         ttl_seconds: int | None,
         reference: str | None,
         idempotency_key: str | None,
+        customer_id: str | None = None,
     ) -> _Call[Reservation]:
         body = _params(
             lines=[msgspec.to_builtins(x) if isinstance(x, Line) else dict(x) for x in lines],
             ttl_seconds=ttl_seconds,
             reference=reference,
+            customer_id=customer_id,
         )
         key = idempotency_key or f"client-{uuid.uuid4()}"
         return _Call("POST", "/v1/reservations", Reservation, body, None, {"Idempotency-Key": key})
@@ -505,8 +507,11 @@ class Client:
         ttl_seconds: int | None = None,
         reference: str | None = None,
         idempotency_key: str | None = None,
+        customer_id: str | None = None,
     ) -> Reservation:
-        return self._run(_Calls.reserve(lines, ttl_seconds, reference, idempotency_key))
+        return self._run(
+            _Calls.reserve(lines, ttl_seconds, reference, idempotency_key, customer_id)
+        )
 
     def get_reservation(self, reservation_id: str) -> Reservation:
         return self._run(_Call("GET", f"/v1/reservations/{_p(reservation_id)}", Reservation))
@@ -689,8 +694,11 @@ class AsyncClient:
         ttl_seconds: int | None = None,
         reference: str | None = None,
         idempotency_key: str | None = None,
+        customer_id: str | None = None,
     ) -> Reservation:
-        return await self._run(_Calls.reserve(lines, ttl_seconds, reference, idempotency_key))
+        return await self._run(
+            _Calls.reserve(lines, ttl_seconds, reference, idempotency_key, customer_id)
+        )
 
     async def get_reservation(self, reservation_id: str) -> Reservation:
         return await self._run(_Call("GET", f"/v1/reservations/{_p(reservation_id)}", Reservation))

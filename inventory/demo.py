@@ -83,6 +83,8 @@ class Window:
     late: int = 0  # commit/release after the reservation had already expired
     restocked: int = 0
     errors: int = 0
+    limited: int = 0  # flash sale: refused by the purchase limit
+    waiting: int = 0  # flash sale: joined the waitlist
     latencies: list[float] = field(default_factory=list)
 
     def add(self, other: Window) -> None:
@@ -103,7 +105,9 @@ class Window:
             f" | left to expire {self.abandoned} | sold out {self.sold_out}"
             f" | restocked {self.restocked} | errors {self.errors}"
             f" | reserve p95 {'-' if p95 is None else f'{p95:.0f} ms'}"
-        )
+            + (f" | over limit {self.limited} | joined waitlist {self.waiting}"
+               if self.limited or self.waiting else "")
+        )  # fmt: skip
 
 
 class Demo:
@@ -307,6 +311,107 @@ class Demo:
         return self.total
 
 
+class FlashSaleDemo(Demo):
+    """``--flash-sale``: one hot product with a purchase limit and a waitlist.
+
+    ``flash-drop`` gets ``--flash-units`` units and ``max_per_customer`` 2. Thousands of
+    simulated buyers (a new customer id each) ask 1-2 units; one in ten is a bot reusing
+    one of 20 customer ids to get past the limit. A buyer refused for stock joins the
+    waitlist (one unit, held 30 s) one time in four; a fifth of the winners release
+    their reservation after a moment, and a restock arrives halfway, so the queue is
+    served while the sale runs. The summary line counts limit refusals and waitlist
+    joins; run ``inventory check`` afterwards: no customer holds more than the limit.
+    """
+
+    PRODUCT = "flash-drop"
+
+    def __init__(self, client: AsyncClient, http: httpx.AsyncClient, args: argparse.Namespace):
+        super().__init__(client, args)
+        self.http = http
+        self.products = [self.PRODUCT]
+        self.weights = [1.0]
+        self.restocked_once = False
+
+    async def seed(self) -> None:
+        for warehouse_id, name, location in WAREHOUSES[: self.args.warehouses]:
+            await _expect(
+                self.call("PUT /v1/warehouses",
+                          self.client.put_warehouse(warehouse_id, name, "active", location)),
+                f"creating warehouse {warehouse_id}",
+            )  # fmt: skip
+        share = self.args.flash_units // len(self.warehouses)
+        for warehouse_id in self.warehouses:
+            await _expect(
+                self.call("PUT stock", self.client.set_quantity(self.PRODUCT, warehouse_id, share)),
+                f"stocking {self.PRODUCT}",
+                allow=(409,),
+            )
+        await _expect(
+            self.call(
+                "PUT /v1/products", self.client.put_product(self.PRODUCT, max_per_customer=2)
+            ),
+            "setting the purchase limit",
+        )
+
+    async def shopper(self) -> None:
+        bot = self.random.random() < 0.1
+        customer = (
+            f"bot-{self.random.randrange(20)}" if bot else f"buyer-{self.random.getrandbits(40):x}"
+        )
+        started = time.perf_counter()
+        try:
+            reservation = await self.call(
+                "POST /v1/reservations",
+                self.client.reserve(
+                    [Line(self.PRODUCT, self.random.choice((1, 1, 2)))],
+                    ttl_seconds=60,
+                    customer_id=customer,
+                ),
+            )
+        except ApiError as exc:
+            self.window.latencies.append(time.perf_counter() - started)
+            if exc.code == "purchase_limit_exceeded":
+                self.window.limited += 1
+            elif exc.code == "insufficient_stock":
+                self.window.sold_out += 1
+                if self.random.random() < 0.25:
+                    await self._join(customer)
+            else:
+                self.window.errors += 1
+            return
+        self.window.latencies.append(time.perf_counter() - started)
+        self.window.reserved += 1
+        if self.random.random() < 0.2:
+            await asyncio.sleep(self.random.uniform(0.5, 2.0))
+            with contextlib.suppress(ApiError):
+                await self.call("POST release", self.client.release(reservation.id))
+                self.window.released += 1
+
+    async def _join(self, customer: str) -> None:
+        body = {"customer_id": customer, "quantity": 1, "hold_seconds": 30}
+        try:
+            answer = await self.http.post(f"/v1/products/{self.PRODUCT}/waitlist", json=body)
+        except httpx.TransportError as exc:
+            raise DemoError(f"cannot reach the server at {self.args.url} ({exc})") from None
+        if answer.status_code == 201:
+            self.window.waiting += 1
+        elif answer.status_code != 409:  # 409: already waiting, or over the limit
+            self.window.errors += 1
+
+    async def restocker(self, deadline: float) -> None:
+        """One restock halfway through: the queue is served before new buyers."""
+        await asyncio.sleep(max(0.0, (deadline - time.monotonic()) / 2))
+        try:
+            delta = max(1, self.args.flash_units // 5)
+            await self.call(
+                "POST adjustments",
+                self.client.adjust(self.PRODUCT, self.warehouses[0], delta, reason="flash restock"),
+            )
+            self.window.restocked += 1
+        except ApiError:
+            self.window.errors += 1
+
+
 async def _expect(request: Awaitable[object], what: str, allow: Sequence[int] = ()) -> None:
     try:
         await request
@@ -324,7 +429,7 @@ async def _main(args: argparse.Namespace) -> int:
     async with AsyncClient(
         args.url, args.token, retries=2, max_retry_wait=1.0, http=http
     ) as client:
-        demo = Demo(client, args)
+        demo = FlashSaleDemo(client, http, args) if args.flash_sale else Demo(client, args)
         await demo.check_reachable()
         await demo.seed()
         dashboard = f"{args.url}/?products={','.join(demo.products)}"
@@ -418,6 +523,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="API token with the admin scope (seeding) and reserve scope (the load)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable run")
+    parser.add_argument(
+        "--flash-sale", action="store_true",
+        help="flash-sale mode: one product with a purchase limit and a waitlist, buyers and bots",
+    )  # fmt: skip
+    parser.add_argument(
+        "--flash-units", type=_bounded(int, 1, 1_000_000), default=1000,
+        help="units of the flash-sale product (default 1000)",
+    )  # fmt: skip
     return parser
 
 

@@ -340,6 +340,7 @@ class ReservationLine:
     product_id: str
     warehouse_id: str
     quantity: int
+    kit_id: str | None = None  # the kit this line was expanded from
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +424,7 @@ class RequestedLine:
     product_id: str
     quantity: int
     warehouse_id: str | None = None
+    kit_id: str | None = None  # set on the component lines a kit line expands to
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,7 +492,9 @@ def allocate(
                 short.add(line.product_id)
                 continue
             balance[key] -= line.quantity
-            planned[i] = [ReservationLine(line.product_id, line.warehouse_id, line.quantity)]
+            planned[i] = [
+                ReservationLine(line.product_id, line.warehouse_id, line.quantity, line.kit_id)
+            ]
             continue
         candidates = sorted(
             (
@@ -511,7 +515,7 @@ def allocate(
             key = (c.product_id, c.warehouse_id)
             take = min(remaining, balance[key])
             balance[key] -= take
-            parts.append(ReservationLine(c.product_id, c.warehouse_id, take))
+            parts.append(ReservationLine(c.product_id, c.warehouse_id, take, line.kit_id))
             remaining -= take
             if remaining == 0:
                 break

@@ -47,6 +47,7 @@ _PARAM_SCHEMAS = {
     "warehouse_id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
     "webhook_id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
     "reservation_id": {"type": "string", "format": "uuid"},
+    "entry_id": {"type": "string", "format": "uuid"},
 }
 _HEADERS = {
     "X-Request-ID": {

@@ -93,6 +93,7 @@ class ReserveIn(_In):
     lines: Annotated[list[ReserveLineIn], Meta(min_length=1, max_length=MAX_LINES)]
     ttl_seconds: Annotated[int, Meta(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)] = 900
     reference: Annotated[str, Meta(max_length=255, pattern=NO_NUL)] | None = None
+    customer_id: Annotated[str, Meta(min_length=1, max_length=128, pattern=NO_NUL)] | None = None
 
 
 class ExtendIn(_In):
@@ -129,6 +130,20 @@ class ProductStockOut(Struct):
     available: int
     reservable: int
     levels: list[LevelOut]
+    low_stock: bool = False  # reservable <= low_stock_threshold
+
+
+class KitComponentStockOut(Struct):
+    product_id: str
+    quantity: int  # units per kit
+    stock: ProductStockOut | None  # null while the component has no stock row
+
+
+class KitStockOut(Struct):
+    product_id: str
+    kit: bool
+    reservable: int
+    components: list[KitComponentStockOut]
 
 
 class StockListOut(Struct):
@@ -156,10 +171,11 @@ class MovementsOut(Struct):
     next_after: int | None
 
 
-class ReservationLineOut(Struct):
+class ReservationLineOut(Struct, omit_defaults=True):
     product_id: str
     warehouse_id: str
     quantity: int
+    kit_id: str | None = None  # only on lines a kit line expanded to
 
 
 class ReservationOut(Struct):

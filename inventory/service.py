@@ -141,6 +141,12 @@ class InventoryService:
             return result
         raise Contention("the stock row kept changing; retry")
 
+    def settings_changed(self, product_id: str) -> None:
+        """A product's settings changed here: the engine reads them again, and stock may
+        have become reservable (safety stock lowered) for the waitlist."""
+        self.engine.forget_settings([product_id])
+        self.on_change()
+
     async def movements(self, product_id: str, after: int, limit: int) -> list[dict[str, Any]]:
         page = await self.store.movements(product_id, after, limit)
         if page is None:
@@ -155,11 +161,13 @@ class InventoryService:
         ttl_seconds: int,
         reference: str | None,
         idempotency: Idempotency | None = None,
+        customer_id: str | None = None,
     ) -> Reservation | Replay:
-        """Reserve every line or none (see :func:`~inventory.domain.allocate`)."""
+        """Reserve every line or none (see :func:`~inventory.domain.allocate`); kit lines
+        expand to their components, purchase limits count against ``customer_id``."""
         try:
             result = await self.engine.reserve(
-                ReserveRequest(tuple(lines), ttl_seconds, reference, idempotency)
+                ReserveRequest(tuple(lines), ttl_seconds, reference, idempotency, customer_id)
             )
         except InventoryError as exc:
             metrics.RESERVATIONS.labels(exc.code).inc()

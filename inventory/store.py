@@ -150,7 +150,10 @@ def _reservation(r: Row, lines: Iterable[Row | Mapping[str, Any]]) -> Reservatio
     return Reservation(
         r["id"],
         ReservationStatus(r["status"]),
-        tuple(ReservationLine(x["product_id"], x["warehouse_id"], x["quantity"]) for x in lines),
+        tuple(
+            ReservationLine(x["product_id"], x["warehouse_id"], x["quantity"], x.get("kit_id"))
+            for x in lines
+        ),
         r["reference"],
         r["created_at"],
         r["expires_at"],
@@ -235,12 +238,14 @@ WITH t AS MATERIALIZED (SELECT clock_timestamp() AS at), u AS (
     FROM unnest($6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[],
                 $11::bigint[], $12::uuid[]) AS m(p, w, r, q, res, v, rid)
 ), r AS (
-    INSERT INTO reservations (id, status, reference, created_at, expires_at)
-    SELECT id, 'active', ref, t.at, t.at + make_interval(secs => ttl)
-    FROM unnest($13::uuid[], $14::text[], $15::float8[]) AS r(id, ref, ttl), t
+    INSERT INTO reservations (id, status, reference, created_at, expires_at, customer_id)
+    SELECT id, 'active', ref, t.at, t.at + make_interval(secs => ttl), cid
+    FROM unnest($13::uuid[], $14::text[], $15::float8[], $21::text[]) AS r(id, ref, ttl, cid), t
 ), l AS (
-    INSERT INTO reservation_lines (reservation_id, line_no, product_id, warehouse_id, quantity)
-    SELECT * FROM unnest($16::uuid[], $17::int[], $18::text[], $19::text[], $20::bigint[])
+    INSERT INTO reservation_lines (reservation_id, line_no, product_id, warehouse_id, quantity,
+                                   kit_id)
+    SELECT * FROM unnest($16::uuid[], $17::int[], $18::text[], $19::text[], $20::bigint[],
+                         $22::text[])
 )
 SELECT (SELECT count(*) FROM u) AS updated, (SELECT at FROM t) AS at
 """
@@ -452,7 +457,7 @@ class Store:
         conn: Conn,
         rows: Sequence[tuple[StockLevel, StockLevel]],
         movements: Sequence[Movement],
-        reservations: Sequence[tuple[UUID, str | None, int]],
+        reservations: Sequence[tuple[UUID, str | None, int, str | None]],
         lines: Sequence[tuple[UUID, int, ReservationLine]],
     ) -> datetime:
         """Write a combined batch of reservations in one statement.
@@ -486,6 +491,8 @@ class Store:
             [x[2].product_id for x in lines],
             [x[2].warehouse_id for x in lines],
             [x[2].quantity for x in lines],
+            [r[3] for r in reservations],
+            [x[2].kit_id for x in lines],
         )
         assert result is not None
         if result["updated"] != len(rows):
@@ -536,7 +543,7 @@ class Store:
         """The reservation and the database clock (``now``) read with it."""
         sql = """SELECT id, status, reference, created_at, expires_at, clock_timestamp() AS now
                  FROM reservations WHERE id = $1""" + (" FOR UPDATE" if for_update else "")
-        lines_sql = """SELECT product_id, warehouse_id, quantity FROM reservation_lines
+        lines_sql = """SELECT product_id, warehouse_id, quantity, kit_id FROM reservation_lines
                        WHERE reservation_id = $1 ORDER BY line_no"""
         if conn is None:
             async with self.connection() as c:
@@ -679,15 +686,18 @@ INVARIANTS: dict[str, str] = {
 }
 
 
-async def invariant_violations(conn: Conn, limit: int = 20) -> dict[str, list[dict[str, Any]]]:
-    """Each invariant's name and up to ``limit`` offending rows (empty when it holds).
+async def invariant_violations(
+    conn: Conn, limit: int = 20, invariants: Mapping[str, str] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Each invariant's name and up to ``limit`` offending rows (empty when it holds);
+    ``invariants`` (name -> SQL) defaults to :data:`INVARIANTS`.
 
     Runs in one REPEATABLE READ transaction so all checks see the same snapshot.
     """
     found: dict[str, list[dict[str, Any]]] = {}
     with _translated():
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            for name, sql in INVARIANTS.items():
+            for name, sql in (INVARIANTS if invariants is None else invariants).items():
                 rows = await conn.fetch(f"SELECT * FROM ({sql}) v LIMIT {int(limit)}")
                 found[name] = [dict(r) for r in rows]
     return found

@@ -18,6 +18,8 @@ Users (weights give the mix; ``AdminUser`` is always exactly one):
   random ones; each ``stock`` message is reported as a ``WS stock delay`` request whose
   response time is receipt time minus the message's ``ts`` (the change's commit-side
   timestamp), i.e. change-to-screen latency.
+* ``FlashSaleUser``: a flash-sale crowd, bots included, on ``flash-drop`` (1,000 units,
+  ``max_per_customer`` 2, a waitlist); see the class.
 * ``AdminUser``: restocks a hot product every few seconds (``POST .../adjustments``).
 
 Guard rails: only loopback hosts are accepted, and a headless run needs ``--run-time``.
@@ -216,6 +218,71 @@ class WatcherUser(User):
             self._fire("stock delay", delay_ms, len(raw), None)
         elif kind == "error":
             self._fire("error message", 0, len(raw), RuntimeError(str(message)[:200]))
+
+
+FLASH = "flash-drop"
+FLASH_UNITS = 1000
+
+
+class FlashSaleUser(HttpUser):
+    """A flash-sale crowd on one product with ``max_per_customer`` 2 and a waitlist.
+
+    Customers ask 1-2 units once in a while; one user in five is a bot spreading 20
+    customer ids over many requests to get past the limit. A refusal for stock joins
+    the waitlist one time in ten. ``purchase_limit_exceeded``, ``insufficient_stock``
+    and ``already_waiting`` (409) are promised refusals, reported under their codes;
+    ``inventory check`` afterwards verifies that no customer holds more than the limit.
+    The product is set up once per Locust process (1,000 units on the first warehouse).
+    """
+
+    weight = 5
+    wait_time = between(0.05, 0.5)
+    _ready = False
+
+    def on_start(self) -> None:
+        self.headers = _headers(self)
+        self.bot = random.random() < 0.2
+        self.customer = f"locust-{uuid.uuid4().hex[:10]}"
+        if not FlashSaleUser._ready:
+            FlashSaleUser._ready = True
+            self.client.put(f"/v1/products/{FLASH}/stock/{WAREHOUSES[0]}",
+                            json={"quantity": FLASH_UNITS}, headers=self.headers,
+                            name="flash setup")  # fmt: skip
+            self.client.put(f"/v1/products/{FLASH}", json={"max_per_customer": 2},
+                            headers=self.headers, name="flash setup")  # fmt: skip
+
+    def _post(self, path: str, body: dict[str, Any], name: str) -> str:
+        """POST and report under the status and error code; returns the error code
+        (``""`` on success)."""
+        with self.client.post(
+            path, json=body, headers=self.headers, name=name, catch_response=True
+        ) as answer:
+            code = ""
+            if answer.status_code == 409:
+                code = " " + answer.json()["error"]["code"]
+            answer.request_meta["name"] = f"{name} [{answer.status_code}{code}]"
+            if answer.status_code in (200, 201) or answer.status_code in EXPECTED:
+                answer.success()
+            else:
+                answer.failure(f"{answer.status_code}: {answer.text[:200]}")
+            return code.strip()
+
+    @task
+    def buy(self) -> None:
+        # A shopper user stands for many buyers (a new customer most of the time).
+        if self.bot:
+            customer = f"bot-{random.randrange(20)}"
+        elif random.random() < 0.8:
+            customer = f"locust-{uuid.uuid4().hex[:10]}"
+        else:
+            customer = self.customer
+        body = {"lines": [{"product_id": FLASH, "quantity": random.randint(1, 2)}],
+                "customer_id": customer, "ttl_seconds": 30}  # fmt: skip
+        refused = self._post("/v1/reservations", body, "flash reserve")
+        if refused == "insufficient_stock" and random.random() < 0.1:
+            self._post(f"/v1/products/{FLASH}/waitlist",
+                       {"customer_id": customer, "quantity": 1, "hold_seconds": 30},
+                       "flash waitlist")  # fmt: skip
 
 
 class AdminUser(HttpUser):

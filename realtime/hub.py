@@ -46,9 +46,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from realtime.keys import RedisKeys
 from realtime.ports import LevelReader, LevelState
@@ -79,9 +81,27 @@ from realtime.session import (
 from realtime.sharded import RedisClient, make_subscriber
 from realtime.tasks import cancel_and_wait, spawn
 
-__all__ = ["MAX_CONNECTIONS", "Hub", "HubFull", "HubSettings", "HubStats"]
+__all__ = [
+    "ALERT_KEY",
+    "KIT_KEY",
+    "MAX_CONNECTIONS",
+    "ExtraSnapshots",
+    "Hub",
+    "HubFull",
+    "HubSettings",
+    "HubStats",
+]
 
 log = logging.getLogger("realtime.hub")
+
+#: Buffer keys of derived messages on a product's stream (no warehouse id has a space).
+KIT_KEY = " kit"
+ALERT_KEY = " alert"
+_KIT_PREFIX = b'{"type":"kit"'
+_ALERT_PREFIX = b'{"type":"alert"'
+
+#: Reads derived messages for new subscribers: ``(product_id, key, version, payload)``.
+ExtraSnapshots = Callable[[Sequence[str]], Awaitable[list[tuple[str, str, int, bytes]]]]
 
 SHUTDOWN_CLOSE = 1001
 MAX_CONNECTIONS = 10_000  # stream connections (WebSocket and SSE) per process, by default
@@ -138,8 +158,11 @@ class Hub:
         *,
         prefix: str = "inventory",
         settings: HubSettings | None = None,
+        extra_snapshots: ExtraSnapshots | None = None,
     ) -> None:
         self.stats = HubStats()
+        self._extra_snapshots = extra_snapshots
+        self._extra_version = itertools.count(1)  # alerts: each one is news
         self.settings = settings or HubSettings()
         self._session_settings = self.settings.session()
         self._levels = levels
@@ -250,7 +273,21 @@ class Hub:
                 await self._send_snapshot(
                     session, product_id, levels.get(product_id, []), command.since.get(product_id)
                 )
+            if self._extra_snapshots is not None:
+                await self._send_extra_snapshots(session, new)
         await session.send_control(encode_subscribed(command.product_ids))
+
+    async def _send_extra_snapshots(self, session: Session, products: Sequence[str]) -> None:
+        """Derived state beyond rows (a kit's number) for newly subscribed products; a
+        failure costs only that message (the next change sends it again)."""
+        assert self._extra_snapshots is not None
+        try:
+            extras = await self._extra_snapshots(products)
+        except Exception:
+            log.exception("extra snapshot read failed")
+            return
+        for product_id, key, version, payload in extras:
+            session.offer(product_id, [(key, version, Outgoing(payload))])
 
     async def _snapshot(self, products: Sequence[str]) -> dict[str, list[LevelState]]:
         """Current rows of ``products`` (joined already), read in the next snapshot round;
@@ -359,6 +396,9 @@ class Hub:
         topic = self._topics.get(product_id)
         if topic is None:
             return
+        if data.startswith((_KIT_PREFIX, _ALERT_PREFIX)):
+            self._forward_extra(topic, data)
+            return
         decoded = decode_stock(data)
         if decoded is None:
             log.warning("ignoring malformed stock message on %r", channel)
@@ -381,6 +421,20 @@ class Hub:
         elif warehouse_id in burst:
             self.stats.coalesced += 1
         burst[warehouse_id] = (version, data)
+
+    def _forward_extra(self, topic: _Topic, data: bytes) -> None:
+        """A ``kit`` message (conflated per kit by its ``seq``) or an ``alert`` (each one
+        forwarded) published on the product's channel."""
+        if data.startswith(_KIT_PREFIX):
+            try:
+                version = orjson.loads(data)["seq"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                log.warning("ignoring malformed kit message for %r", topic.product_id)
+                return
+            key = KIT_KEY
+        else:
+            key, version = ALERT_KEY, next(self._extra_version)
+        self._offer(topic, [(key, version, Outgoing(data))])
 
     def _fan_out(self) -> None:
         """Offer the newest state of each row of the burst to every local session.

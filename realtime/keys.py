@@ -81,6 +81,10 @@ class RedisKeys:
         encoded = text[len(head) : -1]
         return unquote(encoded) if "%" in encoded else encoded
 
+    def kit_seq(self, kit_id: str) -> str:
+        """The counter behind a kit's ``seq`` (only goes up), in the kit's slot."""
+        return f"{self._prefix}:kitseq:{{{encode_part(kit_id)}}}"
+
     def stream_ticket(self, digest: str) -> str:
         """A stream ticket, named by the SHA-256 hex digest of its value (never the value)."""
         return f"{self._prefix}:stream-ticket:{digest}"

@@ -45,6 +45,7 @@ __all__ = [
     "ShardedSubscriber",
     "is_cluster_url",
     "make_subscriber",
+    "publish_all",
     "publish_sharded",
     "redis_from_url",
 ]
@@ -75,6 +76,18 @@ def redis_from_url(url: str, **kwargs: Any) -> RedisClient:
     kwargs.pop("health_check_interval", None)  # cluster nodes are checked by their pools
     plain = urlunsplit(parts._replace(scheme=scheme, path=""))
     return RedisCluster.from_url(plain, **kwargs)
+
+
+async def publish_all(redis: RedisClient, messages: Sequence[tuple[str, bytes]]) -> None:
+    """Publish each ``(channel, message)`` in order per channel: sharded on a cluster, one
+    pipelined round trip of ``PUBLISH`` on a single node."""
+    if isinstance(redis, RedisCluster):
+        await publish_sharded(redis, messages)
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for channel, message in messages:
+            pipe.publish(channel, message)
+        await pipe.execute()
 
 
 async def publish_sharded(redis: RedisCluster, messages: Sequence[tuple[str, bytes]]) -> None:

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from inventory.check import check_database
+from inventory.commerce_store import COMMERCE_INVARIANTS
 from inventory.embedded import free_port
 from inventory.store import INVARIANTS
 
@@ -212,7 +213,7 @@ async def test_check_reports_a_violation(
     finally:
         await conn.close()
     found = await check_database(scratch_database)
-    assert set(found) == set(INVARIANTS)
+    assert set(found) == set(INVARIANTS) | set(COMMERCE_INVARIANTS)
     assert {name for name, bad in found.items() if bad} == failing
     for name in failing:
         assert all(culprit in str(row) for row in found[name]), found[name]

@@ -579,3 +579,25 @@ async def test_lists_the_servers_products_without_a_query(
     await wait_state(page, "connected")
     await wait_for(page, "d.products.includes(arg)", product, timeout=10.0)
     await wait_for(page, "d.cell(arg[0], arg[1])?.available === 6", [product, warehouse])
+
+
+async def test_kits_and_low_stock_rows(
+    page: Page, server_factory: Any, new_id: Callable[[str], str]
+) -> None:
+    """A kit's row shows its whole kits from ``kit`` messages; a product whose stock falls
+    to its low-stock threshold gets its row tinted from the ``alert`` message."""
+    server = await server_factory()
+    part, kit, warehouse = new_id("part"), new_id("kit"), new_id("wh")
+    await seed(server.base_url, {(part, warehouse): 9})
+    async with httpx.AsyncClient(base_url=server.base_url) as client:
+        r = await client.put(f"/v1/products/{part}", json={"low_stock_threshold": 3})
+        assert r.status_code in (200, 201), r.text
+        comps = [{"product_id": part, "quantity": 3}]
+        assert (await client.put(f"/v1/products/{kit}", json={"components": comps})).is_success
+    await page.goto(f"{server.base_url}/?products={kit},{part}")
+    await wait_state(page, "connected")
+    kit_row = page.locator(f'tr[data-product="{kit}"]')
+    await kit_row.locator("td.total:has-text('3 kits')").wait_for(timeout=5000)
+    await reserve(server.base_url, part, warehouse, 6)
+    await kit_row.locator("td.total:text-is('1 kit')").wait_for(timeout=5000)
+    await page.locator(f'tr[data-product="{part}"].stock-low').wait_for(timeout=5000)

@@ -122,3 +122,22 @@ async def test_help() -> None:
     assert code == 0
     for option in ("--url", "--duration", "--products", "--token"):
         assert option in out
+
+
+async def test_flash_sale_demo_keeps_the_limit(server_factory: Any, database_url: str) -> None:
+    """``--flash-sale``: bots hit the purchase limit, refused buyers queue, and afterwards
+    no customer holds more than the limit (the check's invariants hold)."""
+    from inventory.check import check_database
+
+    server = await server_factory()
+    code, out, err = await run_demo(
+        "--url", server.base_url, "--flash-sale", "--duration", "3", "--rate", "150",
+        "--flash-units", "60", "--seed", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "over limit" in out, out
+    async with httpx.AsyncClient(base_url=server.base_url) as client:
+        product = (await client.get("/v1/products/flash-drop")).json()
+    assert product["max_per_customer"] == 2
+    found = await check_database(database_url)
+    assert found["customers hold no more than max_per_customer"] == []

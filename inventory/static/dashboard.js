@@ -244,6 +244,26 @@
     }
   }
 
+  // Kits (their number of whole kits, from `kit` messages) and low-stock alerts.
+  const kits = new Map(); // product id -> {reservable, seq}
+  const alerts = new Map(); // product id -> "low" | "out"
+
+  function onKit(message) {
+    const current = kits.get(message.product_id);
+    if (current && message.seq <= current.seq) return;
+    kits.set(message.product_id, { reservable: message.reservable, seq: message.seq });
+    if (!current) structureDirty = true;
+    else dirty.set(message.product_id, dirty.get(message.product_id) || new Set());
+  }
+
+  function onAlert(message) {
+    const id = message.product_id;
+    if (message.event === "stock.out") alerts.set(id, "out");
+    else if (message.event === "stock.low") alerts.set(id, "low");
+    else if (alerts.get(id) === "out") alerts.set(id, "low"); // stock.back: still low
+    dirty.set(id, dirty.get(id) || new Set());
+  }
+
   function onMessage(event) {
     metrics.messages++;
     metrics.messagesThisSecond++;
@@ -260,6 +280,12 @@
         break;
       case "snapshot":
         onSnapshot(message);
+        break;
+      case "kit":
+        onKit(message);
+        break;
+      case "alert":
+        onAlert(message);
         break;
       case "subscribed":
         conn.pendingSubscribes = Math.max(0, conn.pendingSubscribes - 1);
@@ -664,7 +690,7 @@
       const row = { tr, total, cells };
       rowViews.set(productId, row);
       renderTotal(productId, row);
-      if (known && byWarehouse.size === 0) tr.classList.add("no-stock");
+      if (known && byWarehouse.size === 0 && !kits.has(productId)) tr.classList.add("no-stock");
       fragment.append(tr);
     }
     ui.body.replaceChildren(fragment);
@@ -742,6 +768,18 @@
   }
 
   function renderTotal(productId, row) {
+    const alert = alerts.get(productId);
+    row.tr.classList.toggle("stock-low", alert === "low");
+    row.tr.classList.toggle("stock-out", alert === "out");
+    const kit = kits.get(productId);
+    if (kit) {
+      row.tr.classList.add("kit");
+      row.tr.classList.remove("no-stock");
+      const unit = kit.reservable === 1 ? "kit" : "kits";
+      row.total.textContent = `${numberFormat.format(kit.reservable)} ${unit}`;
+      row.total.dataset.value = String(kit.reservable);
+      return;
+    }
     const byWarehouse = levels.get(productId);
     if (!byWarehouse || byWarehouse.size === 0) {
       row.total.textContent = snapshotted.has(productId) ? "no stock" : "…";

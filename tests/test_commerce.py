@@ -1,0 +1,192 @@
+"""Safety stock, purchase limits and kits through the reservation engine (SPEC: Products;
+Flash-sale protections). Each error is answered per SPEC with nothing written."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import httpx
+
+from inventory.check import check_database
+
+MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
+NewId = Callable[[str], str]
+
+
+def err(r: httpx.Response) -> str:
+    code: str = r.json()["error"]["code"]
+    return code
+
+
+async def settings(client: httpx.AsyncClient, pid: str, **body: Any) -> None:
+    r = await client.put(f"/v1/products/{pid}", json=body)
+    assert r.status_code in (200, 201), r.text
+
+
+async def reserve(
+    client: httpx.AsyncClient, *lines: tuple[str, int], **extra: Any
+) -> httpx.Response:
+    body = {"lines": [{"product_id": p, "quantity": n} for p, n in lines], **extra}
+    return await client.post("/v1/reservations", json=body)
+
+
+async def stock(client: httpx.AsyncClient, pid: str) -> dict[str, Any]:
+    r = await client.get(f"/v1/products/{pid}/stock")
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def test_safety_stock_limits_reservable(
+    client: httpx.AsyncClient, make_stock: MakeStock
+) -> None:
+    pid, _ = await make_stock(6, 4)
+    await settings(client, pid, safety_stock=3, low_stock_threshold=7)
+    body = await stock(client, pid)
+    assert (body["available"], body["reservable"], body["low_stock"]) == (10, 7, True)
+    r = await reserve(client, (pid, 8))
+    assert r.status_code == 409
+    assert r.json()["error"]["details"] == [{"product_id": pid, "requested": 8, "available": 7}]
+    assert (await stock(client, pid))["reserved"] == 0
+    r = await reserve(client, (pid, 4), (pid, 3))
+    assert r.status_code == 201, r.text
+    body = await stock(client, pid)
+    assert (body["reserved"], body["reservable"]) == (7, 0)
+    assert (await reserve(client, (pid, 1))).status_code == 409
+
+
+async def test_safety_stock_holds_inside_a_combined_batch(
+    client: httpx.AsyncClient, make_stock: MakeStock
+) -> None:
+    pid, _ = await make_stock(50)
+    await settings(client, pid, safety_stock=20)
+    answers = await asyncio.gather(*(reserve(client, (pid, 1)) for _ in range(60)))
+    assert sum(r.status_code == 201 for r in answers) == 30
+    assert {r.status_code for r in answers} == {201, 409}
+    assert (await stock(client, pid))["reserved"] == 30
+
+
+async def test_purchase_limit(client: httpx.AsyncClient, make_stock: MakeStock) -> None:
+    pid, _ = await make_stock(100)
+    other, _ = await make_stock(100)
+    await settings(client, pid, max_per_customer=3)
+    r = await reserve(client, (pid, 1), (other, 1))
+    assert (r.status_code, err(r)) == (422, "customer_required")
+    assert r.json()["error"]["details"]["product_id"] == pid
+    assert (await reserve(client, (other, 1))).status_code == 201  # no limit there
+    first = await reserve(client, (pid, 2), customer_id="alice")
+    assert first.status_code == 201, first.text
+    r = await reserve(client, (pid, 1), (pid, 1), customer_id="alice")
+    assert (r.status_code, err(r)) == (409, "purchase_limit_exceeded")
+    assert r.json()["error"]["details"] == {"product_id": pid, "limit": 3, "held": 2}
+    assert (await stock(client, pid))["reserved"] == 2
+    assert (await reserve(client, (pid, 3), customer_id="bob")).status_code == 201
+    # released stops counting; committed keeps counting
+    rid = first.json()["id"]
+    assert (await client.post(f"/v1/reservations/{rid}/release")).status_code == 200
+    r = await reserve(client, (pid, 3), customer_id="alice")
+    assert r.status_code == 201, r.text
+    assert (await client.post(f"/v1/reservations/{r.json()['id']}/commit")).status_code == 200
+    r = await reserve(client, (pid, 1), customer_id="alice")
+    assert r.json()["error"]["details"] == {"product_id": pid, "limit": 3, "held": 3}
+
+
+async def test_customer_required_is_not_stored_for_idempotency(
+    client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId
+) -> None:
+    pid, _ = await make_stock(10)
+    await settings(client, pid, max_per_customer=1)
+    key = {"Idempotency-Key": new_id("k")}
+    body = {"lines": [{"product_id": pid, "quantity": 1}]}
+    r = await client.post("/v1/reservations", json=body, headers=key)
+    assert (r.status_code, err(r)) == (422, "customer_required")
+    r = await client.post("/v1/reservations", json={**body, "customer_id": "c"}, headers=key)
+    assert r.status_code == 201, r.text
+
+
+async def test_one_customer_racing_never_exceeds_limit(
+    client: httpx.AsyncClient, make_stock: MakeStock
+) -> None:
+    pid, _ = await make_stock(1000)
+    await settings(client, pid, max_per_customer=5)
+    answers = await asyncio.gather(
+        *(reserve(client, (pid, 1 + i % 2), customer_id="bot") for i in range(40))
+    )
+    codes = {r.status_code for r in answers}
+    assert codes <= {201, 409}, [r.text for r in answers if r.status_code not in (201, 409)]
+    held = sum(
+        sum(x["quantity"] for x in r.json()["lines"]) for r in answers if r.status_code == 201
+    )
+    assert 4 <= held <= 5
+    assert (await stock(client, pid))["reserved"] == held
+
+
+async def test_kits(client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId) -> None:
+    a, [wa] = await make_stock(10)
+    b, _ = await make_stock(9)
+    kit = new_id("kit")
+    await settings(client, kit, components=[{"product_id": a, "quantity": 2},
+                                            {"product_id": b, "quantity": 3}])  # fmt: skip
+    body = await stock(client, kit)
+    assert (body["kit"], body["reservable"]) == (True, 3)
+    parts = [(c["product_id"], c["quantity"], c["stock"]["reservable"]) for c in body["components"]]
+    assert parts == [(a, 2, 10), (b, 3, 9)]
+    r = await reserve(client, (kit, 2), (a, 1))
+    assert r.status_code == 201, r.text
+    lines = [(x["product_id"], x["quantity"], x.get("kit_id")) for x in r.json()["lines"]]
+    assert lines == [(a, 4, kit), (b, 6, kit), (a, 1, None)]
+    got = (await client.get(f"/v1/reservations/{r.json()['id']}")).json()
+    assert got["lines"] == r.json()["lines"]
+    assert (await stock(client, kit))["reservable"] == 1
+    r = await reserve(client, (kit, 2))  # b has 3 left: all or nothing
+    assert (r.status_code, err(r)) == (409, "insufficient_stock")
+    assert (await stock(client, a))["reserved"] == 5
+    r = await client.post(f"/v1/products/{kit}/stock/{wa}/adjustments", json={"delta": 1})
+    assert (r.status_code, err(r)) == (409, "is_kit")
+
+
+async def test_kit_reservations_combine(
+    client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId
+) -> None:
+    a, _ = await make_stock(30)
+    b, _ = await make_stock(30)
+    kit = new_id("kit")
+    await settings(client, kit, components=[{"product_id": a, "quantity": 1},
+                                            {"product_id": b, "quantity": 2}])  # fmt: skip
+    answers = await asyncio.gather(*(reserve(client, (kit, 1)) for _ in range(25)))
+    assert sum(r.status_code == 201 for r in answers) == 15
+    assert ((await stock(client, a))["reserved"], (await stock(client, b))["reserved"]) == (15, 30)
+
+
+async def test_check_covers_commerce(database_url: str, client: httpx.AsyncClient) -> None:
+    found = await check_database(database_url)
+    for name in (
+        "customers hold no more than max_per_customer",
+        "every offered waitlist entry has its reservation",
+        "kit lines sum to whole kits",
+    ):
+        assert found[name] == [], name
+
+
+async def test_check_sees_a_limit_breach(scratch_database: str) -> None:
+    """A breach written around the engine is reported (the check can fail)."""
+    from inventory.store import migrate
+
+    await migrate(scratch_database)
+    conn = await asyncpg.connect(scratch_database)
+    try:
+        await conn.execute(
+            """INSERT INTO products (product_id, max_per_customer) VALUES ('p', 1);
+               INSERT INTO warehouses VALUES ('w', 'w', null, 'active');
+               INSERT INTO reservations (id, status, expires_at, customer_id) VALUES
+                 ('00000000-0000-0000-0000-000000000001', 'committed', now(), 'c');
+               INSERT INTO reservation_lines VALUES
+                 ('00000000-0000-0000-0000-000000000001', 1, 'p', 'w', 2, null)"""
+        )
+    finally:
+        await conn.close()
+    found = await check_database(scratch_database)
+    assert len(found["customers hold no more than max_per_customer"]) == 1
