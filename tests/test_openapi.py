@@ -118,8 +118,17 @@ def test_each_operation_lists_only_the_errors_it_can_answer(document: dict[str, 
     assert _codes(listing, "403") == {"forbidden", "forbidden_origin"}
     assert _codes(listing, "503") == {"unavailable"}
     reserve = paths["/v1/reservations"]["post"]
-    assert _codes(reserve, "409") == {"insufficient_stock", "warehouse_unavailable", "conflict"}
-    assert _codes(reserve, "422") == {"validation_error", "idempotency_key_reused"}
+    assert _codes(reserve, "409") == {
+        "insufficient_stock",
+        "warehouse_unavailable",
+        "purchase_limit_exceeded",
+        "conflict",
+    }
+    assert _codes(reserve, "422") == {
+        "validation_error",
+        "idempotency_key_reused",
+        "customer_required",
+    }
     assert _codes(reserve, "503") == {"contention", "unavailable"}
     commit = paths["/v1/reservations/{reservation_id}/commit"]["post"]
     assert "400" not in commit["responses"]  # no body, so no invalid_json
@@ -251,7 +260,8 @@ async def test_an_undeclared_method_is_405_with_allow(
     assert r.status_code == 405
     assert r.json()["error"]["code"] == "method_not_allowed"
     allowed = {m.strip().lower() for m in r.headers["allow"].split(",")}
-    assert allowed == set(document["paths"]["/v1/reservations"])
+    # HEAD comes with GET, OPTIONS answers on every route (neither is documented).
+    assert allowed == set(document["paths"]["/v1/reservations"]) | {"head", "options"}
 
 
 # --- the WebSocket messages are what the document says -----------------------------------
