@@ -113,8 +113,17 @@ class BulkItemIn(_In):
 # with 422, and the schema says so.
 _ONE_CHANGE = {
     "oneOf": [
-        {"required": ["delta"], "properties": {"delta": {"type": "integer", "not": {"const": 0}}}},
-        {"required": ["quantity"], "properties": {"quantity": {"type": "integer"}}},
+        {
+            "required": ["delta"],
+            "properties": {
+                "delta": {"type": "integer", "not": {"const": 0}},
+                "quantity": {"type": "null"},
+            },
+        },
+        {
+            "required": ["quantity"],
+            "properties": {"quantity": {"type": "integer"}, "delta": {"type": "null"}},
+        },
     ]
 }
 
@@ -244,7 +253,7 @@ class CatalogHandlers:
             value = q.get(name)
             if value is not None and (not value or len(value) > longest or "\x00" in value):
                 raise ValidationFailed(f"{name} must be 1-{longest} characters", {"field": name})
-        after = catalog.decode_cursor(q["after"]) if q.get("after") else None
+        after = catalog.decode_cursor(q["after"]) if "after" in q else None
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
         page, next_after = await catalog.list_reservations(
             self.service.store,
@@ -336,8 +345,14 @@ def catalog_routes(get_service: Callable[[], InventoryService], auth: Auth) -> l
             "List reservations, oldest first", "read", None, ReservationsOut,
             operation_id="listReservations", tag="Reservations", errors=_READ,
             query=(
-                QueryParam("reference", {"type": "string", "minLength": 1, "maxLength": 255}),
-                QueryParam("customer_id", {"type": "string", "minLength": 1, "maxLength": 128}),
+                QueryParam(
+                    "reference",
+                    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": NO_NUL},
+                ),
+                QueryParam(
+                    "customer_id",
+                    {"type": "string", "minLength": 1, "maxLength": 128, "pattern": NO_NUL},
+                ),
                 QueryParam(
                     "status", {"enum": ["active", "committed", "released", "expired"]}
                 ),

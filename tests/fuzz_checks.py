@@ -46,7 +46,10 @@ def positive_data_accepted(ctx: Any, response: Any, case: Any) -> bool | None:
     webhook target (below): a 422 about the network the server is in, not about the
     request's shape, so it says nothing on whether schema and server agree."""
     if response.status_code == 422 and (
-        _refused_webhook_target(response) or _customer_required(response)
+        _refused_webhook_target(response)
+        or _customer_required(response)
+        or _beyond_on_hand_bound(response)
+        or _repeated_component(response)
     ):
         return None
     return positive_data_acceptance(ctx, response, case)
@@ -70,6 +73,27 @@ def _customer_required(response: Any) -> bool:
     try:
         return bool(response.json()["error"]["code"] == "customer_required")
     except (ValueError, KeyError, TypeError):
+        return False
+
+
+def _beyond_on_hand_bound(response: Any) -> bool:
+    """An adjustment that would take the row past 1,000,000,000 on hand: SPEC answers 422,
+    and whether a delta does depends on the row's current quantity."""
+    try:
+        return "max_on_hand" in response.json()["error"]["details"]
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def _repeated_component(response: Any) -> bool:
+    """A kit listing one component twice: a rule across array items (distinct by
+    ``product_id``) that JSON Schema cannot state (``uniqueItems`` compares whole items)."""
+    try:
+        error = response.json()["error"]
+        return bool(error["details"]["field"].startswith("components[")) and (
+            "listed twice" in error["message"]
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
         return False
 
 

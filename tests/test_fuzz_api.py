@@ -100,7 +100,10 @@ def live_server(database_url: str, redis_url: str, redis_prefix: str) -> Iterato
         **os.environ,
         "INVENTORY_DATABASE_URL": database_url,
         "INVENTORY_REDIS_URL": redis_url,
-        "INVENTORY_REDIS_PREFIX": redis_prefix,
+        # Its own relay namespace: this process leads its relay itself (the session's
+        # in-process app, blocked while these synchronous tests run, would let the relay
+        # heartbeat lapse and /ready answer 503).
+        "INVENTORY_REDIS_PREFIX": f"{redis_prefix}-fuzz",
         "INVENTORY_TOKENS": json.dumps({TOKEN: ["admin"]}),
         "INVENTORY_LOG_LEVEL": "debug",  # the secrets check reads every line there is
     }

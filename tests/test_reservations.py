@@ -106,7 +106,7 @@ async def client(request: Any, settings: Settings) -> AsyncIterator[httpx.AsyncC
     application = create_app(replace(settings, reserve_strategy=request.param))
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
             yield c
 
 
