@@ -143,7 +143,9 @@ class _Trickle:
             client.close()
         self.answers.append((sent, time.monotonic(), status))
 
-    def summary(self, released: float) -> dict[str, Any]:
+    def summary(self, locked: float, released: float) -> dict[str, Any]:
+        """What became of the requests; times in ``requests`` are seconds since the row
+        was locked ([sent, answered, status]), as is ``released_at_s``."""
         after = [a - released for s, a, st in self.answers if st == 201 and a >= released]
         early = [s for s, a, st in self.answers if st == 201 and a < released]
         refused = [a - s for s, a, st in self.answers if st == 503]
@@ -157,6 +159,10 @@ class _Trickle:
             "wait_before_503_s": [round(w, 2) for w in sorted(refused)],
             "other_statuses": {str(k): v for k, v in sorted(other.items())},
             "connection_errors": self.failures,
+            "released_at_s": round(released - locked, 3),
+            "requests": [
+                [round(s - locked, 3), round(a - locked, 3), st] for s, a, st in self.answers
+            ],
         }
 
 
@@ -176,6 +182,7 @@ async def _locked_phase(
         )
         if held != 1:
             raise RuntimeError(f"expected one stock row of {LOCKED}, locked {held}")
+        locked = time.monotonic()
         trickler = asyncio.create_task(trickle.run(args.trickle, stop))
         result = await run_load(_HOST, port, args.clients, args.seconds, session)
         stop.set()
@@ -185,7 +192,7 @@ async def _locked_phase(
     finally:
         stop.set()
         await foreign.close()
-    return result, trickle.summary(released)
+    return result, trickle.summary(locked, released)
 
 
 async def _round(
@@ -287,7 +294,8 @@ async def _main(args: argparse.Namespace) -> int:
                     print(
                         f"  ratio locked/baseline: rate {_fmt(r['rate_ratio'], '.2f')}x,"
                         f" p99 {_fmt(r['p99_ratio'], '.2f')}x; locked product:"
-                        f" {r['locked_product']}; invariants ok: {r['invariants_ok']}",
+                        f" { {k: v for k, v in r['locked_product'].items() if k != 'requests'} };"
+                        f" invariants ok: {r['invariants_ok']}",
                         flush=True,
                     )
             finally:
