@@ -467,7 +467,15 @@ class ReservationEngine:
         try:
             while True:
                 metrics.RETRIES.inc()
-                outcome = await self.waiters.submit(products, member)
+                try:
+                    # Queued behind a batch of later deadlines, it must not outwait its own.
+                    outcome = await self.waiters.submit(
+                        products,
+                        member,
+                        pending_timeout=max(0.0, member.deadline - time.monotonic()),
+                    )
+                except TimeoutError:
+                    outcome = _Busy(member.busy)
                 if not isinstance(outcome, _Busy):
                     return _answer(outcome)
                 member = replace(member, busy=member.busy | outcome.products)

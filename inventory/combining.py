@@ -13,9 +13,10 @@ Policy:
   one, so an uncontended request runs at once as a batch of one.
 - Batches are bounded (``max_batch``); the rest waits for the next round.
 - The worker belongs to no request: a client that goes away cannot cancel other
-  requests' batch. A request cancelled while still pending is removed before its batch
-  starts; one cancelled while its batch is in flight is applied (like a client that
-  disconnects after its write committed) and its result is dropped.
+  requests' batch. A request cancelled (or past its ``pending_timeout``) while still
+  pending is removed before its batch starts; one cancelled while its batch is in
+  flight is applied (like a client that disconnects after its write committed) and its
+  result is dropped.
 - ``run_batch`` returns one result or exception per item, in order; if it raises, every
   item of that batch gets the exception.
 """
@@ -44,13 +45,24 @@ class Combiner(Generic[K, T, R]):
         self.batches = 0
         self.items = 0
 
-    async def submit(self, key: K, item: T) -> R:
+    async def submit(self, key: K, item: T, *, pending_timeout: float | None = None) -> R:
+        """``item``'s result. With ``pending_timeout``, an item still waiting for its batch
+        to start after that many seconds is withdrawn (:class:`TimeoutError`); once its
+        batch has started it is awaited to the end (the batch's own bound applies), so a
+        timeout never leaves a write the caller was told failed."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         entry = (item, future)
         self._pending.setdefault(key, []).append(entry)
         if key not in self._workers:
             self._workers[key] = asyncio.create_task(self._work(key), name=f"combiner:{key}")
         try:
+            if pending_timeout is not None:
+                await asyncio.wait({future}, timeout=pending_timeout)
+                queue = self._pending.get(key)
+                if not future.done() and queue is not None and entry in queue:
+                    queue.remove(entry)
+                    future.cancel()
+                    raise TimeoutError
             return await future
         except asyncio.CancelledError:
             queue = self._pending.get(key)

@@ -15,6 +15,7 @@ from inventory.check import check_database
 from inventory.combining import Combiner
 from inventory.config import Settings
 from inventory.domain import InsufficientStock, NotFound, RequestedLine, Reservation
+from tests.conftest import wait_until
 
 StockFactory = Callable[..., Awaitable[tuple[str, list[str]]]]
 
@@ -297,3 +298,28 @@ def test_lanes_are_split_over_the_workers(workers: int, lanes: int, per_process:
     settings = Settings(workers=workers, reserve_lanes=lanes)
     assert settings.process_lanes == per_process
     assert Settings.from_env(settings.to_env()).workers == workers
+
+
+async def test_a_pending_item_past_its_timeout_is_withdrawn_not_applied() -> None:
+    """An item queued behind a running batch gives up at its own ``pending_timeout`` and
+    is never handed to a batch; an item whose batch already started is awaited to the
+    end (the caller is never told "failed" about a write that then happens)."""
+    release = asyncio.Event()
+    seen: list[str] = []
+
+    async def run(key: str, items: Sequence[str]) -> list[str]:
+        seen.extend(items)
+        await release.wait()
+        return [f"done {x}" for x in items]
+
+    combiner: Combiner[str, str, str] = Combiner(run)
+    first = asyncio.create_task(combiner.submit("k", "a", pending_timeout=0.05))
+    await wait_until(lambda: seen == ["a"], 2.0, "the first batch to start")
+    with pytest.raises(TimeoutError):
+        await combiner.submit("k", "b", pending_timeout=0.05)
+    assert not first.done()  # in flight: not withdrawn although its timeout passed
+    release.set()
+    assert await first == "done a"
+    assert await combiner.submit("k", "c") == "done c"
+    assert seen == ["a", "c"]
+    await combiner.close()
