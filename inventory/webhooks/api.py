@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
-from uuid import UUID
 
 from msgspec import Meta, Struct
 from starlette.requests import Request
@@ -38,7 +37,6 @@ from .targets import MAX_URL, TargetRefused, parse_url, resolve
 __all__ = [
     "URL_PATTERN",
     "DeliveriesOut",
-    "DeliveryOut",
     "WebhookIn",
     "WebhookOut",
     "WebhooksOut",
@@ -82,27 +80,13 @@ class WebhooksOut(Struct):
     webhooks: list[WebhookOut]
 
 
-class DeliveryOut(Struct):
-    event_id: UUID
-    type: str
-    attempt: int
-    status_code: int | None
-    error: str | None
-    at: datetime
-    next_retry_at: datetime | None
-
-
 class DeliveriesOut(Struct):
-    deliveries: list[DeliveryOut]
+    deliveries: list[Delivery]  # the stored attempt; its id is the page cursor
     next_after: str | None
 
 
 def _out(w: Webhook) -> WebhookOut:
     return WebhookOut(w.id, w.url, list(w.events), w.active, w.created_at, w.updated_at)
-
-
-def _delivery(d: Delivery) -> DeliveryOut:
-    return DeliveryOut(d.event_id, d.type, d.attempt, d.status_code, d.error, d.at, d.next_retry_at)
 
 
 def _webhook_id(request: Request) -> str:
@@ -160,7 +144,7 @@ class WebhookHandlers:
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
         page = await store.deliveries(webhook_id, after or None, limit)
         next_after = str(page[-1].id) if len(page) == limit else None
-        return json_response(DeliveriesOut([_delivery(d) for d in page], next_after))
+        return json_response(DeliveriesOut(page, next_after))
 
 
 def webhook_routes(
