@@ -49,6 +49,7 @@ __all__ = [
     "LoopbackGuard",
     "check_depth",
     "is_loopback_host",
+    "is_loopback_name",
 ]
 
 MAX_JSON_DEPTH = 32
@@ -66,8 +67,11 @@ class ForbiddenOrigin(InventoryError):
 def is_loopback_host(host: str) -> bool:
     """``Host`` header value names this machine: localhost, 127.0.0.0/8 or [::1], any port."""
     name = _split_host(host)[0]
-    if name is None:
-        return False
+    return name is not None and is_loopback_name(name)
+
+
+def is_loopback_name(name: str) -> bool:
+    """A host name without brackets or port names this machine: localhost, 127.0.0.0/8, ::1."""
     if name == "localhost":
         return True
     try:
