@@ -815,11 +815,6 @@ def api_routes(
         ),
         *extra,
     ]  # fmt: skip
-    from .catalog_api import catalog_routes
-    from .waitlist_api import waitlist_routes
-
-    table += catalog_routes(get_service, auth)
-    table += waitlist_routes(get_service, auth)
     by_path: dict[str, dict[str, Handler]] = {}
     docs: dict[str, dict[str, RouteDoc]] = {}
     for path, method, handler, doc in table:

@@ -38,6 +38,7 @@ from . import metrics
 from .alerts import install as install_alerts
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
 from .app_docs import APP_DOCS
+from .catalog_api import catalog_routes
 from .commerce_feed import CommerceFeed, KitSnapshots
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
@@ -52,6 +53,7 @@ from .stream_auth import StreamAuth
 from .tracing import instrument
 from .waitlist import Offerer, Waitlist
 from .waitlist import install as install_offered
+from .waitlist_api import waitlist_routes
 from .webhooks.api import webhook_routes
 from .webhooks.delivery import Dispatcher, policy_from
 from .webhooks.store import WebhookStore
@@ -190,7 +192,11 @@ def create_app(settings: Settings) -> Starlette:
     routes, docs = api_routes(
         runtime.get_service,
         auth,
-        webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
+        [
+            *webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
+            *catalog_routes(runtime.get_service, auth),
+            *waitlist_routes(runtime.get_service, auth),
+        ],
     )
     stream_auth = StreamAuth(auth, runtime.get_tickets)
 
