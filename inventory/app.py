@@ -119,6 +119,9 @@ class Runtime:
 
 
 _HUB_COUNTERS = {
+    "connections_total": metrics.WS_CONNECTIONS_TOTAL,
+    "coalesced": metrics.WS_COALESCED,
+    "gaps": metrics.WS_GAPS,
     "deliveries": metrics.WS_DELIVERIES,
     "conflated": metrics.WS_CONFLATED,
     "stale": metrics.WS_DROPPED,
@@ -126,6 +129,13 @@ _HUB_COUNTERS = {
     "slow_disconnects": metrics.WS_SLOW_DISCONNECTS,
     "redis_reconnects": metrics.REDIS_RECONNECTS,
     "resyncs": metrics.RESYNCS,
+}
+
+
+_HUB_GAUGES = {
+    "connections": metrics.WS_CONNECTIONS,
+    "subscriptions": metrics.WS_SUBSCRIPTIONS,
+    "topics": metrics.WS_TOPICS,
 }
 
 
@@ -139,8 +149,8 @@ async def _export_hub_stats(hub: Hub, interval: float = 1.0) -> None:
             if value > seen[name]:
                 counter.inc(value - seen[name])
             seen[name] = value
-        metrics.WS_CONNECTIONS.set(stats.connections)
-        metrics.WS_SUBSCRIPTIONS.set(stats.subscriptions)
+        for name, gauge in _HUB_GAUGES.items():
+            gauge.set(getattr(stats, name))
         await asyncio.sleep(interval)
 
 
