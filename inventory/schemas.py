@@ -2,7 +2,9 @@
 
 msgspec is used because one declaration gives strict validation (no ``"1"`` for 1, no
 fractional numbers for integers, unknown fields refused), fast JSON encoding and a JSON Schema for
-``/openapi.json``, so documentation cannot drift from what is enforced.
+``/openapi.json``: a body's documented rules are the ones enforced. Path and query
+parameters are checked in the handlers and described in :mod:`.openapi`;
+tests/test_openapi.py and the schemathesis run check that the two agree.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """PostgreSQL store: SQL and error translation (also in :mod:`.store_feed`, :mod:`.expiry`).
 
-Returns domain objects and raises domain errors: asyncpg's exceptions never leave this
-module. Connection failures become :class:`~inventory.domain.Unavailable` (503), a lost
+Returns domain objects (plain dicts for the ledger pages and the invariant report, which
+are only encoded) and raises domain errors: asyncpg's exceptions never leave its
+:func:`_translated` blocks. Connection failures become :class:`~inventory.domain.Unavailable` (503), a lost
 version check becomes :class:`VersionMiss`, a row lock wait past ``lock_timeout``
 :class:`RowsBusy`, constraint violations that the domain should have prevented
 :class:`StoreIntegrityError`.
