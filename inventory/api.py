@@ -81,6 +81,7 @@ __all__ = [
     "api_routes",
     "bearer",
     "error_response",
+    "error_statuses",
     "json_response",
     "status_for",
     "status_of_code",
@@ -94,24 +95,29 @@ IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")
 
 class Unauthorized(InventoryError):
     code = "unauthorized"
+    status = 401
 
 
 class Forbidden(InventoryError):
     code = "forbidden"
+    status = 403
 
 
 class PayloadTooLarge(InventoryError):
     code = "payload_too_large"
+    status = 413
 
 
 class ClientDisconnected(InventoryError):
     """The client went away before its whole body arrived (not a server error)."""
 
     code = "client_disconnected"
+    status = 400
 
 
 class MethodNotAllowed(InventoryError):
     code = "method_not_allowed"
+    status = 405
 
 
 class UnsupportedMediaType(InventoryError):
@@ -119,43 +125,28 @@ class UnsupportedMediaType(InventoryError):
     form bodies cross-site without a preflight, so only JSON is ever read."""
 
     code = "unsupported_media_type"
-
-
-_STATUS = {
-    "validation_error": 422,
-    "invalid_json": 400,
-    "payload_too_large": 413,
-    "client_disconnected": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "forbidden_origin": 403,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "unsupported_media_type": 415,
-    "insufficient_stock": 409,
-    "version_conflict": 409,
-    "warehouse_unavailable": 409,
-    "invalid_state": 409,
-    "conflict": 409,
-    "is_kit": 409,
-    "customer_required": 422,
-    "purchase_limit_exceeded": 409,
-    "already_waiting": 409,
-    "has_stock": 409,
-    "is_component": 409,
-    "bulk_failed": 409,
-    "idempotency_key_reused": 422,
-    "contention": 503,
-    "unavailable": 503,
-}
+    status = 415
 
 
 def status_for(exc: InventoryError) -> int:
-    return status_of_code(exc.code)
+    return exc.status
 
 
 def status_of_code(code: str) -> int:
-    return _STATUS.get(code, 500)
+    """The HTTP status of an error code (for OpenAPI); ``KeyError`` for an unknown code."""
+    return error_statuses()[code]
+
+
+def error_statuses() -> dict[str, int]:
+    """Every error code of the loaded :class:`InventoryError` subclasses -> its status."""
+    found: dict[str, int] = {}
+    pending: list[type[InventoryError]] = [InventoryError]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if "status" in vars(cls):
+            found[cls.code] = cls.status
+    return found
 
 
 def json_response(

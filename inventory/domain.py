@@ -74,9 +74,11 @@ def is_product_id(value: str) -> bool:
 
 
 class InventoryError(Exception):
-    """Base of every rule violation a caller can handle; ``code`` is the API error code."""
+    """Base of every rule violation a caller can handle: ``code`` is the API error code,
+    ``status`` its HTTP status. Every concrete subclass sets both (a test checks it)."""
 
     code = "inventory_error"
+    status: int
 
     def __init__(self, message: str, details: Any = None) -> None:
         super().__init__(message)
@@ -88,48 +90,56 @@ class ValidationFailed(InventoryError):
     """The request breaks the schema or an id rule (checked before anything is read)."""
 
     code = "validation_error"
+    status = 422
 
 
 class NotFound(InventoryError):
     """A well-formed id names nothing."""
 
     code = "not_found"
+    status = 404
 
 
 class InsufficientStock(InventoryError):
     """Not enough available stock for a removal, a cycle count or a reservation."""
 
     code = "insufficient_stock"
+    status = 409
 
 
 class VersionConflict(InventoryError):
     """The caller's ``expected_version`` is stale; ``details`` has ``current_version``."""
 
     code = "version_conflict"
+    status = 409
 
 
 class WarehouseUnavailable(InventoryError):
     """A reservation line is pinned to a warehouse that is not active."""
 
     code = "warehouse_unavailable"
+    status = 409
 
 
 class InvalidState(InventoryError):
     """The reservation's state does not allow the transition; ``details`` has ``status``."""
 
     code = "invalid_state"
+    status = 409
 
 
 class IdempotencyKeyReused(InventoryError):
     """An ``Idempotency-Key`` was sent again with a different body."""
 
     code = "idempotency_key_reused"
+    status = 422
 
 
 class Unavailable(InventoryError):
     """PostgreSQL (or, for the lock strategy, Redis) cannot be reached right now."""
 
     code = "unavailable"
+    status = 503
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
@@ -140,6 +150,7 @@ class Contention(InventoryError):
     """Retries, the deadline or the lock wait ran out; the client should retry later."""
 
     code = "contention"
+    status = 503
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)

@@ -56,6 +56,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 class ForbiddenOrigin(InventoryError):
     code = "forbidden_origin"
+    status = 403
 
 
 def is_loopback_host(host: str) -> bool:

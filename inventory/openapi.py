@@ -30,7 +30,6 @@ from .schemas import ErrorOut
 __all__ = ["openapi_document"]
 
 # Codes raised outside the route handlers (protocol guards), with their status.
-_GUARD_CODES = {"forbidden_origin": 403, "unsupported_media_type": 415}
 _STATUS_TEXT = {
     400: "Malformed JSON, or the client left before its body arrived",
     401: "Missing or unknown bearer token",
@@ -131,7 +130,7 @@ def _error_codes(doc: RouteDoc, has_input: bool) -> list[str]:
 def _error_responses(codes: list[str]) -> dict[str, Any]:
     by_status: dict[int, list[str]] = {}
     for code in codes:
-        by_status.setdefault(_GUARD_CODES.get(code) or status_of_code(code), []).append(code)
+        by_status.setdefault(status_of_code(code), []).append(code)
     responses: dict[str, Any] = {}
     for status in sorted(by_status):
         schema = {

@@ -243,6 +243,7 @@ class InvalidJson(InventoryError):
     """The body is not JSON at all."""
 
     code = "invalid_json"
+    status = 400
 
 
 def decode(body: bytes, kind: type[T]) -> tuple[T, Any]:

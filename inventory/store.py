@@ -75,6 +75,7 @@ class StoreIntegrityError(InventoryError):
     """The database refused a write that the domain should have refused first."""
 
     code = "conflict"
+    status = 409
 
 
 @dataclass(frozen=True, slots=True)
