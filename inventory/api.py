@@ -24,7 +24,11 @@ from starlette.routing import BaseRoute, Route
 from .catalog import ProductSettings, get_settings
 from .commerce import active_available, kit_reservable, reservable
 from .domain import (
+    IDEMPOTENCY_KEY_RE,
+    IDEMPOTENCY_KEY_RULE,
     PRODUCT_ID_RE,
+    PRODUCT_ID_RULE,
+    WAREHOUSE_ID_RULE,
     Contention,
     InventoryError,
     NotFound,
@@ -82,6 +86,7 @@ __all__ = [
     "bearer",
     "error_response",
     "error_statuses",
+    "idempotency_key",
     "json_response",
     "status_for",
     "status_of_code",
@@ -90,7 +95,6 @@ __all__ = [
 MAX_BODY = 64 * 1024
 MAX_STOCK_QUERY = 500
 MAX_PAGE = 1000
-IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")
 
 
 class Unauthorized(InventoryError):
@@ -241,12 +245,20 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     return b"".join(chunks)
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` (``None`` without one); 422 when malformed."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise ValidationFailed(
+            f"Idempotency-Key must be {IDEMPOTENCY_KEY_RULE}", {"field": "Idempotency-Key"}
+        )
+    return key
+
+
 def _product_id(request: Request) -> str:
     value: str = request.path_params["product_id"]
     if not is_product_id(value):
-        raise ValidationFailed(
-            "product_id must be 1-128 of [A-Za-z0-9._:-]", {"field": "product_id"}
-        )
+        raise ValidationFailed(f"product_id must be {PRODUCT_ID_RULE}", {"field": "product_id"})
     return value
 
 
@@ -254,7 +266,7 @@ def _warehouse_id(request: Request) -> str:
     value: str = request.path_params["warehouse_id"]
     if not is_warehouse_id(value):
         raise ValidationFailed(
-            "warehouse_id must be 1-64 of [A-Za-z0-9._-]", {"field": "warehouse_id"}
+            f"warehouse_id must be {WAREHOUSE_ID_RULE}", {"field": "warehouse_id"}
         )
     return value
 
@@ -462,12 +474,7 @@ class Handlers:
 
     async def reserve(self, request: Request) -> Response:
         identity = self._identity(request, "reserve")
-        key = request.headers.get("idempotency-key")
-        if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
-            raise ValidationFailed(
-                "Idempotency-Key must be 1-255 printable ASCII characters",
-                {"field": "Idempotency-Key"},
-            )
+        key = idempotency_key(request)
         body, raw = decode(await read_body(request), ReserveIn)
         idempotency = None
         if key is not None:

@@ -20,7 +20,6 @@ from starlette.responses import Response
 from .api import (
     _READ,
     _WRITE,
-    IDEMPOTENCY_KEY_RE,
     MAX_PAGE,
     Auth,
     Handler,
@@ -30,6 +29,7 @@ from .api import (
     _int_param,
     _product_id,
     bearer,
+    idempotency_key,
     json_response,
     read_body,
 )
@@ -73,12 +73,7 @@ class WaitlistHandlers:
     async def join(self, request: Request) -> Response:
         identity = self.auth.check(bearer(request.headers), "reserve")
         product_id = _product_id(request)
-        key = request.headers.get("idempotency-key")
-        if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
-            raise ValidationFailed(
-                "Idempotency-Key must be 1-255 printable ASCII characters",
-                {"field": "Idempotency-Key"},
-            )
+        key = idempotency_key(request)
         body, raw = decode(await read_body(request), WaitlistIn)
         idem = None
         if key is not None:  # the path is part of "the same request"

@@ -3,8 +3,8 @@
 Modules, one concept each:
 
 * :mod:`realtime.ports`: the storage ports (``LevelReader``, ``Outbox``) and their values;
-  implemented on PostgreSQL by ``inventory/store_feed.py`` (this package imports nothing
-  from ``inventory``).
+  implemented on PostgreSQL by ``inventory/store_feed.py`` (this package imports
+  nothing from ``inventory`` but the id rules of ``inventory.domain``).
 * :mod:`realtime.protocol`: the WebSocket wire protocol, pure (parse, validate, encode).
 * :mod:`realtime.conflation`: per-connection newest-state-per-row buffer, pure.
 * :mod:`realtime.session`: one connection's outbound side: direct writes, queues, limits.

@@ -27,7 +27,7 @@ from ..api import (
     json_response,
     read_body,
 )
-from ..domain import ValidationFailed, is_warehouse_id
+from ..domain import WAREHOUSE_ID_RULE, ValidationFailed, is_warehouse_id
 from ..schemas import decode
 from ..service import InventoryService
 from .events import EVENT_TYPES
@@ -92,7 +92,7 @@ def _out(w: Webhook) -> WebhookOut:
 def _webhook_id(request: Request) -> str:
     value: str = request.path_params["webhook_id"]
     if not is_warehouse_id(value):
-        raise ValidationFailed("webhook_id must be 1-64 of [A-Za-z0-9._-]", {"field": "webhook_id"})
+        raise ValidationFailed(f"webhook_id must be {WAREHOUSE_ID_RULE}", {"field": "webhook_id"})
     return value
 
 
