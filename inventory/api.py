@@ -80,6 +80,7 @@ __all__ = [
     "PayloadTooLarge",
     "QueryParam",
     "RouteDoc",
+    "RouteHandlers",
     "Unauthorized",
     "UnsupportedMediaType",
     "api_routes",
@@ -338,8 +339,9 @@ def reservation_out(r: Reservation) -> ReservationOut:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class Handlers:
-    """The route handlers, bound to one authenticator and the process's service.
+class RouteHandlers:
+    """Route handlers bound to one authenticator and the process's service (the base of
+    every route module's handlers).
 
     The service is looked up per request: routes are built before the lifespan has
     opened the database pool the service needs.
@@ -355,6 +357,10 @@ class Handlers:
 
     def _identity(self, request: Request, scope: str) -> str:
         return self.auth.check(bearer(request.headers), scope)
+
+
+class Handlers(RouteHandlers):
+    """The stock, warehouse and reservation routes."""
 
     async def put_warehouse(self, request: Request) -> Response:
         self._identity(request, "admin")

@@ -26,9 +26,9 @@ from .api import (
     Link,
     QueryParam,
     RouteDoc,
+    RouteHandlers,
     _int_param,
     _product_id,
-    bearer,
     idempotency_key,
     json_response,
     read_body,
@@ -61,17 +61,15 @@ def _entry_id(request: Request) -> UUID:
         raise ValidationFailed("waitlist entry id must be a UUID", {"field": "id"}) from None
 
 
-class WaitlistHandlers:
-    def __init__(self, get_service: Callable[[], InventoryService], auth: Auth) -> None:
-        self._get_service = get_service
-        self.auth = auth
+class WaitlistHandlers(RouteHandlers):
+    """The waitlist routes."""
 
     @property
     def waitlist(self) -> Waitlist:
-        return Waitlist(self._get_service())
+        return Waitlist(self.service)
 
     async def join(self, request: Request) -> Response:
-        identity = self.auth.check(bearer(request.headers), "reserve")
+        identity = self._identity(request, "reserve")
         product_id = _product_id(request)
         key = idempotency_key(request)
         body, raw = decode(await read_body(request), WaitlistIn)
@@ -88,15 +86,15 @@ class WaitlistHandlers:
         return json_response(entry.out(), 201, headers)
 
     async def get(self, request: Request) -> Response:
-        self.auth.check(bearer(request.headers), "read")
+        self._identity(request, "read")
         return json_response((await self.waitlist.get(_entry_id(request))).out())
 
     async def cancel(self, request: Request) -> Response:
-        self.auth.check(bearer(request.headers), "reserve")
+        self._identity(request, "reserve")
         return json_response((await self.waitlist.cancel(_entry_id(request))).out())
 
     async def list(self, request: Request) -> Response:
-        self.auth.check(bearer(request.headers), "admin")
+        self._identity(request, "admin")
         product_id = _product_id(request)
         after = _int_param(request, "after", 0, 0, 2**63 - 1)
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
