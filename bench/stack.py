@@ -111,6 +111,20 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
             proc.wait()
 
 
+def server_env(database_url: str, redis_url: str, **settings: str) -> dict[str, str]:
+    """A benchmark server's environment: this process's, the URLs, a fresh Redis prefix,
+    no tokens, warnings only; ``settings`` adds or replaces ``INVENTORY_*`` variables."""
+    return {
+        **os.environ,
+        "INVENTORY_DATABASE_URL": database_url,
+        "INVENTORY_REDIS_URL": redis_url,
+        "INVENTORY_REDIS_PREFIX": f"bench-{secrets.token_hex(4)}",
+        "INVENTORY_TOKENS": "",
+        "INVENTORY_LOG_LEVEL": "warning",
+        **settings,
+    }
+
+
 @dataclass(frozen=True)
 class Databases:
     """The scratch databases of one run: ``http`` for the server, ``pgbench`` for ceilings."""
