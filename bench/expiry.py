@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import secrets
 import statistics
 import sys
 import time
@@ -30,7 +28,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.stack import ServerProcess, backing_servers, scratch_databases
+from bench.stack import ServerProcess, backing_servers, scratch_databases, server_env
 from inventory.domain import RequestedLine, Warehouse, WarehouseStatus
 from inventory.service import InventoryService
 from inventory.store import connect, invariant_violations
@@ -61,14 +59,7 @@ async def _seed(url: str, reservations: int) -> None:
 async def _round(admin_url: str, redis_url: str, reservations: int, locked: bool) -> dict[str, Any]:
     async with scratch_databases(admin_url) as dbs:
         await _seed(dbs.http, reservations)
-        env = {
-            **os.environ,
-            "INVENTORY_DATABASE_URL": dbs.http,
-            "INVENTORY_REDIS_URL": redis_url,
-            "INVENTORY_REDIS_PREFIX": f"bench-{secrets.token_hex(4)}",
-            "INVENTORY_TOKENS": "",
-            "INVENTORY_LOG_LEVEL": "warning",
-        }
+        env = server_env(dbs.http, redis_url)
         server = ServerProcess.inventory(env, workers=1)
         await asyncio.to_thread(server.start)
         conn = await asyncpg.connect(dbs.http)

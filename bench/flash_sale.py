@@ -212,7 +212,7 @@ async def _kit_round(host: str, port: int, clients: int, n: int) -> dict[str, An
     for name, body in (("explicit", explicit), ("kit", kit)) * 2:
 
         async def one(c: Client, _: int, body: Any = body) -> None:
-            status, answer, _ = await _call(c, "POST", "/v1/reservations", body)
+            status, answer, _took = await _call(c, "POST", "/v1/reservations", body)
             assert status == 201, answer
 
         seconds[name] += await _drive(host, port, clients, list(range(n // 2)), one)

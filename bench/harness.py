@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import re
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -60,7 +59,14 @@ from bench.scenarios import (
     Scenario,
     seed,
 )
-from bench.stack import ROOT, CpuMeter, ServerProcess, backing_servers, scratch_databases
+from bench.stack import (
+    ROOT,
+    CpuMeter,
+    ServerProcess,
+    backing_servers,
+    scratch_databases,
+    server_env,
+)
 from inventory.check import check_database
 from inventory.embedded import which_pgbench
 
@@ -645,15 +651,7 @@ async def _run(plan: Plan, out: dict[str, Any]) -> None:
 
 
 def _server_env(db_url: str, redis_url: str, strategy: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "INVENTORY_DATABASE_URL": db_url,
-        "INVENTORY_REDIS_URL": redis_url,
-        "INVENTORY_RESERVE_STRATEGY": strategy,
-        "INVENTORY_REDIS_PREFIX": f"bench-{secrets.token_hex(4)}",
-        "INVENTORY_TOKENS": "",
-        "INVENTORY_LOG_LEVEL": "warning",
-    }
+    return server_env(db_url, redis_url, INVENTORY_RESERVE_STRATEGY=strategy)
 
 
 async def _run_http(

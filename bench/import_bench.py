@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import secrets
 import statistics
 import sys
@@ -30,7 +29,7 @@ from typing import Any
 
 import asyncpg
 
-from bench.stack import ServerProcess, backing_servers, scratch_databases
+from bench.stack import ServerProcess, backing_servers, scratch_databases, server_env
 from inventory.client import Client
 from inventory.transfer import import_file
 
@@ -76,14 +75,7 @@ async def run(rows: int, rounds: int) -> dict[str, Any]:
     results: list[dict[str, float]] = []
     with backing_servers() as backing, tempfile.TemporaryDirectory() as tmp:
         async with scratch_databases(backing.pg_url) as dbs:
-            env = {
-                **os.environ,
-                "INVENTORY_DATABASE_URL": dbs.http,
-                "INVENTORY_REDIS_URL": backing.redis_url,
-                "INVENTORY_REDIS_PREFIX": f"bench-{secrets.token_hex(4)}",
-                "INVENTORY_TOKENS": "",
-                "INVENTORY_LOG_LEVEL": "warning",
-            }
+            env = server_env(dbs.http, backing.redis_url)
             server = ServerProcess.inventory(env, workers=1)
             await asyncio.to_thread(server.start)
             try:

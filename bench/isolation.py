@@ -39,9 +39,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import random
-import secrets
 import statistics
 import sys
 import time
@@ -53,7 +51,7 @@ import asyncpg
 
 from bench.loadgen import Client, HttpError, LoadResult, Session, run_load
 from bench.scenarios import WAREHOUSE, seed
-from bench.stack import ServerProcess, backing_servers, scratch_databases
+from bench.stack import ServerProcess, backing_servers, scratch_databases, server_env
 from inventory.batch_reserve import lane_of
 from inventory.check import check_database
 from inventory.config import Settings
@@ -259,14 +257,7 @@ def _line(name: str, phase: dict[str, Any]) -> str:
 async def _main(args: argparse.Namespace) -> int:
     with backing_servers() as backing:
         async with scratch_databases(backing.pg_url) as dbs:
-            env = {
-                **os.environ,
-                "INVENTORY_DATABASE_URL": dbs.http,
-                "INVENTORY_REDIS_URL": backing.redis_url,
-                "INVENTORY_REDIS_PREFIX": f"bench-{secrets.token_hex(4)}",
-                "INVENTORY_TOKENS": "",
-                "INVENTORY_LOG_LEVEL": "warning",
-            }
+            env = server_env(dbs.http, backing.redis_url)
             settings = dataclasses.replace(Settings.from_env(env), workers=args.workers)
             lanes = settings.process_lanes
             server = ServerProcess.inventory(env, workers=args.workers)

@@ -151,7 +151,7 @@ async def _latency(url: str, redis_url: str, seconds: float, foreign: object) ->
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await listener
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await redis.aclose()
         await pool.close()
     lags.sort()

@@ -73,8 +73,56 @@ def backing_servers() -> Iterator[Backing]:
                 pg.stop()
 
 
-def _with_database(url: str, name: str) -> str:
+def with_database(url: str, name: str) -> str:
+    """``url`` with its database replaced by ``name``."""
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
+    """A new migrated database ``<prefix>_<random>`` on the server of ``admin_url``,
+    dropped on exit (tests and benchmarks both use it)."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = with_database(admin_url, name)
+    try:
+        await migrate(url)
+        yield url
+    finally:
+        admin = await asyncpg.connect(admin_url, timeout=10)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def server_env(database_url: str, redis_url: str, **settings: str) -> dict[str, str]:
+    """A benchmark server's environment: this process's, the URLs, a fresh Redis prefix,
+    no tokens, warnings only; ``settings`` adds or replaces ``INVENTORY_*`` variables."""
+    return {
+        **os.environ,
+        "INVENTORY_DATABASE_URL": database_url,
+        "INVENTORY_REDIS_URL": redis_url,
+        "INVENTORY_REDIS_PREFIX": f"bench-{secrets.token_hex(4)}",
+        "INVENTORY_TOKENS": "",
+        "INVENTORY_LOG_LEVEL": "warning",
+        **settings,
+    }
 
 
 @dataclass(frozen=True)
@@ -87,27 +135,12 @@ class Databases:
 
 @contextlib.asynccontextmanager
 async def scratch_databases(admin_url: str) -> AsyncIterator[Databases]:
-    """Create and migrate ``bench_<random>`` and ``bench_<random>_pgbench``; drop them after."""
-    base = f"bench_{secrets.token_hex(4)}"
-    names = [base, f"{base}_pgbench"]
-    admin = await asyncpg.connect(admin_url, timeout=10)
-    try:
-        for name in names:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        urls = [_with_database(admin_url, name) for name in names]
-        for url in urls:
-            await migrate(url)
-        yield Databases(*urls)
-    finally:
-        admin = await asyncpg.connect(admin_url, timeout=10)
-        try:
-            for name in names:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    """Migrated ``bench_<random>`` and ``bench_pgbench_<random>``; dropped after."""
+    async with (
+        scratch_database(admin_url, "bench") as http,
+        scratch_database(admin_url, "bench_pgbench") as pgbench,
+    ):
+        yield Databases(http, pgbench)
 
 
 @dataclass
@@ -193,13 +226,8 @@ class ServerProcess:
             return []
 
     def stop(self, timeout: float = 15) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
         self.log.unlink(missing_ok=True)
 
 

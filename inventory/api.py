@@ -1,4 +1,6 @@
-"""HTTP API: the only module that knows HTTP. Handlers are thin: check the token, parse,
+"""HTTP API of stock, warehouses and reservations, and the helpers every route module
+shares (errors, auth, route table; :mod:`.catalog_api`, :mod:`.waitlist_api` and
+:mod:`.webhooks.api` hold the other routes). Handlers are thin: check the token, parse,
 call the service, encode. Every error leaves through :func:`error_response` in the
 spec's shape ``{"error": {"code", "message", "details"}}``.
 """
@@ -22,7 +24,11 @@ from starlette.routing import BaseRoute, Route
 from .catalog import ProductSettings, get_settings
 from .commerce import active_available, kit_reservable, reservable
 from .domain import (
+    IDEMPOTENCY_KEY_RE,
+    IDEMPOTENCY_KEY_RULE,
     PRODUCT_ID_RE,
+    PRODUCT_ID_RULE,
+    WAREHOUSE_ID_RULE,
     Contention,
     InventoryError,
     NotFound,
@@ -74,11 +80,14 @@ __all__ = [
     "PayloadTooLarge",
     "QueryParam",
     "RouteDoc",
+    "RouteHandlers",
     "Unauthorized",
     "UnsupportedMediaType",
     "api_routes",
     "bearer",
     "error_response",
+    "error_statuses",
+    "idempotency_key",
     "json_response",
     "status_for",
     "status_of_code",
@@ -87,29 +96,33 @@ __all__ = [
 MAX_BODY = 64 * 1024
 MAX_STOCK_QUERY = 500
 MAX_PAGE = 1000
-IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")
 
 
 class Unauthorized(InventoryError):
     code = "unauthorized"
+    status = 401
 
 
 class Forbidden(InventoryError):
     code = "forbidden"
+    status = 403
 
 
 class PayloadTooLarge(InventoryError):
     code = "payload_too_large"
+    status = 413
 
 
 class ClientDisconnected(InventoryError):
     """The client went away before its whole body arrived (not a server error)."""
 
     code = "client_disconnected"
+    status = 400
 
 
 class MethodNotAllowed(InventoryError):
     code = "method_not_allowed"
+    status = 405
 
 
 class UnsupportedMediaType(InventoryError):
@@ -117,43 +130,28 @@ class UnsupportedMediaType(InventoryError):
     form bodies cross-site without a preflight, so only JSON is ever read."""
 
     code = "unsupported_media_type"
-
-
-_STATUS = {
-    "validation_error": 422,
-    "invalid_json": 400,
-    "payload_too_large": 413,
-    "client_disconnected": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "forbidden_origin": 403,
-    "not_found": 404,
-    "method_not_allowed": 405,
-    "unsupported_media_type": 415,
-    "insufficient_stock": 409,
-    "version_conflict": 409,
-    "warehouse_unavailable": 409,
-    "invalid_state": 409,
-    "conflict": 409,
-    "is_kit": 409,
-    "customer_required": 422,
-    "purchase_limit_exceeded": 409,
-    "already_waiting": 409,
-    "has_stock": 409,
-    "is_component": 409,
-    "bulk_failed": 409,
-    "idempotency_key_reused": 422,
-    "contention": 503,
-    "unavailable": 503,
-}
+    status = 415
 
 
 def status_for(exc: InventoryError) -> int:
-    return status_of_code(exc.code)
+    return exc.status
 
 
 def status_of_code(code: str) -> int:
-    return _STATUS.get(code, 500)
+    """The HTTP status of an error code (for OpenAPI); ``KeyError`` for an unknown code."""
+    return error_statuses()[code]
+
+
+def error_statuses() -> dict[str, int]:
+    """Every error code of the loaded :class:`InventoryError` subclasses -> its status."""
+    found: dict[str, int] = {}
+    pending: list[type[InventoryError]] = [InventoryError]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if "status" in vars(cls):
+            found[cls.code] = cls.status
+    return found
 
 
 def json_response(
@@ -248,12 +246,20 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
     return b"".join(chunks)
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` (``None`` without one); 422 when malformed."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise ValidationFailed(
+            f"Idempotency-Key must be {IDEMPOTENCY_KEY_RULE}", {"field": "Idempotency-Key"}
+        )
+    return key
+
+
 def _product_id(request: Request) -> str:
     value: str = request.path_params["product_id"]
     if not is_product_id(value):
-        raise ValidationFailed(
-            "product_id must be 1-128 of [A-Za-z0-9._:-]", {"field": "product_id"}
-        )
+        raise ValidationFailed(f"product_id must be {PRODUCT_ID_RULE}", {"field": "product_id"})
     return value
 
 
@@ -261,7 +267,7 @@ def _warehouse_id(request: Request) -> str:
     value: str = request.path_params["warehouse_id"]
     if not is_warehouse_id(value):
         raise ValidationFailed(
-            "warehouse_id must be 1-64 of [A-Za-z0-9._-]", {"field": "warehouse_id"}
+            f"warehouse_id must be {WAREHOUSE_ID_RULE}", {"field": "warehouse_id"}
         )
     return value
 
@@ -333,8 +339,9 @@ def reservation_out(r: Reservation) -> ReservationOut:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class Handlers:
-    """The route handlers, bound to one authenticator and the process's service.
+class RouteHandlers:
+    """Route handlers bound to one authenticator and the process's service (the base of
+    every route module's handlers).
 
     The service is looked up per request: routes are built before the lifespan has
     opened the database pool the service needs.
@@ -350,6 +357,10 @@ class Handlers:
 
     def _identity(self, request: Request, scope: str) -> str:
         return self.auth.check(bearer(request.headers), scope)
+
+
+class Handlers(RouteHandlers):
+    """The stock, warehouse and reservation routes."""
 
     async def put_warehouse(self, request: Request) -> Response:
         self._identity(request, "admin")
@@ -469,12 +480,7 @@ class Handlers:
 
     async def reserve(self, request: Request) -> Response:
         identity = self._identity(request, "reserve")
-        key = request.headers.get("idempotency-key")
-        if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
-            raise ValidationFailed(
-                "Idempotency-Key must be 1-255 printable ASCII characters",
-                {"field": "Idempotency-Key"},
-            )
+        key = idempotency_key(request)
         body, raw = decode(await read_body(request), ReserveIn)
         idempotency = None
         if key is not None:
@@ -815,11 +821,6 @@ def api_routes(
         ),
         *extra,
     ]  # fmt: skip
-    from .catalog_api import catalog_routes
-    from .waitlist_api import waitlist_routes
-
-    table += catalog_routes(get_service, auth)
-    table += waitlist_routes(get_service, auth)
     by_path: dict[str, dict[str, Handler]] = {}
     docs: dict[str, dict[str, RouteDoc]] = {}
     for path, method, handler, doc in table:

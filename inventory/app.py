@@ -38,6 +38,7 @@ from . import metrics
 from .alerts import install as install_alerts
 from .api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
 from .app_docs import APP_DOCS
+from .catalog_api import catalog_routes
 from .commerce_feed import CommerceFeed, KitSnapshots
 from .config import Settings
 from .domain import InventoryError, NotFound, Unavailable
@@ -52,6 +53,7 @@ from .stream_auth import StreamAuth
 from .tracing import instrument
 from .waitlist import Offerer, Waitlist
 from .waitlist import install as install_offered
+from .waitlist_api import waitlist_routes
 from .webhooks.api import webhook_routes
 from .webhooks.delivery import Dispatcher, policy_from
 from .webhooks.store import WebhookStore
@@ -117,6 +119,9 @@ class Runtime:
 
 
 _HUB_COUNTERS = {
+    "connections_total": metrics.WS_CONNECTIONS_TOTAL,
+    "coalesced": metrics.WS_COALESCED,
+    "gaps": metrics.WS_GAPS,
     "deliveries": metrics.WS_DELIVERIES,
     "conflated": metrics.WS_CONFLATED,
     "stale": metrics.WS_DROPPED,
@@ -124,6 +129,13 @@ _HUB_COUNTERS = {
     "slow_disconnects": metrics.WS_SLOW_DISCONNECTS,
     "redis_reconnects": metrics.REDIS_RECONNECTS,
     "resyncs": metrics.RESYNCS,
+}
+
+
+_HUB_GAUGES = {
+    "connections": metrics.WS_CONNECTIONS,
+    "subscriptions": metrics.WS_SUBSCRIPTIONS,
+    "topics": metrics.WS_TOPICS,
 }
 
 
@@ -137,8 +149,8 @@ async def _export_hub_stats(hub: Hub, interval: float = 1.0) -> None:
             if value > seen[name]:
                 counter.inc(value - seen[name])
             seen[name] = value
-        metrics.WS_CONNECTIONS.set(stats.connections)
-        metrics.WS_SUBSCRIPTIONS.set(stats.subscriptions)
+        for name, gauge in _HUB_GAUGES.items():
+            gauge.set(getattr(stats, name))
         await asyncio.sleep(interval)
 
 
@@ -190,7 +202,11 @@ def create_app(settings: Settings) -> Starlette:
     routes, docs = api_routes(
         runtime.get_service,
         auth,
-        webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
+        [
+            *webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
+            *catalog_routes(runtime.get_service, auth),
+            *waitlist_routes(runtime.get_service, auth),
+        ],
     )
     stream_auth = StreamAuth(auth, runtime.get_tickets)
 

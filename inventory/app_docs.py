@@ -10,9 +10,11 @@ from typing import Any
 from realtime.protocol import MAX_SUBSCRIPTIONS
 
 from .api import PRODUCT_ID_SCHEMA, Auth, Messages, QueryParam, RouteDoc, api_routes
+from .catalog_api import catalog_routes
 from .doc_schemas import HealthOut, ReadyOut, StreamTicketOut, WsClientMessage, WsServerMessage
 from .openapi import openapi_document
 from .service import InventoryService
+from .waitlist_api import waitlist_routes
 from .webhooks.api import webhook_routes
 
 __all__ = ["APP_DOCS", "api_document"]
@@ -110,5 +112,10 @@ def _no_service() -> InventoryService:
 def api_document() -> dict[str, Any]:
     """``/openapi.json`` for every route, built without a server (also for tests)."""
     auth = Auth({})
-    _, docs = api_routes(_no_service, auth, webhook_routes(_no_service, auth, False))
+    rows = [
+        *webhook_routes(_no_service, auth, False),
+        *catalog_routes(_no_service, auth),
+        *waitlist_routes(_no_service, auth),
+    ]
+    _, docs = api_routes(_no_service, auth, rows)
     return openapi_document({**docs, **APP_DOCS})

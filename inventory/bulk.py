@@ -36,6 +36,7 @@ class BulkFailed(InventoryError):
     """An ``atomic`` bulk request had a failing item; nothing was written."""
 
     code = "bulk_failed"
+    status = 409
 
 
 @dataclass(frozen=True, slots=True)

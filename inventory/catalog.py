@@ -55,18 +55,21 @@ class IsKit(InventoryError):
     """A stock row was asked for a kit, or a kit was named as a component."""
 
     code = "is_kit"
+    status = 409
 
 
 class HasStock(InventoryError):
     """Components were given to a product that has stock rows of its own."""
 
     code = "has_stock"
+    status = 409
 
 
 class IsComponent(InventoryError):
     """Components were given to a product that is a component of a kit (no kits of kits)."""
 
     code = "is_component"
+    status = 409
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from .api import (
     Link,
     QueryParam,
     RouteDoc,
+    RouteHandlers,
     _int_param,
     _product_id,
     json_response,
@@ -166,19 +167,8 @@ def _product_out(
     )
 
 
-class CatalogHandlers:
-    def __init__(self, get_service: Callable[[], InventoryService], auth: Auth) -> None:
-        self._get_service = get_service
-        self.auth = auth
-
-    @property
-    def service(self) -> InventoryService:
-        return self._get_service()
-
-    def _identity(self, request: Request, scope: str) -> str:
-        from .api import bearer
-
-        return self.auth.check(bearer(request.headers), scope)
+class CatalogHandlers(RouteHandlers):
+    """The catalog, listing and bulk routes."""
 
     async def _products(self, ids: list[str]) -> list[ProductOut]:
         """Bodies of ``ids`` (in that order), skipping ids with neither rows nor settings."""

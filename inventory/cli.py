@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import atexit
 import contextlib
-import ipaddress
 import logging
 import os
 import shutil
@@ -24,6 +23,7 @@ from typing import Any
 from .config import ConfigError, Settings, default_data_dir
 from .domain import InventoryError
 from .embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
+from .guards import is_loopback_name
 from .logs import configure_logging, default_format, uvicorn_log_config
 from .startup import StartupError, check_data_dir, check_redis, database_error
 
@@ -42,15 +42,6 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 class CliError(Exception):
     """A failure reported as one line and exit status 1."""
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @contextlib.contextmanager
@@ -105,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env().with_overrides(
         host=args.host, port=args.port, workers=args.workers, data_dir=args.data_dir
     )
-    if not settings.tokens and not _is_loopback(settings.host):
+    if not settings.tokens and not is_loopback_name(settings.host):
         raise CliError(
             f"refusing to listen on {settings.host} without authentication: "
             "set INVENTORY_TOKENS or bind to 127.0.0.1"

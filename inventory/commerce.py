@@ -40,6 +40,7 @@ class CustomerRequired(InventoryError):
     """A line for a product with ``max_per_customer`` came without ``customer_id`` (422)."""
 
     code = "customer_required"
+    status = 422
 
 
 class PurchaseLimitExceeded(InventoryError):
@@ -47,12 +48,14 @@ class PurchaseLimitExceeded(InventoryError):
     ``details`` is ``{product_id, limit, held}``."""
 
     code = "purchase_limit_exceeded"
+    status = 409
 
 
 class AlreadyWaiting(InventoryError):
     """The customer already has a waiting entry for the product (409)."""
 
     code = "already_waiting"
+    status = 409
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ Every variable is documented in the README's configuration table. Invalid values
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -18,7 +19,17 @@ import orjson
 
 from .logs import default_format as default_log_format
 
-__all__ = ["SCOPES", "ConfigError", "Settings", "default_data_dir"]
+__all__ = [
+    "DISTRIBUTION",
+    "SCOPES",
+    "TRACE_EXPORTERS",
+    "ConfigError",
+    "Settings",
+    "check_tracing",
+    "default_data_dir",
+    "otel_missing",
+    "trace_exporters",
+]
 
 SCOPES = ("read", "reserve", "admin")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -123,6 +134,66 @@ def parse_tokens(raw: str) -> dict[str, frozenset[str]]:
     return tokens
 
 
+# --- INVENTORY_TRACING=on: checked here, with nothing of OpenTelemetry imported ----
+
+DISTRIBUTION = "inventory-server"
+TRACE_EXPORTERS = ("otlp", "console", "none")
+
+# What INVENTORY_TRACING=on imports; checked without importing them.
+_REQUIRED = (
+    "opentelemetry.sdk.trace",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.instrumentation.asgi",
+    "opentelemetry.instrumentation.asyncpg",
+    "opentelemetry.instrumentation.redis",
+)
+
+
+def otel_missing(detail: str) -> ConfigError:
+    return ConfigError(
+        f"INVENTORY_TRACING=on needs OpenTelemetry, which is not installed ({detail}): "
+        f"pip install '{DISTRIBUTION}[otel]'"
+    )
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package is missing or half-imported
+        return False
+
+
+def trace_exporters(env: Mapping[str, str]) -> list[str]:
+    """The exporters ``OTEL_TRACES_EXPORTER`` asks for, ``none`` left out."""
+    raw = env.get("OTEL_TRACES_EXPORTER") or "otlp"
+    names = [name.strip().lower() for name in raw.split(",") if name.strip()]
+    if not names or any(name not in TRACE_EXPORTERS for name in names):
+        raise ConfigError(
+            f"OTEL_TRACES_EXPORTER must be {', '.join(TRACE_EXPORTERS)} (or a comma-separated "
+            f"list of them), got {raw!r}"
+        )
+    if "otlp" in names:
+        protocol = (
+            env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or "http/protobuf"
+        )
+        if protocol != "http/protobuf":
+            raise ConfigError(
+                f"OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is supported, got {protocol!r}"
+            )
+    return [name for name in names if name != "none"]
+
+
+def check_tracing(env: Mapping[str, str]) -> None:
+    """Raise :class:`ConfigError` unless tracing can start: the ``otel`` extra is
+    installed and the ``OTEL_TRACES_EXPORTER`` settings are valid. Imports nothing."""
+    missing = [module for module in _REQUIRED if not _importable(module)]
+    if missing:
+        raise otel_missing(f"no module {', '.join(missing)}")
+    trace_exporters(env)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a server process needs; picklable so uvicorn workers can rebuild it."""
@@ -183,9 +254,7 @@ class Settings:
         tokens_raw = env.get("INVENTORY_TOKENS", "").strip()
         tracing = _choice(env, "INVENTORY_TRACING", "off", ("off", "on"))
         if tracing == "on":
-            from .tracing import check  # imports no OpenTelemetry module
-
-            check(env)  # the otel extra is installed, OTEL_TRACES_EXPORTER is valid
+            check_tracing(env)  # the otel extra is installed, OTEL_TRACES_EXPORTER is valid
         return cls(
             database_url=env.get("INVENTORY_DATABASE_URL") or None,
             redis_url=env.get("INVENTORY_REDIS_URL") or None,

@@ -330,7 +330,6 @@ class FlashSaleDemo(Demo):
         self.http = http
         self.products = [self.PRODUCT]
         self.weights = [1.0]
-        self.restocked_once = False
 
     async def seed(self) -> None:
         for warehouse_id, name, location in WAREHOUSES[: self.args.warehouses]:

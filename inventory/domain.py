@@ -18,13 +18,17 @@ from typing import Any
 from uuid import UUID
 
 __all__ = [
+    "IDEMPOTENCY_KEY_RE",
+    "IDEMPOTENCY_KEY_RULE",
     "MAX_LINES",
     "MAX_ON_HAND",
     "MAX_QUANTITY",
     "MAX_TTL_SECONDS",
     "MIN_TTL_SECONDS",
     "PRODUCT_ID_RE",
+    "PRODUCT_ID_RULE",
     "WAREHOUSE_ID_RE",
+    "WAREHOUSE_ID_RULE",
     "Allocation",
     "Contention",
     "IdempotencyKeyReused",
@@ -51,8 +55,15 @@ __all__ = [
     "row_deltas",
 ]
 
+# The id rules, here only: the domain checks, the HTTP schemas, OpenAPI and the WebSocket
+# protocol (realtime.protocol imports them) all use these. Webhook ids follow the
+# warehouse rule.
 WAREHOUSE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+WAREHOUSE_ID_RULE = "1-64 characters of [A-Za-z0-9._-]"
 PRODUCT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+PRODUCT_ID_RULE = "1-128 characters of [A-Za-z0-9._:-]"
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")
+IDEMPOTENCY_KEY_RULE = "1-255 printable ASCII characters"
 MAX_QUANTITY = 1_000_000
 MAX_ON_HAND = 1_000_000_000  # per stock row; keeps every sum far inside bigint
 MAX_LINES = 100
@@ -61,12 +72,12 @@ MAX_TTL_SECONDS = 24 * 3600
 
 
 def is_warehouse_id(value: str) -> bool:
-    """True when ``value`` is a well-formed warehouse id (1-64 of ``[A-Za-z0-9._-]``)."""
+    """True when ``value`` is a well-formed warehouse (or webhook) id."""
     return WAREHOUSE_ID_RE.fullmatch(value) is not None
 
 
 def is_product_id(value: str) -> bool:
-    """True when ``value`` is a well-formed product id (1-128 of ``[A-Za-z0-9._:-]``)."""
+    """True when ``value`` is a well-formed product id."""
     return PRODUCT_ID_RE.fullmatch(value) is not None
 
 
@@ -74,9 +85,11 @@ def is_product_id(value: str) -> bool:
 
 
 class InventoryError(Exception):
-    """Base of every rule violation a caller can handle; ``code`` is the API error code."""
+    """Base of every rule violation a caller can handle: ``code`` is the API error code,
+    ``status`` its HTTP status. Every concrete subclass sets both (a test checks it)."""
 
     code = "inventory_error"
+    status: int
 
     def __init__(self, message: str, details: Any = None) -> None:
         super().__init__(message)
@@ -88,48 +101,56 @@ class ValidationFailed(InventoryError):
     """The request breaks the schema or an id rule (checked before anything is read)."""
 
     code = "validation_error"
+    status = 422
 
 
 class NotFound(InventoryError):
     """A well-formed id names nothing."""
 
     code = "not_found"
+    status = 404
 
 
 class InsufficientStock(InventoryError):
     """Not enough available stock for a removal, a cycle count or a reservation."""
 
     code = "insufficient_stock"
+    status = 409
 
 
 class VersionConflict(InventoryError):
     """The caller's ``expected_version`` is stale; ``details`` has ``current_version``."""
 
     code = "version_conflict"
+    status = 409
 
 
 class WarehouseUnavailable(InventoryError):
     """A reservation line is pinned to a warehouse that is not active."""
 
     code = "warehouse_unavailable"
+    status = 409
 
 
 class InvalidState(InventoryError):
     """The reservation's state does not allow the transition; ``details`` has ``status``."""
 
     code = "invalid_state"
+    status = 409
 
 
 class IdempotencyKeyReused(InventoryError):
     """An ``Idempotency-Key`` was sent again with a different body."""
 
     code = "idempotency_key_reused"
+    status = 422
 
 
 class Unavailable(InventoryError):
     """PostgreSQL (or, for the lock strategy, Redis) cannot be reached right now."""
 
     code = "unavailable"
+    status = 503
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
@@ -140,6 +161,7 @@ class Contention(InventoryError):
     """Retries, the deadline or the lock wait ran out; the client should retry later."""
 
     code = "contention"
+    status = 503
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)

@@ -19,9 +19,7 @@ runs, for HTTP and WebSocket scopes alike (so ``/v1/ws`` and ``/v1/stream`` are 
   With tokens configured these checks are off: a browser page cannot obtain the token.
 - **CORS** (``INVENTORY_CORS_ORIGINS``): Starlette's CORS middleware for exactly those
   origins, preflight included; a refused preflight answers in the spec's JSON error shape.
-- **JSON depth**: :func:`check_depth` refuses bodies nested deeper than
-  :data:`MAX_JSON_DEPTH` (422) before the decoder sees them; msgspec's own recursion limit
-  would otherwise surface as a ``RecursionError`` (a 500).
+- JSON depth is a rule of body decoding: :func:`inventory.schemas.check_depth`.
 
 The middleware is pure ASGI and never wraps ``receive`` or ``send``: the WebSocket endpoint
 recognises uvicorn's protocol through ``receive`` for its direct-write fast path.
@@ -30,7 +28,6 @@ recognises uvicorn's protocol through ``receive`` for its direct-write fast path
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -39,19 +36,17 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from .domain import InventoryError, ValidationFailed
+from .domain import InventoryError
 
 __all__ = [
-    "MAX_JSON_DEPTH",
     "STREAM_PATHS",
     "Cors",
     "ForbiddenOrigin",
     "LoopbackGuard",
-    "check_depth",
     "is_loopback_host",
+    "is_loopback_name",
 ]
 
-MAX_JSON_DEPTH = 32
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 STREAM_PATHS = frozenset({"/v1/stream"})
 """GET routes that open a live stream: their handshake is checked like a WebSocket's."""
@@ -61,13 +56,17 @@ _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 class ForbiddenOrigin(InventoryError):
     code = "forbidden_origin"
+    status = 403
 
 
 def is_loopback_host(host: str) -> bool:
     """``Host`` header value names this machine: localhost, 127.0.0.0/8 or [::1], any port."""
     name = _split_host(host)[0]
-    if name is None:
-        return False
+    return name is not None and is_loopback_name(name)
+
+
+def is_loopback_name(name: str) -> bool:
+    """A host name without brackets or port names this machine: localhost, 127.0.0.0/8, ::1."""
     if name == "localhost":
         return True
     try:
@@ -190,32 +189,3 @@ def _error_response(exc: InventoryError) -> Response:
     from .api import error_response  # api imports the schemas; keep this module light
 
     return error_response(exc)
-
-
-# A string, or an unterminated one up to the end: every match runs forward only, so the
-# cut is linear in the body whatever quotes and backslashes it holds.
-_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?')
-_BRACKETS = re.compile(rb"[\[\]{}]")
-
-
-def check_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> None:
-    """Raise :class:`ValidationFailed` (422) when JSON ``body`` nests deeper than ``limit``.
-
-    Counting brackets is done in C (``bytes.count``) for the common case of a body with
-    fewer openers than the limit; otherwise strings are cut out (a ``[`` inside one does
-    not nest) and the remaining brackets are walked once. Malformed JSON is left to the
-    decoder, which reports it as ``invalid_json``.
-    """
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return
-    depth = 0
-    for bracket in _BRACKETS.findall(_STRING.sub(b"", body)):
-        if bracket in (b"[", b"{"):
-            depth += 1
-            if depth > limit:
-                raise ValidationFailed(
-                    f"the JSON body is nested deeper than {limit} levels",
-                    {"field": None, "max_depth": limit},
-                )
-        else:
-            depth -= 1

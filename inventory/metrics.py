@@ -44,12 +44,16 @@ __all__ = [
     "WEBHOOK_FAILURES",
     "WEBHOOK_LAG",
     "WEBHOOK_QUEUE",
+    "WS_COALESCED",
     "WS_CONFLATED",
     "WS_CONNECTIONS",
+    "WS_CONNECTIONS_TOTAL",
     "WS_DELIVERIES",
     "WS_DROPPED",
+    "WS_GAPS",
     "WS_SLOW_DISCONNECTS",
     "WS_SUBSCRIPTIONS",
+    "WS_TOPICS",
     "render",
 ]
 
@@ -87,6 +91,17 @@ WS_SUBSCRIPTIONS = Gauge(
     "Product subscriptions over all connections",
     multiprocess_mode="livesum",
 )
+WS_TOPICS = Gauge(
+    "inventory_ws_topics",
+    "Products with a Redis subscription (per process, summed)",
+    multiprocess_mode="livesum",
+)
+WS_CONNECTIONS_TOTAL = Counter("inventory_ws_opened_total", "WebSocket and SSE sessions opened")
+WS_COALESCED = Counter(
+    "inventory_ws_coalesced_total",
+    "Stock updates replaced at the hub by a newer one of the same burst",
+)
+WS_GAPS = Counter("inventory_ws_gaps_total", "Version gaps detected on the stock stream")
 WS_DELIVERIES = Counter("inventory_ws_deliveries_total", "Stock messages written to clients")
 WS_CONFLATED = Counter(
     "inventory_ws_conflated_total", "Stock messages replaced by a newer state before sending"

@@ -25,12 +25,12 @@ from typing import Any
 import msgspec
 
 from .api import RouteDoc, status_of_code
+from .domain import IDEMPOTENCY_KEY_RE, PRODUCT_ID_RE, WAREHOUSE_ID_RE
 from .schemas import ErrorOut
 
 __all__ = ["openapi_document"]
 
 # Codes raised outside the route handlers (protocol guards), with their status.
-_GUARD_CODES = {"forbidden_origin": 403, "unsupported_media_type": 415}
 _STATUS_TEXT = {
     400: "Malformed JSON, or the client left before its body arrived",
     401: "Missing or unknown bearer token",
@@ -43,9 +43,9 @@ _STATUS_TEXT = {
     503: "Contention, or a dependency is down: retry after `Retry-After` seconds",
 }
 _PARAM_SCHEMAS = {
-    "product_id": {"type": "string", "pattern": r"^[A-Za-z0-9._:-]{1,128}$"},
-    "warehouse_id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
-    "webhook_id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
+    "product_id": {"type": "string", "pattern": f"^{PRODUCT_ID_RE.pattern}$"},
+    "warehouse_id": {"type": "string", "pattern": f"^{WAREHOUSE_ID_RE.pattern}$"},
+    "webhook_id": {"type": "string", "pattern": f"^{WAREHOUSE_ID_RE.pattern}$"},
     "reservation_id": {"type": "string", "format": "uuid"},
     "entry_id": {"type": "string", "format": "uuid"},
 }
@@ -82,7 +82,7 @@ _PARAMETERS = {
         "description": "Repeating the request with the same key and body returns the first "
         "answer (2xx, 404 or 409) for at least 24 h and reserves nothing more; the same key "
         "with another body is 422 `idempotency_key_reused`. Scoped to the token.",
-        "schema": {"type": "string", "pattern": r"^[\x20-\x7e]{1,255}$"},
+        "schema": {"type": "string", "pattern": f"^{IDEMPOTENCY_KEY_RE.pattern}$"},
     },
 }
 _SECURITY_SCHEME = {
@@ -131,7 +131,7 @@ def _error_codes(doc: RouteDoc, has_input: bool) -> list[str]:
 def _error_responses(codes: list[str]) -> dict[str, Any]:
     by_status: dict[int, list[str]] = {}
     for code in codes:
-        by_status.setdefault(_GUARD_CODES.get(code) or status_of_code(code), []).append(code)
+        by_status.setdefault(status_of_code(code), []).append(code)
     responses: dict[str, Any] = {}
     for status in sorted(by_status):
         schema = {

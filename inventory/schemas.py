@@ -2,7 +2,9 @@
 
 msgspec is used because one declaration gives strict validation (no ``"1"`` for 1, no
 fractional numbers for integers, unknown fields refused), fast JSON encoding and a JSON Schema for
-``/openapi.json``, so documentation cannot drift from what is enforced.
+``/openapi.json``: a body's documented rules are the ones enforced. Path and query
+parameters are checked in the handlers and described in :mod:`.openapi`;
+tests/test_openapi.py and the schemathesis run check that the two agree.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from .domain import (
     InventoryError,
     ValidationFailed,
 )
-from .guards import check_depth
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "AdjustmentIn",
     "ErrorOut",
     "ExtendIn",
@@ -45,6 +47,7 @@ __all__ = [
     "WarehouseIn",
     "WarehouseOut",
     "WarehousesOut",
+    "check_depth",
     "decode",
 ]
 
@@ -203,10 +206,44 @@ _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 _FIELD = re.compile(r"field `([^`]+)`")
 
 
+#: Bodies nested deeper are refused (422) before the decoder sees them; msgspec's own
+#: recursion limit would otherwise surface as a ``RecursionError`` (a 500).
+MAX_JSON_DEPTH = 32
+
+# A string, or an unterminated one up to the end: every match runs forward only, so the
+# cut is linear in the body whatever quotes and backslashes it holds.
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"?')
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def check_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise :class:`ValidationFailed` (422) when JSON ``body`` nests deeper than ``limit``.
+
+    Counting brackets is done in C (``bytes.count``) for the common case of a body with
+    fewer openers than the limit; otherwise strings are cut out (a ``[`` inside one does
+    not nest) and the remaining brackets are walked once. Malformed JSON is left to the
+    decoder, which reports it as ``invalid_json``.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return
+    depth = 0
+    for bracket in _BRACKETS.findall(_STRING.sub(b"", body)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                raise ValidationFailed(
+                    f"the JSON body is nested deeper than {limit} levels",
+                    {"field": None, "max_depth": limit},
+                )
+        else:
+            depth -= 1
+
+
 class InvalidJson(InventoryError):
     """The body is not JSON at all."""
 
     code = "invalid_json"
+    status = 400
 
 
 def decode(body: bytes, kind: type[T]) -> tuple[T, Any]:

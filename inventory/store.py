@@ -1,10 +1,14 @@
-"""PostgreSQL store: SQL and error translation (also in :mod:`.store_feed`, :mod:`.expiry`).
+"""PostgreSQL store of stock, warehouses, reservations and idempotency records, and the
+error translation every SQL module uses (:func:`_translated`; the other SQL lives beside
+its feature: :mod:`.store_feed`, :mod:`.expiry`, :mod:`.catalog`, :mod:`.bulk`, the
+commerce, waitlist and webhook modules).
 
-Returns domain objects and raises domain errors: asyncpg's exceptions never leave this
-module. Connection failures become :class:`~inventory.domain.Unavailable` (503), a lost
-version check becomes :class:`VersionMiss`, a row lock wait past ``lock_timeout``
-:class:`RowsBusy`, constraint violations that the domain should have prevented
-:class:`StoreIntegrityError`.
+Returns domain objects (plain dicts for the ledger pages and the invariant report, which
+are only encoded) and raises domain errors: asyncpg's exceptions never leave a
+:func:`_translated` block. Connection failures become
+:class:`~inventory.domain.Unavailable` (503), a lost version check becomes
+:class:`VersionMiss`, a row lock wait past ``lock_timeout`` :class:`RowsBusy`, constraint
+violations that the domain should have prevented :class:`StoreIntegrityError`.
 
 Every write of stock rows appends its ledger rows in the same statement
 (:meth:`Store.apply_deltas` for adjustments, commits, releases and expiry;
@@ -71,6 +75,7 @@ class StoreIntegrityError(InventoryError):
     """The database refused a write that the domain should have refused first."""
 
     code = "conflict"
+    status = 409
 
 
 @dataclass(frozen=True, slots=True)

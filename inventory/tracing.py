@@ -5,7 +5,7 @@ Policy:
 - **Off** (the default): this module imports nothing of OpenTelemetry and
   :func:`instrument` returns at once, so a server without the extra pays nothing.
 - **On** needs ``pip install 'inventory-server[otel]'``; without it the settings fail at
-  start (:func:`check`, called by ``Settings.from_env``) with a :class:`ConfigError`
+  start (``Settings.from_env`` checks it) with a :class:`ConfigError`
   that says so, before any server is started.
 - One ``TracerProvider`` per app (one per server process). Resource from the
   ``OTEL_*`` variables as the SDK reads them (``OTEL_RESOURCE_ATTRIBUTES``,
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -45,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import logs
-from .config import ConfigError
+from .config import DISTRIBUTION, otel_missing, trace_exporters
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.resources import Resource
@@ -57,70 +56,13 @@ if TYPE_CHECKING:
 
     from .config import Settings
 
-__all__ = ["DEFAULT_EXCLUDED_URLS", "DISTRIBUTION", "check", "instrument", "uninstrument"]
+__all__ = ["DEFAULT_EXCLUDED_URLS", "instrument", "uninstrument"]
 
-DISTRIBUTION = "inventory-server"
 SERVICE_NAME = "inventory"
 
 #: Not traced unless ``OTEL_PYTHON_ASGI_EXCLUDED_URLS`` / ``OTEL_PYTHON_EXCLUDED_URLS``
 #: say otherwise: probes and scrapes, searched in ``scheme://host/path`` (no query).
 DEFAULT_EXCLUDED_URLS = r"^[a-z]+://[^/]*/(?:health|ready|metrics)$"
-
-EXPORTERS = ("otlp", "console", "none")
-
-# What INVENTORY_TRACING=on imports; checked without importing them.
-_REQUIRED = (
-    "opentelemetry.sdk.trace",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    "opentelemetry.instrumentation.asgi",
-    "opentelemetry.instrumentation.asyncpg",
-    "opentelemetry.instrumentation.redis",
-)
-
-
-def _missing(detail: str) -> ConfigError:
-    return ConfigError(
-        f"INVENTORY_TRACING=on needs OpenTelemetry, which is not installed ({detail}): "
-        f"pip install '{DISTRIBUTION}[otel]'"
-    )
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent package is missing or half-imported
-        return False
-
-
-def _exporter_names(env: Mapping[str, str]) -> list[str]:
-    """The exporters ``OTEL_TRACES_EXPORTER`` asks for, ``none`` left out."""
-    raw = env.get("OTEL_TRACES_EXPORTER") or "otlp"
-    names = [name.strip().lower() for name in raw.split(",") if name.strip()]
-    if not names or any(name not in EXPORTERS for name in names):
-        raise ConfigError(
-            f"OTEL_TRACES_EXPORTER must be {', '.join(EXPORTERS)} (or a comma-separated "
-            f"list of them), got {raw!r}"
-        )
-    if "otlp" in names:
-        protocol = (
-            env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-            or "http/protobuf"
-        )
-        if protocol != "http/protobuf":
-            raise ConfigError(
-                f"OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is supported, got {protocol!r}"
-            )
-    return [name for name in names if name != "none"]
-
-
-def check(env: Mapping[str, str]) -> None:
-    """Raise :class:`ConfigError` unless tracing can start: the ``otel`` extra is
-    installed and the ``OTEL_TRACES_EXPORTER`` settings are valid. Imports nothing."""
-    missing = [module for module in _REQUIRED if not _importable(module)]
-    if missing:
-        raise _missing(f"no module {', '.join(missing)}")
-    _exporter_names(env)
 
 
 def instrument(
@@ -146,7 +88,7 @@ def instrument(
             sanitize_method,
         )
     except ImportError as exc:
-        raise _missing(str(exc)) from exc
+        raise otel_missing(str(exc)) from exc
 
     exporters = [exporter] if exporter is not None else _exporters(os.environ)
     provider = TracerProvider(resource=_resource())  # sampler from OTEL_TRACES_SAMPLER
@@ -194,7 +136,7 @@ def uninstrument() -> None:
 
 def _exporters(env: Mapping[str, str]) -> list[SpanExporter]:
     exporters: list[SpanExporter] = []
-    for name in _exporter_names(env):
+    for name in trace_exporters(env):
         if name == "otlp":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

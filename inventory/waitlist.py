@@ -35,6 +35,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+from msgspec import Struct, structs
 
 from .batch_reserve import ReserveRequest
 from .catalog import IsKit
@@ -52,7 +53,15 @@ from .service import InventoryService
 from .store import Conn, _translated
 from .webhooks.events import Event, LedgerRow, ProduceContext, make_event, register_producer
 
-__all__ = ["Entry", "JoinRequest", "Offerer", "Waitlist", "entry_body", "install"]
+__all__ = [
+    "Entry",
+    "JoinRequest",
+    "Offerer",
+    "Waitlist",
+    "WaitlistEntryOut",
+    "entry_body",
+    "install",
+]
 
 log = logging.getLogger("inventory.waitlist")
 
@@ -63,8 +72,9 @@ _COLS = """w.id, w.product_id, w.customer_id, w.quantity, w.status, w.reservatio
                AND e.status = 'waiting' AND e.seq <= w.seq) END AS position"""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class WaitlistEntryOut(Struct, frozen=True):
+    """A waitlist entry as clients see it: HTTP answers and ``waitlist.offered`` events."""
+
     id: UUID
     product_id: str
     customer_id: str
@@ -73,7 +83,16 @@ class Entry:
     position: int | None
     reservation_id: UUID | None
     created_at: datetime
+
+
+class Entry(WaitlistEntryOut, frozen=True):
+    """A stored entry: what clients see and its place in the queue (the page cursor)."""
+
     seq: int
+
+    def out(self) -> WaitlistEntryOut:
+        """The client's view (without the queue sequence number)."""
+        return WaitlistEntryOut(**{f: getattr(self, f) for f in WaitlistEntryOut.__struct_fields__})
 
 
 def _entry(r: Any) -> Entry:
@@ -361,16 +380,7 @@ async def _offered_events(ctx: ProduceContext, rows: Sequence[LedgerRow]) -> lis
 
 def entry_body(entry: Entry) -> dict[str, Any]:
     """The entry as the API shows it."""
-    return {
-        "id": entry.id,
-        "product_id": entry.product_id,
-        "customer_id": entry.customer_id,
-        "quantity": entry.quantity,
-        "status": entry.status,
-        "position": entry.position,
-        "reservation_id": entry.reservation_id,
-        "created_at": entry.created_at,
-    }
+    return structs.asdict(entry.out())
 
 
 def install() -> None:

@@ -10,7 +10,6 @@ a 404/409 runs again (and typically answers the same).
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
@@ -21,16 +20,16 @@ from starlette.responses import Response
 from .api import (
     _READ,
     _WRITE,
-    IDEMPOTENCY_KEY_RE,
     MAX_PAGE,
     Auth,
     Handler,
     Link,
     QueryParam,
     RouteDoc,
+    RouteHandlers,
     _int_param,
     _product_id,
-    bearer,
+    idempotency_key,
     json_response,
     read_body,
 )
@@ -38,7 +37,7 @@ from .domain import MAX_QUANTITY, ValidationFailed
 from .schemas import NO_NUL, WarehouseId, _In, decode
 from .service import InventoryService
 from .store import body_hash
-from .waitlist import Entry, JoinRequest, Waitlist
+from .waitlist import JoinRequest, Waitlist, WaitlistEntryOut
 
 __all__ = ["WaitlistEntryOut", "WaitlistIn", "WaitlistOut", "waitlist_routes"]
 
@@ -50,27 +49,9 @@ class WaitlistIn(_In):
     warehouse_id: WarehouseId | None = None
 
 
-class WaitlistEntryOut(Struct):
-    id: UUID
-    product_id: str
-    customer_id: str
-    quantity: int
-    status: str
-    position: int | None
-    reservation_id: UUID | None
-    created_at: datetime
-
-
 class WaitlistOut(Struct):
     entries: list[WaitlistEntryOut]
     next_after: int | None  # pass as ``after`` for the next page (queue order)
-
-
-def entry_out(e: Entry) -> WaitlistEntryOut:
-    return WaitlistEntryOut(
-        e.id, e.product_id, e.customer_id, e.quantity, e.status, e.position, e.reservation_id,
-        e.created_at,
-    )  # fmt: skip
 
 
 def _entry_id(request: Request) -> UUID:
@@ -80,24 +61,17 @@ def _entry_id(request: Request) -> UUID:
         raise ValidationFailed("waitlist entry id must be a UUID", {"field": "id"}) from None
 
 
-class WaitlistHandlers:
-    def __init__(self, get_service: Callable[[], InventoryService], auth: Auth) -> None:
-        self._get_service = get_service
-        self.auth = auth
+class WaitlistHandlers(RouteHandlers):
+    """The waitlist routes."""
 
     @property
     def waitlist(self) -> Waitlist:
-        return Waitlist(self._get_service())
+        return Waitlist(self.service)
 
     async def join(self, request: Request) -> Response:
-        identity = self.auth.check(bearer(request.headers), "reserve")
+        identity = self._identity(request, "reserve")
         product_id = _product_id(request)
-        key = request.headers.get("idempotency-key")
-        if key is not None and not IDEMPOTENCY_KEY_RE.fullmatch(key):
-            raise ValidationFailed(
-                "Idempotency-Key must be 1-255 printable ASCII characters",
-                {"field": "Idempotency-Key"},
-            )
+        key = idempotency_key(request)
         body, raw = decode(await read_body(request), WaitlistIn)
         idem = None
         if key is not None:  # the path is part of "the same request"
@@ -109,24 +83,24 @@ class WaitlistHandlers:
             )
         )  # fmt: skip
         headers = {"Idempotent-Replayed": "true"} if replayed else None
-        return json_response(entry_out(entry), 201, headers)
+        return json_response(entry.out(), 201, headers)
 
     async def get(self, request: Request) -> Response:
-        self.auth.check(bearer(request.headers), "read")
-        return json_response(entry_out(await self.waitlist.get(_entry_id(request))))
+        self._identity(request, "read")
+        return json_response((await self.waitlist.get(_entry_id(request))).out())
 
     async def cancel(self, request: Request) -> Response:
-        self.auth.check(bearer(request.headers), "reserve")
-        return json_response(entry_out(await self.waitlist.cancel(_entry_id(request))))
+        self._identity(request, "reserve")
+        return json_response((await self.waitlist.cancel(_entry_id(request))).out())
 
     async def list(self, request: Request) -> Response:
-        self.auth.check(bearer(request.headers), "admin")
+        self._identity(request, "admin")
         product_id = _product_id(request)
         after = _int_param(request, "after", 0, 0, 2**63 - 1)
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
         page = await self.waitlist.waiting(product_id, after, limit)
         next_after = page[-1].seq if len(page) == limit else None
-        return json_response(WaitlistOut([entry_out(e) for e in page], next_after))
+        return json_response(WaitlistOut([e.out() for e in page], next_after))
 
 
 def waitlist_routes(

@@ -35,10 +35,12 @@ import json
 import random
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from locust import HttpUser, User, between, constant, events, task
 from locust.env import Environment
+from locust.event import EventHook
 from locust.runners import WorkerRunner
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
@@ -47,8 +49,20 @@ from loadtest.seed import WAREHOUSES, hot_products, is_loopback_url, products, s
 
 EXPECTED = {409, 503}  # refusals the API promises under load
 
+_Handler = TypeVar("_Handler", bound=Callable[..., None])
 
-@events.init_command_line_parser.add_listener
+
+def _listener(hook: EventHook) -> Callable[[_Handler], _Handler]:
+    """``hook.add_listener`` as a typed decorator (Locust's event hooks are untyped)."""
+    return cast(Callable[[_Handler], _Handler], hook.add_listener)
+
+
+def _fire(hook: EventHook, **kwargs: Any) -> None:
+    """``hook.fire(**kwargs)`` through a typed call (Locust's ``fire`` is untyped)."""
+    cast(Callable[..., None], hook.fire)(**kwargs)
+
+
+@_listener(events.init_command_line_parser)
 def _options(parser: Any) -> None:
     parser.add_argument("--catalog-size", type=int, default=200, help="products to seed/use")
     parser.add_argument("--no-seed", action="store_true", help="skip seeding the catalogue")
@@ -59,7 +73,7 @@ def _options_of(environment: Environment) -> Any:
     return environment.parsed_options
 
 
-@events.init.add_listener
+@_listener(events.init)
 def _guard(environment: Environment, **_: Any) -> None:
     """Refuse non-loopback targets and unbounded headless runs before anything starts."""
     options = _options_of(environment)
@@ -71,7 +85,7 @@ def _guard(environment: Environment, **_: Any) -> None:
         raise SystemExit("a headless load test needs --run-time (-t), e.g. -t 60s")
 
 
-@events.test_start.add_listener
+@_listener(events.test_start)
 def _seed(environment: Environment, **_: Any) -> None:
     options = _options_of(environment)
     host = environment.host or ""
@@ -147,7 +161,8 @@ class ShopperUser(HttpUser):
         if random.random() < 0.05:  # a client that lost the answer retries
             replay = self._reserve(body, key, "reserve replay")
             if replay is not None and replay["id"] != reservation["id"]:
-                events.request.fire(
+                _fire(
+                    events.request,
                     request_type="CHECK",
                     name="idempotent replay",
                     response_time=0,

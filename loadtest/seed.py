@@ -12,7 +12,6 @@ then; the admin users restock them).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from collections.abc import Sequence
 from urllib.parse import urlsplit
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from inventory.client import ApiError, BulkItem, Client
+from inventory.guards import is_loopback_name
 
 __all__ = ["HOT_PRODUCTS", "WAREHOUSES", "hot_products", "is_loopback_url", "products", "seed"]
 
@@ -39,13 +39,7 @@ def hot_products() -> list[str]:
 
 def is_loopback_url(url: str) -> bool:
     """True for http(s)/ws(s) URLs on 127.0.0.0/8, ::1 or localhost: the only targets."""
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_name(urlsplit(url).hostname or "")
 
 
 def seed(host: str, count: int, token: str | None = None) -> int:

@@ -107,26 +107,8 @@ class MultiLock:
             await stack.__aexit__(exc_type, exc, tb)
 
 
-def acquire_many(
-    redis: Client,
-    keys: Iterable[tuple[str, str]],
-    ttl: float = DEFAULT_TTL,
-    *,
-    timeout: float | None = None,
-    auto_renew: bool = False,
-    retry_base: float = DEFAULT_RETRY_BASE,
-    retry_cap: float = DEFAULT_RETRY_CAP,
-) -> MultiLock:
-    """``async with acquire_many(redis, [(lock_key, fence_key), ...], timeout=2.0) as held:``
+acquire_many = MultiLock
+"""``async with acquire_many(redis, [(lock_key, fence_key), ...], timeout=2.0) as held:``
 
-    See :class:`MultiLock`.
-    """
-    return MultiLock(
-        redis,
-        keys,
-        ttl,
-        timeout=timeout,
-        auto_renew=auto_renew,
-        retry_base=retry_base,
-        retry_cap=retry_cap,
-    )
+The function-style name of :class:`MultiLock` (the same class, same arguments).
+"""

@@ -1,7 +1,9 @@
 """Per-connection outbound stock state with conflation: pure, no I/O.
 
 A :class:`ConflationBuffer` sits between the hub (which offers every update for the
-connection's products) and the connection's single writer task (which pops what to send).
+connection's products) and the connection's writer: the hub's own call writing directly
+when the socket takes data, or the session's writer task while it pushes back (see
+:mod:`realtime.session`); one of them at a time pops what to send.
 
 Policy:
 

@@ -389,7 +389,6 @@ class Hub:
 
     def on_message(self, channel: bytes, data: bytes) -> None:
         """Accept one published update; it is fanned out at the end of the current burst."""
-        self.stats.messages += 1
         product_id = self._keys.product_of_channel(channel)
         if product_id is None:
             return

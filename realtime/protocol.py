@@ -17,7 +17,6 @@ without extensions, byte-identical for every client, so the frame is built once 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,6 +24,12 @@ from typing import Any
 
 import orjson
 
+from inventory.domain import (  # the id rules (the domain's value rules, see ARCHITECTURE)
+    PRODUCT_ID_RE,
+    PRODUCT_ID_RULE,
+    WAREHOUSE_ID_RE,
+    WAREHOUSE_ID_RULE,
+)
 from realtime.ports import LevelState, StockChange
 
 __all__ = [
@@ -53,8 +58,6 @@ __all__ = [
     "validate_product_ids",
 ]
 
-PRODUCT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-WAREHOUSE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MAX_FRAME_BYTES = 64 * 1024
 MAX_SUBSCRIPTIONS = 1000
 
@@ -122,7 +125,7 @@ def _product_ids(raw: Any, *, subscribing: bool) -> tuple[str, ...]:
         if not isinstance(value, str) or PRODUCT_ID_RE.fullmatch(value) is None:
             raise ProtocolError(
                 ErrorCode.INVALID_PRODUCT_ID,
-                f"product id {_quote(value)} must be 1-128 characters of [A-Za-z0-9._:-]",
+                f"product id {_quote(value)} must be {PRODUCT_ID_RULE}",
             )
     return tuple(dict.fromkeys(raw))
 
@@ -157,8 +160,7 @@ def _since(raw: Any, product_ids: tuple[str, ...]) -> dict[str, dict[str, int]]:
             if WAREHOUSE_ID_RE.fullmatch(warehouse_id) is None:
                 raise ProtocolError(
                     ErrorCode.INVALID_MESSAGE,
-                    f"warehouse id {_quote(warehouse_id)} must be 1-64 characters of "
-                    "[A-Za-z0-9._-]",
+                    f"warehouse id {_quote(warehouse_id)} must be {WAREHOUSE_ID_RULE}",
                 )
             if type(version) is not int or version < 0:
                 raise ProtocolError(

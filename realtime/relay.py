@@ -140,7 +140,6 @@ class Relay:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.leader = False
-        self.published = 0
 
     @property
     def lease_name(self) -> str | None:
@@ -244,7 +243,6 @@ class Relay:
                     log.info("relay publishing again after %d failed attempts", failures)
                     failures = 0
                 await lease.advance(batch[-1].position)
-                self.published += len(batch)
                 full = len(batch) >= self._batch_size
                 batch = []
                 if full:

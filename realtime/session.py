@@ -114,7 +114,6 @@ class HubStats:
     connections_total: int = 0
     subscriptions: int = 0  # gauge: (connection, product) pairs
     topics: int = 0  # gauge: products with a Redis subscription
-    messages: int = 0  # updates received from Redis
     deliveries: int = 0  # stock messages handed to sockets
     coalesced: int = 0  # updates replaced by a newer one of the same burst, at the hub
     conflated: int = 0  # pending states replaced by a newer one before being sent

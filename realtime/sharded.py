@@ -170,11 +170,6 @@ class ShardedSubscriber:
         self._forward = _Relay(self)
         self._refresh_wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.refreshes = 0
-
-    @property
-    def connected(self) -> bool:
-        return bool(self._nodes) and all(sub.connected for sub in self._nodes.values())
 
     async def start(self) -> None:
         if self._task is not None:
@@ -250,7 +245,6 @@ class ShardedSubscriber:
 
     async def _reroute(self) -> int:
         """Re-read the slot map; move channels whose slot changed owner. Returns how many."""
-        self.refreshes += 1
         await self._redis.nodes_manager.initialize()
         moved = 0
         for channel, name in list(self._route.items()):

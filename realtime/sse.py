@@ -40,7 +40,7 @@ from starlette.types import Receive, Scope, Send
 from realtime.hub import Hub, HubFull
 from realtime.protocol import ProtocolError, Subscribe, encode_error, validate_product_ids
 from realtime.session import Session, SessionClosed, TransportClosed
-from realtime.ws import AsgiTransport, Authenticate, capacity_refusal, refusal
+from realtime.ws import AsgiTransport, Authenticate, StreamEndpoint, capacity_refusal, refusal
 
 __all__ = ["sse_route"]
 
@@ -72,17 +72,13 @@ class _SseTransport(AsgiTransport):
             raise TransportClosed from exc
 
 
-class _StreamEndpoint:
-    """The route's ASGI application: one call per stream."""
+class _StreamEndpoint(StreamEndpoint):
+    """The SSE route's ASGI application: one call per stream."""
 
-    __slots__ = ("_authenticate", "_hub")
-
-    def __init__(self, hub: Hub | Callable[[], Hub], authenticate: Authenticate | None) -> None:
-        self._hub = hub
-        self._authenticate = authenticate
+    __slots__ = ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hub = self._hub if isinstance(self._hub, Hub) else self._hub()
+        hub = self.hub()
         request = Request(scope, receive)
         raw = request.query_params.get("product_ids", "")
         try:

@@ -101,10 +101,6 @@ class ChannelSubscriber:
         self._failures = 0
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None
-
     async def start(self) -> None:
         if self._task is None:
             self._task = spawn("realtime-subscriber", self._run)

@@ -53,7 +53,14 @@ from realtime.protocol import (
 from realtime.session import Session, SessionClosed, Transport, TransportClosed
 from realtime.wsconn import WsConnection
 
-__all__ = ["AsgiTransport", "Authenticate", "capacity_refusal", "refusal", "websocket_route"]
+__all__ = [
+    "AsgiTransport",
+    "Authenticate",
+    "StreamEndpoint",
+    "capacity_refusal",
+    "refusal",
+    "websocket_route",
+]
 
 Authenticate = Callable[[HTTPConnection], Awaitable[Response | None]]
 """Called before a stream handshake (WebSocket or SSE) is accepted; a returned response
@@ -152,8 +159,9 @@ async def _read_loop(hub: Hub, session: Session, receive: Receive) -> None:
             await session.send_control(encode_error(error.code, error.message))
 
 
-class _Endpoint:
-    """The route's ASGI application: one call per connection."""
+class StreamEndpoint:
+    """A stream route's ASGI application (WebSocket or SSE): the hub, or how to get it
+    once the lifespan has made it, and the handshake's authentication."""
 
     __slots__ = ("_authenticate", "_hub")
 
@@ -161,8 +169,17 @@ class _Endpoint:
         self._hub = hub
         self._authenticate = authenticate
 
+    def hub(self) -> Hub:
+        return self._hub if isinstance(self._hub, Hub) else self._hub()
+
+
+class _Endpoint(StreamEndpoint):
+    """The WebSocket route's ASGI application: one call per connection."""
+
+    __slots__ = ()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hub = self._hub if isinstance(self._hub, Hub) else self._hub()
+        hub = self.hub()
         protocol = sansio_protocol(receive)
         if protocol is None:
             await self._serve_asgi(hub, scope, receive, send)

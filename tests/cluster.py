@@ -15,7 +15,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -120,9 +122,9 @@ class LocalCluster:
             per = SLOTS // self.masters
             for i, client in enumerate(clients):
                 last = SLOTS - 1 if i == self.masters - 1 else (i + 1) * per - 1
-                client.execute_command("CLUSTER ADDSLOTSRANGE", i * per, last)
+                _command(client, "CLUSTER ADDSLOTSRANGE", i * per, last)
             for client in clients[1:]:
-                client.execute_command("CLUSTER MEET", "127.0.0.1", self.ports[0])
+                _command(client, "CLUSTER MEET", "127.0.0.1", self.ports[0])
             deadline = time.monotonic() + timeout
             while not all(self._complete(client) for client in clients):
                 if time.monotonic() > deadline:
@@ -167,3 +169,9 @@ class LocalCluster:
                 proc.wait()
         self.procs = []
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _command(client: redis.Redis, *args: Any) -> Any:
+    """``client.execute_command(*args)``, through a typed call (redis-py leaves it untyped)."""
+    command: Callable[..., Any] = client.execute_command
+    return command(*args)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,24 +21,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 import pytest
 
+from bench.stack import scratch_database, stop_process
 from inventory.app import create_app
 from inventory.config import Settings
 from inventory.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
-from inventory.store import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE = [sys.executable, "-m", "inventory.cli", "serve"]
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 @pytest.fixture(scope="session")
@@ -69,25 +62,7 @@ def server_urls() -> Iterator[tuple[str, str]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@contextlib.asynccontextmanager
-async def new_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
-    """A new migrated database on the server of ``admin_url``, dropped on exit."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = _with_database(admin_url, name)
-    try:
-        await migrate(url)
-        yield url
-    finally:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+new_database = scratch_database  # a migrated database, dropped on exit
 
 
 @pytest.fixture(scope="session")
@@ -307,13 +282,7 @@ class ServerProcess:
         """SIGTERM and wait; returns the exit status."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
         return self.proc.returncode
 
 

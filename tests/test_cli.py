@@ -16,10 +16,11 @@ import asyncpg
 import httpx
 import pytest
 
+from bench.stack import with_database
 from inventory.embedded import free_port
 from inventory.migrate import apply_migrations, load_migrations
 
-from .conftest import ROOT, _with_database
+from .conftest import ROOT
 
 
 def run_cli(
@@ -89,7 +90,7 @@ async def scratch_db(server_urls: tuple[str, str]) -> AsyncIterator[str]:
     name = f"inventory_scratch_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(server_urls[0])
     await admin.execute(f'CREATE DATABASE "{name}"')
-    yield _with_database(server_urls[0], name)
+    yield with_database(server_urls[0], name)
     await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
     await admin.close()
 

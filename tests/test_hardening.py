@@ -23,7 +23,8 @@ import pytest
 from inventory.app import create_app
 from inventory.config import ConfigError, Settings, parse_tokens
 from inventory.domain import MAX_ON_HAND, InventoryError, Unavailable, ValidationFailed
-from inventory.guards import MAX_JSON_DEPTH, check_depth, is_loopback_host
+from inventory.guards import is_loopback_host
+from inventory.schemas import MAX_JSON_DEPTH, check_depth
 
 MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
 EVIL = "http://evil.example"

@@ -24,15 +24,15 @@ from openapi_spec_validator import validate
 from starlette.routing import Route, WebSocketRoute
 from websockets.asyncio.client import connect
 
-from inventory.api import status_of_code
+from inventory.api import error_statuses, status_of_code
 from inventory.app import create_app
 from inventory.app_docs import api_document
 from inventory.config import Settings
+from inventory.domain import InventoryError
 from tests.conftest import ServerFactory
 
 # Documented per SPEC, served by the live-stream work (branch h/stream); empty once merged.
 NOT_SERVED_YET: set[str] = set()
-GUARD_CODES = {"forbidden_origin": 403, "unsupported_media_type": 415}
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,30 @@ def test_each_operation_lists_only_the_errors_it_can_answer(document: dict[str, 
                 .get("code", {})
                 .get("enum", [])
             ):
-                assert (GUARD_CODES.get(code) or status_of_code(code)) == int(status), code
+                assert status_of_code(code) == int(status), code
+
+
+def test_every_error_class_carries_its_status() -> None:
+    """An error class without a status would be a 500; an unknown code has no status."""
+    import inventory.app  # noqa: F401  (loads every module that defines errors)
+
+    classes: list[type[InventoryError]] = []
+    pending = [InventoryError]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        classes.append(cls)
+    concrete = [cls for cls in classes if "code" in vars(cls) and cls is not InventoryError]
+    assert len(concrete) >= 20
+    for cls in concrete:
+        assert "status" in vars(cls), f"{cls.__name__} has a code but no status"
+        assert 400 <= cls.status <= 599, cls
+        assert status_of_code(cls.code) == cls.status
+    assert error_statuses()["forbidden_origin"] == 403
+    with pytest.raises(KeyError):
+        status_of_code("no_such_code")
+    with pytest.raises(AttributeError):
+        _ = InventoryError("bare").status
 
 
 def test_idempotency_headers_and_links(document: dict[str, Any]) -> None:

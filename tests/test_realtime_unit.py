@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +49,7 @@ from realtime.protocol import (
     stock_from_level,
     text_frame,
 )
-from realtime.session import TransportClosed
+from realtime.session import HubStats, TransportClosed
 from realtime.ws import websocket_route
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
@@ -814,3 +815,10 @@ async def test_handshake_is_refused_without_a_valid_token(
         async with connect(url + "?token=reader") as client:
             await client.send('{"op":"ping"}')
             assert orjson.loads(await client.recv()) == {"type": "pong"}
+
+
+def test_every_hub_counter_is_exported() -> None:
+    from inventory.app import _HUB_COUNTERS, _HUB_GAUGES
+
+    exported = set(_HUB_COUNTERS) | set(_HUB_GAUGES)
+    assert {f.name for f in dataclasses.fields(HubStats)} == exported

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -22,8 +21,8 @@ import pytest
 
 from inventory.app import create_app
 from inventory.config import Settings
-from inventory.store import migrate
 
+from .conftest import new_database
 from .conftest import wait_until as wait_for
 
 pytestmark = pytest.mark.asyncio
@@ -119,33 +118,18 @@ async def parked(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Any, str]]:
     """(client, app, database url) of an app whose sweeper runs once an hour, on a
     scratch database no other sweeper touches: expired-but-not-yet-swept is stable."""
-    admin_url = server_urls[0]
-    name = f"inventory_parked_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
-    await migrate(url)
-    settings = Settings(
-        database_url=url,
-        redis_url=server_urls[1],
-        redis_prefix=f"{redis_prefix}-parked",
-        sweep_interval=3600,
-    )
-    app = create_app(settings)
-    try:
+    async with new_database(server_urls[0], "inventory_parked") as url:
+        settings = Settings(
+            database_url=url,
+            redis_url=server_urls[1],
+            redis_prefix=f"{redis_prefix}-parked",
+            sweep_interval=3600,
+        )
+        app = create_app(settings)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
                 yield c, app, url
-    finally:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 # --- create, read, commit, release, extend ----------------------------------------------

@@ -344,8 +344,8 @@ async def test_webhook_producers_for_alerts_and_offers(
     try:
         rows = [
             LedgerRow(int(m["xid"]), m["id"], m["product_id"], m["warehouse_id"], m["kind"],
-                      m["quantity"], m["reserved"], m["version"], m["reservation_id"],
-                      m["created_at"])
+                      m["quantity"], m["reserved"], m["version"], m["created_at"],
+                      m["reservation_id"])
             for m in await conn.fetch(
                 "SELECT xid::text::bigint AS xid, * FROM movements"
                 " WHERE product_id = $1 ORDER BY id",

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
-from uuid import UUID
 
 from msgspec import Meta, Struct
 from starlette.requests import Request
@@ -28,7 +27,7 @@ from ..api import (
     json_response,
     read_body,
 )
-from ..domain import ValidationFailed, is_warehouse_id
+from ..domain import WAREHOUSE_ID_RULE, ValidationFailed, is_warehouse_id
 from ..schemas import decode
 from ..service import InventoryService
 from .events import EVENT_TYPES
@@ -38,7 +37,6 @@ from .targets import MAX_URL, TargetRefused, parse_url, resolve
 __all__ = [
     "URL_PATTERN",
     "DeliveriesOut",
-    "DeliveryOut",
     "WebhookIn",
     "WebhookOut",
     "WebhooksOut",
@@ -82,18 +80,8 @@ class WebhooksOut(Struct):
     webhooks: list[WebhookOut]
 
 
-class DeliveryOut(Struct):
-    event_id: UUID
-    type: str
-    attempt: int
-    status_code: int | None
-    error: str | None
-    at: datetime
-    next_retry_at: datetime | None
-
-
 class DeliveriesOut(Struct):
-    deliveries: list[DeliveryOut]
+    deliveries: list[Delivery]  # the stored attempt; its id is the page cursor
     next_after: str | None
 
 
@@ -101,14 +89,10 @@ def _out(w: Webhook) -> WebhookOut:
     return WebhookOut(w.id, w.url, list(w.events), w.active, w.created_at, w.updated_at)
 
 
-def _delivery(d: Delivery) -> DeliveryOut:
-    return DeliveryOut(d.event_id, d.type, d.attempt, d.status_code, d.error, d.at, d.next_retry_at)
-
-
 def _webhook_id(request: Request) -> str:
     value: str = request.path_params["webhook_id"]
     if not is_warehouse_id(value):
-        raise ValidationFailed("webhook_id must be 1-64 of [A-Za-z0-9._-]", {"field": "webhook_id"})
+        raise ValidationFailed(f"webhook_id must be {WAREHOUSE_ID_RULE}", {"field": "webhook_id"})
     return value
 
 
@@ -160,7 +144,7 @@ class WebhookHandlers:
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
         page = await store.deliveries(webhook_id, after or None, limit)
         next_after = str(page[-1].id) if len(page) == limit else None
-        return json_response(DeliveriesOut([_delivery(d) for d in page], next_after))
+        return json_response(DeliveriesOut(page, next_after))
 
 
 def webhook_routes(

@@ -337,10 +337,6 @@ class Dispatcher:
         self._session: asyncpg.Connection | None = None
         self._purged = 0.0
 
-    @property
-    def owned(self) -> frozenset[str]:
-        return frozenset(self._owned)
-
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="webhook-dispatcher")
 

@@ -62,23 +62,14 @@ _NAMESPACE = uuid.UUID("6f1c1c3e-6b51-4c8e-9a51-5e0b7d0f3a11")
 
 
 @dataclass(frozen=True, slots=True)
-class LedgerRow:
-    """One committed ``movements`` row."""
+class LedgerRow(StockChange):
+    """One committed ``movements`` row: a stock change and the reservation it belongs to.
 
-    xid: int
-    id: int
-    product_id: str
-    warehouse_id: str
-    kind: str
-    quantity: int
-    reserved: int
-    version: int
+    Here ``ticket`` is the writing transaction's id (``movements.xid``): the webhook
+    cursor is ``(xid, id)``, read only below the oldest running transaction.
+    """
+
     reservation_id: UUID | None
-    created_at: datetime
-
-    @property
-    def position(self) -> tuple[int, int]:
-        return (self.xid, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +119,7 @@ def make_event(
 async def _stock_changed(ctx: ProduceContext, rows: Sequence[LedgerRow]) -> list[Event]:
     events = []
     for row in rows:
-        message = stock_from_change(
-            StockChange(
-                row.xid, row.id, row.product_id, row.warehouse_id, row.kind, row.quantity,
-                row.reserved, row.version, row.created_at,
-            )
-        )  # fmt: skip
+        message = stock_from_change(row)
         events.append(
             make_event(
                 "stock.changed", row.id, [row.product_id], row.created_at, row.position,

@@ -50,8 +50,8 @@ RETURNING id, url, events, active, created_at, updated_at, (xmax = 0) AS created
 _COLUMNS = "id, url, events, active, created_at, updated_at"
 
 _FETCH_ROWS = f"""
-SELECT xid, id, product_id, warehouse_id, kind, quantity, reserved, version,
-       reservation_id, created_at
+SELECT xid AS ticket, id, product_id, warehouse_id, kind, quantity, reserved, version,
+       created_at, reservation_id
 FROM movements
 WHERE (xid, id) > ($1::xid8, $2::bigint) AND xid < {_TAIL}
 ORDER BY xid, id
@@ -227,9 +227,9 @@ class WebhookStore:
         more (a transaction cut in two could split a reservation's rows)."""
         rows = await conn.fetch(_FETCH_ROWS, *cursor, limit, timeout=_TIMEOUT)
         found = [LedgerRow(**dict(r)) for r in rows]
-        if len(found) == limit and found[0].xid != found[-1].xid:
-            last = found[-1].xid
-            found = [r for r in found if r.xid != last]
+        if len(found) == limit and found[0].ticket != found[-1].ticket:
+            last = found[-1].ticket
+            found = [r for r in found if r.ticket != last]
         return found
 
     async def enqueue(
