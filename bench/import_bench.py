@@ -1,7 +1,7 @@
 """Benchmark of ``inventory import``: rows/s through the HTTP API against ``COPY`` of the
 same rows into a scratch table, measured in the same run.
 
-``python -m bench.import_bench [--rows 1000000] [--rounds 3]``
+``python -m bench.import_bench [--rows 1000000] [--rounds 3] [--concurrency 4]``
 
 Each round writes a CSV of ``--rows`` rows (half as many products, two warehouses) with
 new product ids, imports it through a real ``inventory serve`` (the same code path as the
@@ -61,17 +61,17 @@ async def _copy(url: str, path: Path, table: str) -> float:
         await conn.close()
 
 
-def _import(base_url: str, path: Path) -> float:
+def _import(base_url: str, path: Path, concurrency: int) -> float:
     with Client(base_url, timeout=120) as client:
         started = time.perf_counter()
-        summary = import_file(client, path, stderr=io.StringIO())
+        summary = import_file(client, path, stderr=io.StringIO(), concurrency=concurrency)
         elapsed = time.perf_counter() - started
     if summary.failed or summary.imported != summary.rows:
         raise RuntimeError(f"the import failed rows: {summary}")
     return elapsed
 
 
-async def run(rows: int, rounds: int) -> dict[str, Any]:
+async def run(rows: int, rounds: int, concurrency: int = 4) -> dict[str, Any]:
     results: list[dict[str, float]] = []
     with backing_servers() as backing, tempfile.TemporaryDirectory() as tmp:
         async with scratch_databases(backing.pg_url) as dbs:
@@ -86,7 +86,7 @@ async def run(rows: int, rounds: int) -> dict[str, Any]:
                 for r in range(rounds):
                     path = Path(tmp) / f"round{r}.csv"
                     _write_csv(path, rows, f"r{r}-{secrets.token_hex(3)}")
-                    imported = await asyncio.to_thread(_import, base_url, path)
+                    imported = await asyncio.to_thread(_import, base_url, path, concurrency)
                     copied = await _copy(dbs.pgbench, path, f"copy_round_{r}")
                     results.append({"import_s": imported, "copy_s": copied})
                     print(
@@ -101,6 +101,7 @@ async def run(rows: int, rounds: int) -> dict[str, Any]:
     return {
         "rows": rows,
         "rounds": rounds,
+        "concurrency": concurrency,
         "import_rows_per_s": round(import_rate),
         "copy_rows_per_s": round(copy_rate),
         "ratio": round(import_rate / copy_rate, 3),
@@ -112,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.import_bench", description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=4, help="batches in flight")
     args = parser.parse_args(argv)
-    result = asyncio.run(run(args.rows, args.rounds))
+    result = asyncio.run(run(args.rows, args.rounds, args.concurrency))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -177,7 +177,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         try:
-            summary = import_file(client, args.file, args.format)
+            summary = import_file(client, args.file, args.format, concurrency=args.concurrency)
         except TransferError as exc:
             raise CliError(str(exc)) from None
     print(
@@ -303,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("file", type=Path, metavar="FILE")
     imp.add_argument("--format", choices=("csv", "jsonl"), help="default: by file name")
+    imp.add_argument(
+        "--concurrency", type=int, default=4, metavar="N",
+        help="batches in flight at once (default 4); a row named again waits for its "
+        "earlier batch, so file order per row holds",
+    )  # fmt: skip
     url_option(imp)
     imp.set_defaults(func=cmd_import)
 

@@ -20,25 +20,46 @@ WebSocket with the ``Authorization`` header and remembers the newest version of 
 (product, warehouse) it has seen; after a disconnect (a server restart included) it
 reconnects with backoff and subscribes with ``since``, so the server sends only rows that
 changed meanwhile and the caller never sees a version go backwards.
+
+SSE fallback: with ``transport="auto"`` (the default) a WebSocket handshake answered with
+an HTTP status other than 101 and other than 401/403/422 (a proxy that refuses the
+upgrade: 400, 426, 502...) switches the stream to ``GET /v1/stream`` (Server-Sent
+Events, same messages, same ``Authorization`` header) for the rest of its life, since
+the same proxy would refuse again; ``transport="sse"`` uses it from the start,
+``transport="websocket"`` never. SSE has no ``since``: a reconnect starts with fresh
+snapshots, and the client drops the snapshot rows and ``stock`` messages not newer than
+what it has already yielded, so the caller sees the same monotonic versions as over
+WebSocket. 401/403/422 at either handshake raise :class:`ApiError` (retrying cannot help).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
 import msgspec
 from msgspec import Struct
+from websockets.asyncio.client import connect as ws_aconnect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 __all__ = [
     "ApiError",
@@ -55,11 +76,14 @@ __all__ = [
     "Reservation",
     "SignatureError",
     "StreamMessage",
+    "StreamTransport",
     "Warehouse",
     "verify_signature",
 ]
 
 T = TypeVar("T")
+
+StreamTransport = Literal["auto", "websocket", "sse"]
 
 # --- models -----------------------------------------------------------------------------
 
@@ -360,14 +384,22 @@ class _Since:
         self.versions: dict[str, dict[str, int]] = {}
 
     def fresh(self, message: dict[str, Any]) -> bool:
-        """Record a message; False for a ``stock`` message older than what was seen."""
+        """Record a message; False for a ``stock`` message not newer than what was seen.
+
+        A snapshot keeps only its rows newer than what was seen (the server already does
+        that with ``since`` over WebSocket; over SSE a reconnect re-sends every row).
+        """
         kind = message.get("type")
         if kind == "snapshot":
             seen = self.versions.setdefault(message["product_id"], {})
-            for level in message["levels"]:
-                seen[level["warehouse_id"]] = max(
-                    seen.get(level["warehouse_id"], 0), level["version"]
-                )
+            levels = [
+                level
+                for level in message["levels"]
+                if level["version"] > seen.get(level["warehouse_id"], 0)
+            ]
+            for level in levels:
+                seen[level["warehouse_id"]] = level["version"]
+            message["levels"] = levels
         elif kind == "stock":
             seen = self.versions.setdefault(message["product_id"], {})
             if message["version"] <= seen.get(message["warehouse_id"], 0):
@@ -390,6 +422,70 @@ def _ws_url(base_url: str) -> str:
 def _message(raw: str | bytes) -> StreamMessage:
     data = msgspec.json.decode(raw)
     return StreamMessage(str(data.get("type")), data)
+
+
+class _UseSse(Exception):
+    """The WebSocket upgrade was refused with a status that SSE may get past."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the WebSocket upgrade was answered with HTTP {status}")
+        self.status = status
+
+    def api_error(self) -> ApiError:
+        return ApiError(self.status, "upgrade_refused", str(self))
+
+
+def _refused(status: int, body: bytes | bytearray) -> Exception:
+    """What a refused WebSocket handshake (``status`` != 101) means for the stream:
+    :class:`ApiError` for 401/403/422 (a credential or request problem SSE shares),
+    otherwise :class:`_UseSse` (a proxy or server that does not upgrade)."""
+    if status in (401, 403, 422):
+        return _api_error(httpx.Response(status, content=bytes(body)))
+    return _UseSse(status)
+
+
+def _sse_request(product_ids: Sequence[str], token: str | None) -> dict[str, Any]:
+    """Arguments of ``http.stream(...)`` for ``GET /v1/stream``: no read timeout (the
+    server sends nothing while nothing changes), the token even on a caller's client."""
+    return {
+        "params": {"product_ids": ",".join(product_ids)},
+        "headers": {"Accept": "text/event-stream", **_headers(token)},
+        "timeout": httpx.Timeout(10.0, read=None),
+    }
+
+
+def _sse_check(response: httpx.Response) -> None:
+    """Raise for a refused SSE handshake: :class:`ApiError` for 4xx (the body is read by
+    the caller first), :class:`httpx.TransportError` for anything else (reconnect)."""
+    if response.status_code == 200:
+        return
+    if 400 <= response.status_code < 500:
+        raise _api_error(response)
+    raise httpx.RemoteProtocolError(f"stream refused with HTTP {response.status_code}")
+
+
+class _SseEvents:
+    """Incremental ``text/event-stream`` parser: :meth:`line` returns an event's data when
+    a blank line ends it. Comments and fields other than ``data`` are ignored (the server
+    sends no ids: a reconnect starts afresh)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def line(self, line: str) -> str | None:
+        if not line:
+            data, self._data = self._data, []
+            return "\n".join(data) if data else None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+
+def _backoff(attempt: int, cap: float) -> float:
+    return min(cap, 0.05 * 2.0**attempt) * random.uniform(0.5, 1)
 
 
 # --- the sync client -------------------------------------------------------------------
@@ -546,38 +642,64 @@ class Client:
         return self.http.get("/health").status_code == 200
 
     def stream(
-        self, product_ids: Sequence[str], *, reconnect: bool = True, max_backoff: float = 5.0
+        self,
+        product_ids: Sequence[str],
+        *,
+        reconnect: bool = True,
+        max_backoff: float = 5.0,
+        transport: StreamTransport = "auto",
     ) -> Iterator[StreamMessage]:
-        """Live messages for ``product_ids``, resuming with ``since`` after a disconnect."""
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-        from websockets.sync.client import connect
-
+        """Live messages for ``product_ids``, resuming after a disconnect: WebSocket with
+        ``since``, or SSE (fallback or ``transport="sse"``) dropping rows already seen."""
         since = _Since()
+        use_sse = transport == "sse"
         attempt = 0
         while True:
+            source = self._sse(product_ids) if use_sse else self._ws(product_ids, since)
             try:
-                with connect(
-                    _ws_url(self.base_url), additional_headers=_headers(self.token),
-                    max_size=64 * 1024, compression=None,
-                ) as ws:  # fmt: skip
-                    ws.send(since.subscribe(product_ids).decode())
-                    for raw in ws:
+                with contextlib.closing(source):
+                    for message in source:
                         attempt = 0
-                        message = _message(raw)
                         if since.fresh(message.data):
                             yield message
-            except InvalidStatus as exc:
-                if exc.response.status_code in (401, 403):
-                    raise ApiError(exc.response.status_code, "unauthorized", str(exc)) from None
+            except _UseSse as refused:
+                if transport == "auto":
+                    use_sse = True
+                    continue
                 if not reconnect:
-                    raise
-            except (ConnectionClosed, InvalidHandshake, OSError):
+                    raise refused.api_error() from None
+            except (ConnectionClosed, InvalidHandshake, OSError, httpx.TransportError):
                 if not reconnect:
                     raise
             if not reconnect:
                 return
-            time.sleep(min(max_backoff, 0.05 * 2**attempt) * random.uniform(0.5, 1))
+            time.sleep(_backoff(attempt, max_backoff))
             attempt += 1
+
+    def _ws(self, product_ids: Sequence[str], since: _Since) -> Generator[StreamMessage]:
+        """One WebSocket connection's messages (subscribed with ``since``)."""
+        try:
+            with ws_connect(
+                _ws_url(self.base_url), additional_headers=_headers(self.token),
+                max_size=64 * 1024, compression=None,
+            ) as ws:  # fmt: skip
+                ws.send(since.subscribe(product_ids).decode())
+                for raw in ws:
+                    yield _message(raw)
+        except InvalidStatus as exc:
+            raise _refused(exc.response.status_code, exc.response.body) from None
+
+    def _sse(self, product_ids: Sequence[str]) -> Generator[StreamMessage]:
+        """One SSE response's messages (fresh snapshots first)."""
+        with self.http.stream("GET", "/v1/stream", **_sse_request(product_ids, self.token)) as r:
+            if r.status_code != 200:
+                r.read()
+                _sse_check(r)
+            events = _SseEvents()
+            for line in r.iter_lines():
+                data = events.line(line)
+                if data is not None:
+                    yield _message(data)
 
 
 # --- the async client ------------------------------------------------------------------
@@ -732,38 +854,65 @@ class AsyncClient:
         return (await self.http.get("/health")).status_code == 200
 
     async def stream(
-        self, product_ids: Sequence[str], *, reconnect: bool = True, max_backoff: float = 5.0
+        self,
+        product_ids: Sequence[str],
+        *,
+        reconnect: bool = True,
+        max_backoff: float = 5.0,
+        transport: StreamTransport = "auto",
     ) -> AsyncIterator[StreamMessage]:
-        """Live messages for ``product_ids``, resuming with ``since`` after a disconnect."""
-        from websockets.asyncio.client import connect
-        from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-
+        """Live messages for ``product_ids``, resuming after a disconnect: WebSocket with
+        ``since``, or SSE (fallback or ``transport="sse"``) dropping rows already seen."""
         since = _Since()
+        use_sse = transport == "sse"
         attempt = 0
         while True:
+            source = self._sse(product_ids) if use_sse else self._ws(product_ids, since)
             try:
-                async with connect(
-                    _ws_url(self.base_url), additional_headers=_headers(self.token),
-                    max_size=64 * 1024, compression=None,
-                ) as ws:  # fmt: skip
-                    await ws.send(since.subscribe(product_ids).decode())
-                    async for raw in ws:
+                async with contextlib.aclosing(source):
+                    async for message in source:
                         attempt = 0
-                        message = _message(raw)
                         if since.fresh(message.data):
                             yield message
-            except InvalidStatus as exc:
-                if exc.response.status_code in (401, 403):
-                    raise ApiError(exc.response.status_code, "unauthorized", str(exc)) from None
+            except _UseSse as refused:
+                if transport == "auto":
+                    use_sse = True
+                    continue
                 if not reconnect:
-                    raise
-            except (ConnectionClosed, InvalidHandshake, OSError):
+                    raise refused.api_error() from None
+            except (ConnectionClosed, InvalidHandshake, OSError, httpx.TransportError):
                 if not reconnect:
                     raise
             if not reconnect:
                 return
-            await asyncio.sleep(min(max_backoff, 0.05 * 2**attempt) * random.uniform(0.5, 1))
+            await asyncio.sleep(_backoff(attempt, max_backoff))
             attempt += 1
+
+    async def _ws(self, product_ids: Sequence[str], since: _Since) -> AsyncGenerator[StreamMessage]:
+        """One WebSocket connection's messages (subscribed with ``since``)."""
+        try:
+            async with ws_aconnect(
+                _ws_url(self.base_url), additional_headers=_headers(self.token),
+                max_size=64 * 1024, compression=None,
+            ) as ws:  # fmt: skip
+                await ws.send(since.subscribe(product_ids).decode())
+                async for raw in ws:
+                    yield _message(raw)
+        except InvalidStatus as exc:
+            raise _refused(exc.response.status_code, exc.response.body) from None
+
+    async def _sse(self, product_ids: Sequence[str]) -> AsyncGenerator[StreamMessage]:
+        """One SSE response's messages (fresh snapshots first)."""
+        request = _sse_request(product_ids, self.token)
+        async with self.http.stream("GET", "/v1/stream", **request) as r:
+            if r.status_code != 200:
+                await r.aread()
+                _sse_check(r)
+            events = _SseEvents()
+            async for line in r.aiter_lines():
+                data = events.line(line)
+                if data is not None:
+                    yield _message(data)
 
 
 # --- webhooks --------------------------------------------------------------------------

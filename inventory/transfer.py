@@ -2,11 +2,23 @@
 the HTTP API (:mod:`inventory.client`), in bounded memory.
 
 Import reads the file as a stream and sends it in batches of 1,000 sets through
-``POST /v1/stock/bulk`` (one transaction per batch on the server), one batch at a time
-so the rows of a file apply in file order. Memory holds one batch, whatever the file's
-size. A row that cannot be read or that the server refuses is reported on standard
-error with its file line number (the header is line 1) and the import goes on; the
-exit status is 1 when any row failed.
+``POST /v1/stock/bulk`` (one transaction per batch on the server), with up to
+``concurrency`` batches in flight (default 4; the request round trip, not PostgreSQL,
+bounds one batch at a time). Policy:
+
+- file order per row: a batch that names a (product, warehouse) of a batch still in
+  flight waits for it (and the ones before it) first, so a row named twice ends with its
+  later value and its ledger entries in file order; rows of different keys may apply in
+  any order, which changes nothing since each sets an absolute quantity;
+- results in line order: batches finish in the order they were read, so row errors are
+  printed by ascending line number, as with one batch at a time;
+- bounded memory: at most ``concurrency + 1`` batches (in flight and being read),
+  whatever the file's size.
+
+A row that cannot be read or that the server refuses is reported on standard error with
+its file line number (the header is line 1) and the import goes on; the exit status is 1
+when any row failed. A batch the server refuses as a whole, or a server that cannot be
+reached, stops the import (:class:`TransferError`); batches already sent stay applied.
 
 Formats (chosen by ``--format``, else by the file name: ``.jsonl``/``.ndjson`` are JSON
 lines, anything else CSV):
@@ -25,7 +37,9 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -34,12 +48,13 @@ import httpx
 import msgspec
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .client import ApiError, BulkItem, Client, Level
+from .client import ApiError, BulkItem, BulkResult, Client, Level
 from .domain import is_product_id, is_warehouse_id
 
 __all__ = ["ImportSummary", "TransferError", "export_rows", "import_file"]
 
 BATCH = 1000
+CONCURRENCY = 4
 COLUMNS = ("product_id", "warehouse_id", "quantity")
 EXPORT_COLUMNS = (*COLUMNS, "reserved", "available", "version", "updated_at")
 IGNORED = frozenset({"reserved", "available", "version", "updated_at"})
@@ -157,30 +172,50 @@ def _fmt(path: Path, fmt: str | None) -> str:
     return "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "csv"
 
 
+@dataclass
+class _Batch:
+    """Rows read since the last send, in file order, and the send's future."""
+
+    rows: list[tuple[int, BulkItem | _RowError]]
+    keys: frozenset[tuple[str, str]]
+    position: int  # bytes of the file read when the batch was sent
+    results: Future[list[BulkResult]] | None = None
+
+
 def import_file(
-    client: Client, path: Path, fmt: str | None = None, stderr: IO[str] = sys.stderr
+    client: Client,
+    path: Path,
+    fmt: str | None = None,
+    stderr: IO[str] = sys.stderr,
+    *,
+    concurrency: int = CONCURRENCY,
 ) -> ImportSummary:
-    """Import ``path``; per-row errors go to ``stderr`` as ``line N: ...``."""
+    """Import ``path`` with up to ``concurrency`` batches in flight; per-row errors go to
+    ``stderr`` as ``line N: ...`` in line order."""
+    if concurrency < 1:
+        raise TransferError("concurrency must be at least 1")
     summary = ImportSummary()
     try:
         raw = path.open("rb")
     except OSError as exc:
         raise TransferError(f"cannot read {path}: {exc.strerror}") from None
     size = path.stat().st_size
+    inflight: deque[_Batch] = deque()
     with (
         raw,
         io.TextIOWrapper(raw, encoding="utf-8", newline="") as text,
         _progress(stderr) as progress,
+        ThreadPoolExecutor(concurrency, thread_name_prefix="import") as pool,
     ):
         task = progress.add_task(f"import {path.name}", total=size or 1, rows=0)
         rows = _jsonl_rows(text) if _fmt(path, fmt) == "jsonl" else _csv_rows(text)
-        # Rows since the last flush, in file order; errors are printed in line order.
-        batch: list[tuple[int, BulkItem | _RowError]] = []
+        done_rows = 0
 
-        def flush() -> None:
-            items = [row for _, row in batch if isinstance(row, BulkItem)]
-            results = iter(_send(client, items) if items else [])
-            for line, row in batch:
+        def finish_oldest() -> None:
+            nonlocal done_rows
+            batch = inflight.popleft()
+            results = iter(batch.results.result() if batch.results else [])
+            for line, row in batch.rows:
                 if isinstance(row, _RowError):
                     message = str(row)
                 else:
@@ -191,23 +226,46 @@ def import_file(
                     message = f"{error.code}: {error.message}"
                 summary.failed += 1
                 progress.console.print(f"line {line}: {message}", markup=False, highlight=False)
-            batch.clear()
-            progress.update(task, completed=raw.tell(), rows=summary.rows)
+            done_rows += len(batch.rows)
+            progress.update(task, completed=batch.position, rows=done_rows)
+
+        def send(pending: list[tuple[int, BulkItem | _RowError]]) -> None:
+            items = [row for _, row in pending if isinstance(row, BulkItem)]
+            keys = frozenset((i.product_id, i.warehouse_id) for i in items)
+            # Wait for the oldest batches while the pool is full or one of them names a
+            # row of this batch (file order per row).
+            while inflight and (
+                len(inflight) >= concurrency or any(keys & b.keys for b in inflight)
+            ):
+                finish_oldest()
+            batch = _Batch(pending, keys, raw.tell())
+            if items:
+                batch.results = pool.submit(_send, client, items)
+            inflight.append(batch)
 
         try:
+            pending: list[tuple[int, BulkItem | _RowError]] = []
             for line, row in rows:
                 summary.rows += 1
-                batch.append((line, row))
-                if len(batch) == BATCH:
-                    flush()
-            flush()
+                pending.append((line, row))
+                if len(pending) == BATCH:
+                    send(pending)
+                    pending = []
+            if pending:
+                send(pending)
+            while inflight:
+                finish_oldest()
         except UnicodeDecodeError:
             raise TransferError(f"{path} is not UTF-8 text") from None
+        finally:
+            for batch in inflight:  # stopping on an error: no new requests
+                if batch.results is not None:
+                    batch.results.cancel()
         progress.update(task, completed=size or 1, rows=summary.rows)
     return summary
 
 
-def _send(client: Client, items: list[BulkItem]) -> list[Any]:
+def _send(client: Client, items: list[BulkItem]) -> list[BulkResult]:
     try:
         return client.bulk(items)
     except httpx.TransportError as exc:

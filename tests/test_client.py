@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import json
 import time
 import uuid
 
@@ -21,7 +23,7 @@ from inventory.client import (
     verify_signature,
 )
 
-from .conftest import ServerFactory, wait_until
+from .conftest import ServerFactory, ServerProcess, wait_until
 
 
 def _ids() -> tuple[str, str]:
@@ -159,6 +161,188 @@ async def test_stream_resumes_with_since_after_a_restart(server_factory: ServerF
     assert all(x["version"] > 2 for m in resumed for x in m.data["levels"])
     versions = [m.data["version"] for m in seen if m.type == "stock"]
     assert versions == sorted(versions)
+
+
+def _levels(messages: list[StreamMessage]) -> list[tuple[str, int]]:
+    """(warehouse, version) of every row the caller was given, in order."""
+    rows: list[tuple[str, int]] = []
+    for m in messages:
+        if m.type == "snapshot":
+            rows += [(x["warehouse_id"], x["version"]) for x in m.data["levels"]]
+        elif m.type == "stock":
+            rows.append((m.data["warehouse_id"], m.data["version"]))
+    return rows
+
+
+def _monotonic(rows: list[tuple[str, int]]) -> bool:
+    newest: dict[str, int] = {}
+    for wh, version in rows:
+        if version <= newest.get(wh, 0):
+            return False
+        newest[wh] = version
+    return True
+
+
+class _NoUpgradeProxy:
+    """An HTTP proxy that forwards plain requests to ``target`` but answers every
+    WebSocket upgrade with 502, as some corporate proxies and load balancers do."""
+
+    def __init__(self, target: ServerProcess) -> None:
+        self.target = target
+        self.refused = 0
+        self.server: asyncio.Server | None = None
+        self.open: set[asyncio.StreamWriter] = set()
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> _NoUpgradeProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.open:
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open.add(writer)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"upgrade: websocket" in head.lower():
+                self.refused += 1
+                writer.write(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target.port)
+            up_writer.write(head)
+
+            async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                while chunk := await src.read(65536):
+                    dst.write(chunk)
+                    await dst.drain()
+                dst.close()
+
+            self.open.add(up_writer)
+            try:
+                await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+            finally:
+                self.open.discard(up_writer)
+                up_writer.close()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.open.discard(writer)
+            writer.close()
+
+
+async def _consume(c: AsyncClient, product: str, seen: list[StreamMessage], **kw: str) -> None:
+    async for message in c.stream([product], max_backoff=0.5, **kw):  # type: ignore[arg-type]
+        seen.append(message)
+
+
+async def test_stream_falls_back_to_sse_when_a_proxy_refuses_the_upgrade(
+    server_factory: ServerFactory,
+) -> None:
+    server = await server_factory()
+    product, wh = _ids()
+    seen: list[StreamMessage] = []
+    async with _NoUpgradeProxy(server) as proxy, AsyncClient(proxy.base_url) as c:
+        await c.put_warehouse(wh, wh)
+        await c.adjust(product, wh, 5)
+        task = asyncio.create_task(_consume(c, product, seen))
+        try:
+            await wait_until(lambda: any(m.type == "subscribed" for m in seen), 10, "subscribed")
+            await c.adjust(product, wh, 2)
+            await wait_until(lambda: ("stock", 2) in [(m.type, m.data.get("version"))
+                                                       for m in seen], 10, "v2")  # fmt: skip
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert proxy.refused == 1, "one upgrade was tried, then the stream stayed on SSE"
+    assert seen[0].type == "snapshot"
+    assert [(x["warehouse_id"], x["quantity"]) for x in seen[0].data["levels"]] == [(wh, 5)]
+    assert _levels(seen) == [(wh, 1), (wh, 2)]
+
+
+async def test_forced_sse_stream_sends_the_token_and_refuses_a_bad_one(
+    server_factory: ServerFactory,
+) -> None:
+    tokens = {"reader-" + uuid.uuid4().hex: ["read"], "admin-" + uuid.uuid4().hex: ["admin"]}
+    reader, admin = list(tokens)
+    server = await server_factory(env={"INVENTORY_TOKENS": json.dumps(tokens)})
+    product, wh = _ids()
+
+    def sync_part() -> list[StreamMessage]:
+        with Client(server.base_url, admin) as a, Client(server.base_url, reader) as r:
+            a.put_warehouse(wh, wh)
+            a.adjust(product, wh, 3)
+            got: list[StreamMessage] = []
+            for message in r.stream([product], transport="sse"):
+                got.append(message)
+                if message.type == "subscribed":
+                    a.adjust(product, wh, -1)
+                if message.type == "stock":
+                    break
+            with Client(server.base_url, "wrong") as bad, pytest.raises(ApiError) as info:
+                next(bad.stream([product], transport="sse"))
+            assert (info.value.status, info.value.code) == (401, "unauthorized")
+            with pytest.raises(ApiError) as info:
+                next(r.stream(["bad id!"], transport="sse"))
+            assert info.value.status == 422
+            return got
+
+    got = await asyncio.to_thread(sync_part)
+    assert [m.type for m in got] == ["snapshot", "subscribed", "stock"]
+    assert (got[2].data["quantity"], got[2].data["version"]) == (2, 2)
+
+
+async def test_sse_stream_resumes_after_a_restart_without_going_back(
+    server_factory: ServerFactory,
+) -> None:
+    """SSE has no ``since``: the reconnect's fresh snapshot re-sends every row, and the
+    client drops the ones the caller has already seen, so versions only go up."""
+    server = await server_factory()
+    other = await server_factory()
+    product, wh = _ids()
+    still = "still-" + wh  # a row that does not change while the server is down
+    seen: list[StreamMessage] = []
+    async with AsyncClient(server.base_url) as c:
+        await c.put_warehouse(wh, wh)
+        await c.put_warehouse(still, still)
+        await c.adjust(product, wh, 5)
+        await c.adjust(product, still, 5)
+        task = asyncio.create_task(_consume(c, product, seen, transport="sse"))
+        try:
+            await wait_until(lambda: any(m.type == "subscribed" for m in seen), 10, "subscribed")
+            await c.adjust(product, wh, 1)  # version 2
+            await wait_until(lambda: (wh, 2) in _levels(seen), 10, "v2")
+            await asyncio.to_thread(server.stop)
+            mark = len(seen)
+            async with AsyncClient(other.base_url) as o:
+                await o.adjust(product, wh, 1)  # version 3
+                await o.adjust(product, wh, 1)  # version 4
+            await asyncio.to_thread(server.start)
+            await wait_until(lambda: (wh, 4) in _levels(seen[mark:]), 20, "v4 after restart")
+            await c.adjust(product, wh, 1)  # version 5, live after the resume
+            await wait_until(lambda: (wh, 5) in _levels(seen[mark:]), 10, "v5")
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    resumed = [m for m in seen[mark:] if m.type == "snapshot"]
+    assert resumed, "the client reconnected and got a fresh snapshot"
+    # The unchanged row and the already seen versions were dropped from it.
+    assert [(x["warehouse_id"], x["version"]) for m in resumed for x in m.data["levels"]] == [
+        (wh, 4)
+    ]
+    assert _monotonic(_levels(seen))
+    assert sorted(_levels(seen)) == sorted([(wh, 1), (still, 1), (wh, 2), (wh, 4), (wh, 5)])
 
 
 def test_webhook_signature_verifier() -> None:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
 
+from inventory.client import BulkItem, BulkResult, Client
 from inventory.store import invariant_violations
+from inventory.transfer import ImportSummary, import_file
 
 from .conftest import ROOT, ServerFactory, ServerProcess
 
@@ -96,6 +101,64 @@ async def test_import_jsonl_and_bad_header(server_factory: ServerFactory, tmp_pa
     missing = cli(server, "import", str(tmp_path / "nope.csv"))
     assert missing.returncode == 1
     assert "Traceback" not in missing.stderr
+
+
+class _MeetingClient(Client):
+    """A client whose first two bulk calls wait for each other: the import can only get
+    past them with two batches in flight at once (the barrier breaks otherwise)."""
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__(base_url)
+        self.meet = threading.Barrier(2, timeout=30)
+        self.lock = threading.Lock()
+        self.calls = 0
+
+    def bulk(self, items: Sequence[BulkItem], *, atomic: bool = False) -> list[BulkResult]:
+        with self.lock:
+            self.calls += 1
+            first_two = self.calls <= 2
+        if first_two:
+            self.meet.wait()
+        return super().bulk(items, atomic=atomic)
+
+
+async def test_concurrent_import_keeps_line_order_and_later_wins(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    server = await server_factory()
+    w = f"wh-{uuid.uuid4().hex[:8]}"
+    warehouses(server, w)
+    p = f"cc-{uuid.uuid4().hex[:8]}"
+    bad = {10: "-1", 2999: "x"}  # refused by the import itself
+    unknown_wh = {1500, 4200}  # refused by the server
+    lines = ["product_id,warehouse_id,quantity"]
+    for line in range(2, 5502):  # 5,500 rows: six batches
+        qty = bad.get(line, str(line % 50))
+        lines.append(f"{p}-{line},{'nowh' if line in unknown_wh else w},{qty}")
+    # One row named in batch 2 (lines 1002-2001) and again in batch 3 (2002-3001).
+    lines[1003 - 1] = f"{p}-rep,{w},1"
+    lines[2500 - 1] = f"{p}-rep,{w},2"
+    path = tmp_path / "many.csv"
+    path.write_text("\n".join(lines) + "\n")
+
+    def run() -> tuple[ImportSummary, str, int]:
+        out = io.StringIO()
+        client = _MeetingClient(server.base_url)
+        with client:
+            summary = import_file(client, path, stderr=out, concurrency=4)
+        return summary, out.getvalue(), client.calls
+
+    summary, stderr, calls = await asyncio.to_thread(run)
+    assert calls == 6
+    errors = [x for x in stderr.splitlines() if x.startswith("line ")]
+    assert [int(x.split(":")[0].split()[1]) for x in errors] == [10, 1500, 2999, 4200]
+    assert all("not_found" in errors[i] for i in (1, 3))
+    assert (summary.rows, summary.imported, summary.failed) == (5500, 5496, 4)
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        assert (await http.get(f"/v1/products/{p}-rep/stock")).json()["quantity"] == 2
+        moves = (await http.get(f"/v1/products/{p}-rep/movements")).json()["movements"]
+        assert [m["quantity"] for m in moves] == [1, 2]
+        assert (await http.get(f"/v1/products/{p}-5501/stock")).json()["quantity"] == 5501 % 50
 
 
 @pytest.mark.slow
