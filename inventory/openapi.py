@@ -26,6 +26,7 @@ import msgspec
 
 from .api import RouteDoc, status_of_code
 from .domain import IDEMPOTENCY_KEY_RE, PRODUCT_ID_RE, WAREHOUSE_ID_RE
+from .guards import ForbiddenOrigin
 from .schemas import ErrorOut
 
 __all__ = ["openapi_document"]
@@ -114,7 +115,7 @@ def _headers(*names: str) -> dict[str, Any]:
 
 def _error_codes(doc: RouteDoc, has_input: bool) -> list[str]:
     """Every error code the operation can answer, in a stable order."""
-    codes = ["forbidden_origin"]  # loopback mode's Host/Origin guard sees every request
+    codes = [ForbiddenOrigin.code]  # loopback mode's Host/Origin guard sees every request
     if doc.scope is not None:
         codes += ["unauthorized", "forbidden"]
     if has_input:
