@@ -275,9 +275,12 @@ def create_app(settings: Settings) -> Starlette:
         )
         offerer: Offerer | None = None
 
-        def on_change() -> None:
+        def on_reserved() -> None:
             relay.wake()
             feed.wake()
+
+        def on_change() -> None:
+            on_reserved()
             if offerer is not None:
                 offerer.wake()
 
@@ -285,6 +288,8 @@ def create_app(settings: Settings) -> Starlette:
             store,
             lock_products=lock_products,
             on_change=on_change,
+            # A reservation only takes stock: it never lets a waitlist entry be offered.
+            on_reserved=on_reserved,
             lanes=settings.process_lanes,
             wait_bound=settings.db_timeout,
             # Requests waiting for a busy row never take the lanes' connections.

@@ -48,12 +48,17 @@ log = logging.getLogger("inventory.service")
 
 
 class InventoryService:
+    """The use cases over a store. ``on_change`` is called after every committed stock
+    change; ``on_reserved`` (default ``on_change``) after a reservation batch, which only
+    ever takes stock, so listeners that wait for stock to come back can skip it."""
+
     def __init__(
         self,
         store: Store,
         *,
         lock_products: LockFactory | None = None,
         on_change: Callable[[], None] | None = None,
+        on_reserved: Callable[[], None] | None = None,
         lanes: int = 4,
         wait_bound: float = 5.0,
         wait_slots: int = 4,
@@ -63,7 +68,7 @@ class InventoryService:
         self.engine = ReservationEngine(
             store,
             lock_products=lock_products,
-            on_change=self.on_change,
+            on_change=on_reserved or self.on_change,
             lanes=lanes,
             wait_bound=wait_bound,
             wait_slots=wait_slots,
