@@ -9,13 +9,10 @@ around the store's transactions).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 from uuid import UUID
 
-import orjson
-
 from .commerce import KitComponent, ProductRules
-from .store import Conn, Store, _translated
+from .store import Conn, Store, _translated, parse_components, product_rules
 
 __all__ = [
     "COMMERCE_INVARIANTS",
@@ -31,12 +28,6 @@ __all__ = [
 ]
 
 
-def _components(raw: Any) -> tuple[KitComponent, ...] | None:
-    if raw is None:
-        return None
-    return tuple(KitComponent(c["product_id"], c["quantity"]) for c in orjson.loads(raw))
-
-
 _RULES = """
 SELECT x AS product_id, p.safety_stock, p.max_per_customer,
        p.components,
@@ -50,15 +41,7 @@ async def load_rules(conn: Conn, product_ids: Sequence[str]) -> dict[str, Produc
     """Settings and waiting units of each product (defaults for a product without
     settings). Read after the batch holds the products' rows, so it is current for them."""
     rows = await conn.fetch(_RULES, list(product_ids))
-    return {
-        r["product_id"]: ProductRules(
-            r["safety_stock"] or 0,
-            r["max_per_customer"],
-            _components(r["components"]),
-            r["waiting"],
-        )
-        for r in rows
-    }
+    return {r["product_id"]: product_rules(r) for r in rows}
 
 
 async def kit_components(
@@ -72,7 +55,9 @@ async def kit_components(
                    WHERE product_id = ANY($1::text[])""",
                 list(product_ids),
             )
-    return {r["product_id"]: (_components(r["components"]), r["max_per_customer"]) for r in rows}
+    return {
+        r["product_id"]: (parse_components(r["components"]), r["max_per_customer"]) for r in rows
+    }
 
 
 _HELD = """
@@ -210,7 +195,7 @@ async def kits_using(conn: Conn, product_ids: Sequence[str]) -> dict[str, tuple[
                FROM unnest($1::text[]) AS x)""",
         list(product_ids),
     )
-    return {r["product_id"]: _components(r["components"]) or () for r in rows}
+    return {r["product_id"]: parse_components(r["components"]) or () for r in rows}
 
 
 async def kits_among_ids(
@@ -222,7 +207,7 @@ async def kits_among_ids(
            WHERE product_id = ANY($1::text[]) AND components IS NOT NULL""",
         list(product_ids),
     )
-    return {r["product_id"]: _components(r["components"]) or () for r in rows}
+    return {r["product_id"]: parse_components(r["components"]) or () for r in rows}
 
 
 async def reservables(conn: Conn, product_ids: Sequence[str]) -> dict[str, int]:

@@ -31,6 +31,7 @@ from uuid import UUID
 import asyncpg
 import orjson
 
+from .commerce import KitComponent, ProductRules
 from .domain import (
     Contention,
     InventoryError,
@@ -50,6 +51,7 @@ from .migrate import apply_migrations
 
 __all__ = [
     "IdempotencyRecord",
+    "LockedRows",
     "RowsBusy",
     "Store",
     "StoreIntegrityError",
@@ -57,6 +59,8 @@ __all__ = [
     "body_hash",
     "connect",
     "migrate",
+    "parse_components",
+    "product_rules",
 ]
 
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -147,6 +151,34 @@ def _level(r: Row) -> StockLevel:
     )  # fmt: skip
 
 
+def parse_components(raw: str | None) -> tuple[KitComponent, ...] | None:
+    """A kit's stored ``components`` (JSON), or None for a product that is no kit."""
+    if raw is None:
+        return None
+    return tuple(KitComponent(c["product_id"], c["quantity"]) for c in orjson.loads(raw))
+
+
+def product_rules(r: Row) -> ProductRules:
+    """The rules of a row with ``safety_stock``, ``max_per_customer``, ``components``
+    (NULL without settings) and ``waiting`` columns."""
+    return ProductRules(
+        r["safety_stock"] or 0,
+        r["max_per_customer"],
+        parse_components(r["components"]),
+        r["waiting"],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LockedRows:
+    """What :meth:`Store.lock_rows` found (see there)."""
+
+    levels: list[StockLevel]
+    warehouses: dict[str, Warehouse]
+    busy: set[str]
+    rules: dict[str, ProductRules] | None
+
+
 def _warehouse(r: Row) -> Warehouse:
     return Warehouse(r["id"], r["name"], r["location"], WarehouseStatus(r["status"]))
 
@@ -218,9 +250,13 @@ WITH got AS MATERIALIZED (
     ORDER BY product_id, warehouse_id FOR UPDATE{{skip}}
 )
 SELECT s.product_id, s.warehouse_id, g.quantity, g.reserved, g.version, g.updated_at,
-       g.product_id IS NOT NULL AS locked, w.id, w.name, w.location, w.status
+       g.product_id IS NOT NULL AS locked, w.id, w.name, w.location, w.status,
+       p.safety_stock, p.max_per_customer, p.components,
+       (SELECT coalesce(sum(q.quantity), 0) FROM waitlist q
+        WHERE q.product_id = s.product_id AND q.status = 'waiting')::bigint AS waiting
 FROM stock_levels s JOIN warehouses w ON w.id = s.warehouse_id
 LEFT JOIN got g ON g.product_id = s.product_id AND g.warehouse_id = s.warehouse_id
+LEFT JOIN products p ON p.product_id = s.product_id
 WHERE s.product_id = ANY($1::text[])
 """
 _LOCK_FREE_ROWS = _LOCK_ROWS_FOR_BATCH.format(skip=" SKIP LOCKED")
@@ -428,17 +464,20 @@ class Store:
         wait: float = 0.0,
         *,
         then_claims: bool = False,
-    ) -> tuple[list[StockLevel], dict[str, Warehouse], set[str]]:
+    ) -> LockedRows:
         """Lock the products' stock rows in (product, warehouse) order.
 
         Rows of ``wait_for`` products are locked first, waiting at most ``wait`` seconds
         (the transaction's ``lock_timeout``, see :meth:`transaction`; then
         :class:`RowsBusy`, the transaction being unusable) while holding nothing else;
         the others never wait: rows another transaction holds are skipped (``SKIP
-        LOCKED``). Returns the locked rows, the warehouses they are in, and the products
-        with a row that could not be locked. ``then_claims``: the transaction claims
-        idempotency keys next, so the ``lock_timeout`` is lifted again (a claim waits
-        for a racing transaction's key as long as it takes).
+        LOCKED``). Returns the locked rows, the warehouses they are in, the products
+        with a row that could not be locked and, when nothing waited, the products'
+        rules read by the same statement (saving the batch a round trip; after a wait
+        the statement's snapshot predates the wait, so the caller reads them again).
+        ``then_claims``: the transaction claims idempotency keys next, so the
+        ``lock_timeout`` is lifted again (a claim waits for a racing transaction's key as
+        long as it takes).
         """
         rows: list[Row] = []
         rest = list(product_ids)
@@ -453,9 +492,12 @@ class Store:
             rest = [p for p in rest if p not in wait_for]
         if rest:
             rows += await conn.fetch(_LOCK_FREE_ROWS, rest)
-        busy = {r["product_id"] for r in rows if not r["locked"]}
-        locked = [_level(r) for r in rows if r["locked"]]
-        return locked, {r["id"]: _warehouse(r) for r in rows if r["locked"]}, busy
+        return LockedRows(
+            [_level(r) for r in rows if r["locked"]],
+            {r["id"]: _warehouse(r) for r in rows if r["locked"]},
+            {r["product_id"] for r in rows if not r["locked"]},
+            None if wait_for else {r["product_id"]: product_rules(r) for r in rows},
+        )
 
     async def insert_batch(
         self,
