@@ -159,8 +159,9 @@ class PgOutboxLease:
             for row in rows
         ]
 
-    async def advance(self, position: tuple[int, int]) -> None:
-        await self._session().execute(_ADVANCE, self._name, *position, timeout=_TIMEOUT)
+    async def advance(self, position: tuple[int, int], *, save: bool = True) -> None:
+        if save:
+            await self._session().execute(_ADVANCE, self._name, *position, timeout=_TIMEOUT)
         self._cursor = position
 
     async def release(self) -> None:

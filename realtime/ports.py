@@ -70,8 +70,10 @@ class OutboxLease(Protocol):
         """Up to ``limit`` final changes strictly after the saved cursor, in stream order."""
         ...
 
-    async def advance(self, position: tuple[int, int]) -> None:
-        """Durably move the cursor to ``position`` (everything up to it was published)."""
+    async def advance(self, position: tuple[int, int], *, save: bool = True) -> None:
+        """Move the cursor to ``position`` (everything up to it was published): the next
+        :meth:`fetch` starts after it; durably when ``save``, else in this lease only
+        (a later leader starts after the last saved position)."""
         ...
 
     async def release(self) -> None:

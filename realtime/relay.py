@@ -22,8 +22,10 @@ Policy:
 * Order and completeness come from the outbox (final rows only, in stream order after a
   durable cursor). The cursor is saved only *after* a batch was published, so a crash
   between commit and publish loses nothing: the next leader publishes it again (a
-  duplicate is dropped by the hubs' version check). With no saved cursor the relay starts
-  at the current tail; history is not replayed.
+  duplicate is dropped by the hubs' version check). Under load the cursor is saved at
+  most every ``save_interval`` (50 ms; at once when idle or stopping): one statement and
+  one WAL flush fewer per batch, for at most 50 ms of duplicates after a crash. With no
+  saved cursor the relay starts at the current tail; history is not replayed.
 * Latency: poll every ``poll_interval`` (10 ms) when idle, immediately again after a full
   batch, and at once after :meth:`Relay.wake` (called by the local service after a commit).
 * Cost: a batch is published by one ``EVALSHA`` of a script that runs ``PUBLISH`` per
@@ -118,6 +120,7 @@ class Relay:
         max_backoff: float = 1.0,
         heartbeat_interval: float = 1.0,
         heartbeat_ttl: float = 3.0,
+        save_interval: float = 0.05,
     ) -> None:
         self._outbox = outbox
         self._redis = redis
@@ -136,6 +139,7 @@ class Relay:
         self._batch_size = batch_size
         self._campaign_interval = campaign_interval
         self._max_backoff = max_backoff
+        self._save_interval = save_interval
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -222,6 +226,8 @@ class Relay:
         batch: list[StockChange] = []
         failures = 0
         next_beat = 0.0
+        unsaved: tuple[int, int] | None = None  # published, not yet saved durably
+        next_save = 0.0
         while not self._stopping.is_set():
             if loop.time() >= next_beat:
                 next_beat = loop.time() + self._heartbeat_interval
@@ -230,6 +236,9 @@ class Relay:
             if not batch:
                 self._wake.clear()
                 batch = await lease.fetch(self._batch_size)
+                if not batch and unsaved is not None:  # idle: save what was published
+                    await lease.advance(unsaved)
+                    unsaved = None
             if batch:
                 try:
                     await self._publish(batch)
@@ -242,7 +251,11 @@ class Relay:
                 if failures:
                     log.info("relay publishing again after %d failed attempts", failures)
                     failures = 0
-                await lease.advance(batch[-1].position)
+                save = loop.time() >= next_save
+                await lease.advance(batch[-1].position, save=save)
+                if save:
+                    next_save = loop.time() + self._save_interval
+                unsaved = None if save else batch[-1].position
                 full = len(batch) >= self._batch_size
                 batch = []
                 if full:
@@ -250,6 +263,8 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_interval):
                     await self._wake.wait()
+        if unsaved is not None:  # stopping: hand over without republishing
+            await lease.advance(unsaved)
 
     async def _publish(self, batch: list[StockChange]) -> None:
         if isinstance(self._redis, RedisCluster):
