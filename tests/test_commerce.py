@@ -192,6 +192,24 @@ async def test_check_sees_a_limit_breach(scratch_database: str) -> None:
     assert len(found["customers hold no more than max_per_customer"]) == 1
 
 
+async def test_kit_stock_in_the_batch_read(
+    client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId
+) -> None:
+    """``GET /v1/stock`` answers a kit with the body ``GET`` of the kit answers, in
+    request order among the products; a kit is never ``missing``."""
+    a, _ = await make_stock(7)
+    kit, nothing = new_id("kit"), new_id("none")
+    await settings(client, kit, components=[{"product_id": a, "quantity": 2}])
+    r = await client.get("/v1/stock", params={"product_ids": f"{kit},{nothing},{a}"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [p["product_id"] for p in body["products"]] == [kit, a]
+    assert body["products"][0] == await stock(client, kit)
+    assert (body["products"][0]["kit"], body["products"][0]["reservable"]) == (True, 3)
+    assert body["products"][1] == await stock(client, a)
+    assert body["missing"] == [nothing]
+
+
 async def test_commerce_feed_leads_per_database_and_redis(
     scratch_database: str, redis_url: str, new_id: NewId
 ) -> None:
