@@ -258,6 +258,19 @@ class Waitlist:
                 )
         return [_entry(r) for r in rows]
 
+    async def lengths(self, product_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """``(entries, units)`` waiting per product, for those of ``product_ids`` whose
+        queue is not empty."""
+        with _translated():
+            async with self.store.connection() as conn:
+                rows = await conn.fetch(
+                    """SELECT product_id, count(*) AS entries, sum(quantity)::bigint AS units
+                       FROM waitlist WHERE status = 'waiting' AND product_id = ANY($1::text[])
+                       GROUP BY product_id""",
+                    list(product_ids),
+                )
+        return {r["product_id"]: (r["entries"], r["units"]) for r in rows}
+
     async def offerable(self, product_id: str | None = None) -> list[dict[str, Any]]:
         """Entries ``reservable`` can serve now, from the head of each queue on (all
         products, or one), in queue order."""

@@ -161,6 +161,31 @@ async def test_cancel_and_validation(
     assert listed["entries"] == []
 
 
+async def test_waitlist_lengths(
+    client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId
+) -> None:
+    """``GET /v1/waitlists``: waiting entries and units per product, in request order."""
+    pid, _ = await make_stock(0)
+    nobody = new_id("none")
+    a = (await join(client, pid, "a", 2)).json()
+    await join(client, pid, "b", 3)
+
+    async def lengths() -> Any:
+        r = await client.get("/v1/waitlists", params={"product_ids": f"{nobody},{pid},{pid}"})
+        assert r.status_code == 200, r.text
+        return r.json()["waitlists"]
+
+    assert await lengths() == [
+        {"product_id": nobody, "waiting": 0, "units": 0},
+        {"product_id": pid, "waiting": 2, "units": 5},
+    ]
+    await client.delete(f"/v1/waitlist/{a['id']}")
+    assert (await lengths())[1] == {"product_id": pid, "waiting": 1, "units": 3}
+    for query in ({}, {"product_ids": ""}, {"product_ids": "a,,b"}):
+        r = await client.get("/v1/waitlists", params=query)
+        assert (r.status_code, err(r)) == (422, "validation_error"), query
+
+
 async def test_idempotent_join(
     client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId
 ) -> None:
