@@ -59,6 +59,7 @@ from .schemas import (
     ReservationOut,
     ReserveIn,
     SetQuantityIn,
+    StockBody,
     StockListOut,
     WarehouseIn,
     WarehouseOut,
@@ -70,6 +71,7 @@ from .store import body_hash
 
 __all__ = [
     "MAX_BODY",
+    "PRODUCT_IDS_PARAM",
     "PRODUCT_ID_SCHEMA",
     "Auth",
     "Forbidden",
@@ -89,6 +91,7 @@ __all__ = [
     "error_statuses",
     "idempotency_key",
     "json_response",
+    "product_ids_param",
     "status_for",
     "status_of_code",
 ]
@@ -279,6 +282,22 @@ def _reservation_id(request: Request) -> UUID:
         raise ValidationFailed("reservation id must be a UUID", {"field": "id"}) from None
 
 
+def product_ids_param(request: Request) -> list[str]:
+    """The ``product_ids`` query parameter, exactly as :data:`PRODUCT_IDS_PARAM` states:
+    1-500 comma-separated ids, an empty one included ("a,,b") is invalid; repeats count
+    towards the 500 and are answered once (the list keeps first occurrences, in order)."""
+    raw = request.query_params.get("product_ids", "")
+    if not raw:
+        raise ValidationFailed("product_ids is required", {"field": "product_ids"})
+    entries = raw.split(",", MAX_STOCK_QUERY)
+    if len(entries) > MAX_STOCK_QUERY:
+        raise ValidationFailed(f"at most {MAX_STOCK_QUERY} product_ids", {"field": "product_ids"})
+    bad = [x for x in entries if not is_product_id(x)]
+    if bad:
+        raise ValidationFailed(f"invalid product id {bad[0][:140]!r}", {"field": "product_ids"})
+    return list(dict.fromkeys(entries))
+
+
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
@@ -385,64 +404,46 @@ class Handlers(RouteHandlers):
     async def product_stock(self, request: Request) -> Response:
         self._identity(request, "read")
         product_id = _product_id(request)
-        settings = await get_settings(self.service.store, [product_id])
-        mine = settings.get(product_id)
-        if mine is not None and mine.components is not None:
-            return json_response(await self._kit_stock(mine))
-        levels, warehouses = await self.service.stock([product_id])
-        if not levels:
+        body = (await self._stock_bodies([product_id])).get(product_id)
+        if body is None:
             raise NotFound(f"product {product_id} has no stock", {"product_id": product_id})
-        return json_response(product_stock(product_id, levels, warehouses, mine))
+        return json_response(body)
 
-    async def _kit_stock(self, kit: ProductSettings) -> KitStockOut:
-        """A kit's stock body: its reservable and each component's body."""
-        assert kit.components is not None
-        ids = [c.product_id for c in kit.components]
+    async def _stock_bodies(self, ids: Sequence[str]) -> dict[str, ProductStockOut | KitStockOut]:
+        """The stock body of each of ``ids`` that has one: its rows' body, or for a kit
+        its reservable and each component's body (read in the same queries)."""
         settings = await get_settings(self.service.store, ids)
-        levels, warehouses = await self.service.stock(ids)
-        bodies = {
-            p: product_stock(p, [lv for lv in levels if lv.product_id == p], warehouses,
-                             settings.get(p))
-            for p in ids if any(lv.product_id == p for lv in levels)
-        }  # fmt: skip
-        free = kit_reservable(kit.components, {p: b.reservable for p, b in bodies.items()})
-        return KitStockOut(
-            kit.product_id,
-            True,
-            free,
-            [KitComponentStockOut(c.product_id, c.quantity, bodies.get(c.product_id))
-             for c in kit.components],
-        )  # fmt: skip
-
-    async def stock_list(self, request: Request) -> Response:
-        self._identity(request, "read")
-        raw = request.query_params.get("product_ids", "")
-        if not raw:
-            raise ValidationFailed("product_ids is required", {"field": "product_ids"})
-        # Exactly what OpenAPI states: 1-500 comma-separated ids, an empty one included
-        # ("a,,b") is invalid; repeats count towards the 500 and are answered once.
-        entries = raw.split(",", MAX_STOCK_QUERY)
-        if len(entries) > MAX_STOCK_QUERY:
-            raise ValidationFailed(
-                f"at most {MAX_STOCK_QUERY} product_ids", {"field": "product_ids"}
-            )
-        bad = [x for x in entries if not is_product_id(x)]
-        if bad:
-            raise ValidationFailed(f"invalid product id {bad[0][:140]!r}", {"field": "product_ids"})
-        ids = list(dict.fromkeys(entries))
-        levels, warehouses = await self.service.stock(ids)
-        settings = await get_settings(self.service.store, ids)
+        kits = [s for s in settings.values() if s.components is not None]
+        parts = {c.product_id for k in kits for c in k.components or ()}.difference(ids)
+        if parts:
+            settings |= await get_settings(self.service.store, sorted(parts))
+        levels, warehouses = await self.service.stock([*ids, *sorted(parts)])
         by_product: dict[str, list[StockLevel]] = {}
         for lv in levels:
             by_product.setdefault(lv.product_id, []).append(lv)
+        products = {
+            p: product_stock(p, rows, warehouses, settings.get(p)) for p, rows in by_product.items()
+        }
+        bodies: dict[str, ProductStockOut | KitStockOut] = dict(products)
+        free = {p: b.reservable for p, b in products.items()}
+        for kit in kits:
+            assert kit.components is not None
+            bodies[kit.product_id] = KitStockOut(
+                kit.product_id,
+                True,
+                kit_reservable(kit.components, free),
+                [KitComponentStockOut(c.product_id, c.quantity, products.get(c.product_id))
+                 for c in kit.components],
+            )  # fmt: skip
+        return bodies
+
+    async def stock_list(self, request: Request) -> Response:
+        self._identity(request, "read")
+        ids = product_ids_param(request)
+        bodies = await self._stock_bodies(ids)
         return json_response(
             StockListOut(
-                [
-                    product_stock(p, by_product[p], warehouses, settings.get(p))
-                    for p in ids
-                    if p in by_product
-                ],
-                [p for p in ids if p not in by_product],
+                [bodies[p] for p in ids if p in bodies], [p for p in ids if p not in bodies]
             )
         )
 
@@ -601,6 +602,12 @@ _WRITE = ("conflict", "contention", "unavailable")
 _STOCK_WRITE = ("not_found", "insufficient_stock", "version_conflict", "is_kit", *_WRITE)
 _FINISH = ("not_found", "invalid_state", *_WRITE)
 PRODUCT_ID_SCHEMA = {"type": "string", "pattern": f"^{PRODUCT_ID_RE.pattern}$"}
+PRODUCT_IDS_PARAM = QueryParam(
+    "product_ids",
+    {"type": "array", "items": PRODUCT_ID_SCHEMA, "minItems": 1, "maxItems": MAX_STOCK_QUERY},
+    "Comma-separated product ids (repeats are answered once).",
+    required=True,
+)
 _READ_BACK = (Link("getReservation", {"reservation_id": "$response.body#/id"}),)
 _STOCK_LINKS = (
     Link("getProductStock", {"product_id": "$request.path.product_id"}),
@@ -672,16 +679,10 @@ def api_routes(
             RouteDoc(
                 "Stock of up to 500 products", "read", None, StockListOut,
                 operation_id="listStock", tag="Stock", errors=_READ,
-                query=(
-                    QueryParam(
-                        "product_ids",
-                        {"type": "array", "items": PRODUCT_ID_SCHEMA, "minItems": 1,
-                         "maxItems": MAX_STOCK_QUERY},
-                        "Comma-separated product ids (repeats are answered once).",
-                        required=True,
-                    ),
-                ),
-                description="Products without any stock row are listed in `missing`.",
+                query=(PRODUCT_IDS_PARAM,),
+                description="The bodies `getProductStock` answers, in request order (a kit's "
+                "is `KitStockOut`); products with neither a stock row nor kit components are "
+                "listed in `missing`.",
             ),
         ),
         (
@@ -689,12 +690,13 @@ def api_routes(
             "GET",
             h.product_stock,
             RouteDoc(
-                "Stock of one product (a kit: KitStockOut)", "read", None, ProductStockOut,
+                "Stock of one product (a kit: KitStockOut)", "read", None, StockBody,
                 operation_id="getProductStock", tag="Stock", errors=("not_found", *_READ),
                 description="404 when the product has no stock row anywhere. `reservable` "
-                "sums `available` over active warehouses only, less `safety_stock` and what the "
-                "waitlist is waiting for. A kit answers `KitStockOut` (`kit: true`, its "
-                "`reservable` and its components' bodies).",
+                "sums `available` over active warehouses only, less `safety_stock` (a new "
+                "reservation takes only what lies beyond the waitlist's waiting units). A kit "
+                "answers `KitStockOut` (`kit: true`, its `reservable` and its components' "
+                "bodies).",
             ),
         ),
         (

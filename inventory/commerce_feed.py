@@ -1,10 +1,16 @@
 """Alerts and kit numbers on the live stream: a ledger consumer of its own.
 
 Like the relay, it reads committed ledger rows in outbox order under a lease with a
-durable cursor (:class:`~inventory.store_feed.PgOutbox`, name ``{prefix}:commerce``), so
-one process at a time does the work, a crash resumes from the cursor, and it never waits
-for unrelated transactions. For each batch it publishes, on the products' stream
-channels (the hub forwards them to subscribers like stock messages):
+durable cursor (:class:`~inventory.store_feed.PgOutbox`), so one process at a time does
+the work, a crash resumes from the cursor, and it never waits for unrelated transactions.
+The lease and cursor are named like the relay's, after the prefix and the Redis server
+(``{prefix}:commerce@{redis id}``, :class:`realtime.relay.RedisIdentity`): one publisher
+per (database, Redis, prefix), so deployments sharing a database but not a Redis each
+publish to their own subscribers. A leader that finds another Redis id (a Redis restart
+that lost it, where another process asked first) steps down and campaigns again.
+
+For each batch it publishes, on the products' stream channels (the hub forwards them to
+subscribers like stock messages):
 
 - ``{"type": "alert", "product_id", "event", "reservable", "ts"}`` for every low-stock
   crossing of the rows (:func:`inventory.alerts.crossings`, derived from the ledger, so a
@@ -28,6 +34,7 @@ import orjson
 from realtime.hub import KIT_KEY
 from realtime.keys import RedisKeys
 from realtime.ports import StockChange
+from realtime.relay import RedisIdentity
 from realtime.sharded import RedisClient, publish_all
 
 from .alerts import crossings
@@ -64,11 +71,14 @@ class CommerceFeed:
         self._store = store
         self._redis = redis
         self._keys = RedisKeys(prefix)
-        self._name = f"{prefix}:commerce"
+        self._identity = RedisIdentity(redis, prefix)
+        self._namespace = f"{prefix}:commerce"
         self._poll_interval = poll_interval
         self._batch_size = batch_size
         self._wake = asyncio.Event()
         self._last: dict[str, int] = {}  # kit -> number last published by this leader
+        self.lease_name: str | None = None  # once the Redis id is known
+        self.leader = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -77,20 +87,33 @@ class CommerceFeed:
         while True:
             lease = None
             try:
-                lease = await self._outbox.acquire(self._name)
+                redis_id = await self._identity.resolve()
+                self.lease_name = f"{self._namespace}@{redis_id}"
+                lease = await self._outbox.acquire(self.lease_name)
                 if lease is not None:
                     self._last.clear()
-                    await self._lead(lease)
+                    self.leader = True
+                    await self._lead(lease, redis_id)
+                    log.warning("redis has another id now; the commerce feed campaigns again")
             except Exception as exc:  # database or Redis away: campaign again
                 log.warning("commerce feed interrupted (%s); retrying", exc)
             finally:
+                self.leader = False
                 if lease is not None:
                     with contextlib.suppress(Exception):
                         await lease.release()
             await asyncio.sleep(1.0)
 
-    async def _lead(self, lease: PgOutboxLease) -> None:
+    async def _lead(self, lease: PgOutboxLease, redis_id: str) -> None:
+        """Publish batches until Redis has another id than ``redis_id`` (checked every
+        second, like the relay's heartbeat)."""
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + 1.0
         while True:
+            if loop.time() >= next_check:
+                next_check = loop.time() + 1.0
+                if await self._identity.resolve(keep=redis_id) != redis_id:
+                    return
             self._wake.clear()
             batch = await lease.fetch(self._batch_size)
             if batch:

@@ -27,7 +27,7 @@ import msgspec
 from .api import RouteDoc, status_of_code
 from .domain import IDEMPOTENCY_KEY_RE, PRODUCT_ID_RE, WAREHOUSE_ID_RE
 from .guards import ForbiddenOrigin
-from .schemas import ErrorOut
+from .schemas import STOCK_BODY_KINDS, ErrorOut
 
 __all__ = ["openapi_document"]
 
@@ -243,7 +243,8 @@ def _operation(path: str, doc: RouteDoc, register: Any) -> dict[str, Any]:
 
 def openapi_document(docs: Mapping[str, Mapping[str, RouteDoc]]) -> dict[str, Any]:
     """The document for ``docs`` (path -> lower-case method -> doc)."""
-    kinds: dict[str, Any] = {"ErrorOut": ErrorOut}
+    # Stock bodies are referenced from a hand-written union (schemas.StockBody).
+    kinds: dict[str, Any] = {"ErrorOut": ErrorOut, **{k.__name__: k for k in STOCK_BODY_KINDS}}
 
     def register(kind: Any, name: str | None = None) -> str:
         name = name or kind.__name__

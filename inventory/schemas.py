@@ -31,9 +31,12 @@ from .domain import (
 
 __all__ = [
     "MAX_JSON_DEPTH",
+    "STOCK_BODY_KINDS",
     "AdjustmentIn",
     "ErrorOut",
     "ExtendIn",
+    "KitComponentStockOut",
+    "KitStockOut",
     "LevelOut",
     "MovementOut",
     "MovementsOut",
@@ -43,6 +46,7 @@ __all__ = [
     "ReserveIn",
     "ReserveLineIn",
     "SetQuantityIn",
+    "StockBody",
     "StockListOut",
     "WarehouseIn",
     "WarehouseOut",
@@ -149,9 +153,25 @@ class KitStockOut(Struct):
     components: list[KitComponentStockOut]
 
 
+#: The Structs a stock body may be, for OpenAPI's components (:data:`StockBody`).
+STOCK_BODY_KINDS = (ProductStockOut, KitStockOut)
+
+#: A product's stock body, or a kit's (``kit: true``). msgspec makes a schema for a union
+#: of Structs only when they are tagged, and these bodies have no tag, so the schema is
+#: written out (references into OpenAPI's components).
+StockBody = Annotated[
+    Any,
+    Meta(
+        extra_json_schema={
+            "anyOf": [{"$ref": f"#/components/schemas/{k.__name__}"} for k in STOCK_BODY_KINDS]
+        }
+    ),
+]
+
+
 class StockListOut(Struct):
-    products: list[ProductStockOut]
-    missing: list[str]
+    products: list[StockBody]  # a kit's body for a kit
+    missing: list[str]  # neither a stock row nor a kit
 
 
 class MovementOut(Struct):

@@ -11,14 +11,17 @@ Policy:
   batch locks the entry, checks it still waits, lets it take what lies beyond the entries
   before it (new reservations only take what lies beyond all waiting units) and marks
   it ``offered`` in the same transaction as the reservation.
-- The offerer (:class:`Offerer`, one task per process) looks for the entries, from each
-  head on, that ``reservable`` can now hold, and offers them together (one batch):
-  woken by this process's stock changes, and polling every
-  ``interval`` seconds for changes made elsewhere (another process, an expiry, a server
-  that was down). Several processes may try the same entry at once: the engine's row and
-  entry locks let exactly one succeed, the others get ``not_waiting`` (or a shortage) and
-  move on, so no lease is needed for correctness, only the poll's cost (one indexed query)
-  per process.
+- The offerer (:class:`Offerer`, one loop per process) looks for the entries, from each
+  head on, that ``reservable`` can now hold, and offers each product's together (one
+  batch) in a task of the product's own, which the loop does not wait for: an offer
+  whose stock row is locked by another session waits (up to the database timeout) and
+  delays only its product's queue, not the offers of other products. One task per
+  product at a time; a product whose task still runs is left to it. The loop is woken by
+  this process's stock changes, and polls every ``interval`` seconds for changes made
+  elsewhere (another process, an expiry, a server that was down). Several processes may
+  try the same entry at once: the engine's row and entry locks let exactly one succeed,
+  the others get ``not_waiting`` (or a shortage) and move on, so no lease is needed for
+  correctness, only the poll's cost (one indexed query) per process.
 - An entry whose offer would break the customer's purchase limit is ``cancelled`` (it
   could never be served, and would block everyone behind it).
 """
@@ -36,6 +39,8 @@ from uuid import UUID
 
 import asyncpg
 from msgspec import Struct, structs
+
+from realtime.tasks import cancel_and_wait
 
 from .batch_reserve import ReserveRequest
 from .catalog import IsKit
@@ -253,6 +258,19 @@ class Waitlist:
                 )
         return [_entry(r) for r in rows]
 
+    async def lengths(self, product_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """``(entries, units)`` waiting per product, for those of ``product_ids`` whose
+        queue is not empty."""
+        with _translated():
+            async with self.store.connection() as conn:
+                rows = await conn.fetch(
+                    """SELECT product_id, count(*) AS entries, sum(quantity)::bigint AS units
+                       FROM waitlist WHERE status = 'waiting' AND product_id = ANY($1::text[])
+                       GROUP BY product_id""",
+                    list(product_ids),
+                )
+        return {r["product_id"]: (r["entries"], r["units"]) for r in rows}
+
     async def offerable(self, product_id: str | None = None) -> list[dict[str, Any]]:
         """Entries ``reservable`` can serve now, from the head of each queue on (all
         products, or one), in queue order."""
@@ -261,9 +279,10 @@ class Waitlist:
                 rows = await conn.fetch(_OFFERABLE, product_id)
         return [dict(r) for r in rows]
 
-    async def offer_heads(self, product_id: str | None = None) -> int:
-        """Offer every entry that fits, from the heads on, repeating while offers are
-        made; returns how many queue entries moved (offered or cancelled).
+    async def offer_heads(self, product_id: str) -> int:
+        """Offer every entry of the product's queue that fits, from the head on,
+        repeating while offers are made; returns how many entries moved (offered or
+        cancelled).
 
         The offers of one pass are submitted together in queue order, so the engine
         combines them into one batch; each may only take what lies beyond the entries
@@ -329,30 +348,54 @@ ORDER BY q.product_id, q.seq
 
 
 class Offerer:
-    """This process's offer loop: woken by local stock changes, polling for the rest."""
+    """This process's offer loop: woken by local stock changes, polling for the rest;
+    each product's offers run in a task of their own (see the module docstring)."""
 
     def __init__(self, waitlist: Waitlist, interval: float = 0.2) -> None:
         self.waitlist = waitlist
         self.interval = interval
         self._wake = asyncio.Event()
+        self._offering: dict[str, asyncio.Task[None]] = {}  # product -> its offers
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                await self.waitlist.offer_heads()
-            except (Unavailable, InventoryError):
-                pass  # the database is away or busy: the next pass tries again
-            except Exception:  # never let one bad pass end the offers in this process
-                log.exception("waitlist offer pass failed; retrying")
-            try:
-                async with asyncio.timeout(self.interval):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+        try:
+            while True:
+                self._wake.clear()
+                try:
+                    self._start_offers(await self.waitlist.offerable())
+                except (Unavailable, InventoryError):
+                    pass  # the database is away or busy: the next pass tries again
+                except Exception:  # never let one bad pass end the offers in this process
+                    log.exception("waitlist offer pass failed; retrying")
+                try:
+                    async with asyncio.timeout(self.interval):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            await cancel_and_wait(*self._offering.values())
+
+    def _start_offers(self, entries: Sequence[dict[str, Any]]) -> None:
+        """Start offering the queue of each product with entries that fit, unless its
+        previous offers still run; returns at once."""
+        for product_id in dict.fromkeys(e["product_id"] for e in entries):
+            if product_id not in self._offering:
+                self._offering[product_id] = asyncio.create_task(
+                    self._offer_product(product_id), name="waitlist-offers"
+                )
+
+    async def _offer_product(self, product_id: str) -> None:
+        try:
+            await self.waitlist.offer_heads(product_id)
+        except (Unavailable, InventoryError):
+            pass  # busy (a row locked past the bound) or away: a later pass tries again
+        except Exception:
+            log.exception("waitlist offers for %s failed; retrying", product_id)
+        finally:
+            del self._offering[product_id]
 
 
 async def _offered_events(ctx: ProduceContext, rows: Sequence[LedgerRow]) -> list[Event]:

@@ -21,6 +21,7 @@ from .api import (
     _READ,
     _WRITE,
     MAX_PAGE,
+    PRODUCT_IDS_PARAM,
     Auth,
     Handler,
     Link,
@@ -31,6 +32,7 @@ from .api import (
     _product_id,
     idempotency_key,
     json_response,
+    product_ids_param,
     read_body,
 )
 from .domain import MAX_QUANTITY, ValidationFailed
@@ -39,7 +41,14 @@ from .service import InventoryService
 from .store import body_hash
 from .waitlist import JoinRequest, Waitlist, WaitlistEntryOut
 
-__all__ = ["WaitlistEntryOut", "WaitlistIn", "WaitlistOut", "waitlist_routes"]
+__all__ = [
+    "WaitlistEntryOut",
+    "WaitlistIn",
+    "WaitlistLengthOut",
+    "WaitlistLengthsOut",
+    "WaitlistOut",
+    "waitlist_routes",
+]
 
 
 class WaitlistIn(_In):
@@ -52,6 +61,16 @@ class WaitlistIn(_In):
 class WaitlistOut(Struct):
     entries: list[WaitlistEntryOut]
     next_after: int | None  # pass as ``after`` for the next page (queue order)
+
+
+class WaitlistLengthOut(Struct):
+    product_id: str
+    waiting: int  # entries waiting
+    units: int  # their quantities added up: what new reservations cannot take
+
+
+class WaitlistLengthsOut(Struct):
+    waitlists: list[WaitlistLengthOut]
 
 
 def _entry_id(request: Request) -> UUID:
@@ -93,6 +112,14 @@ class WaitlistHandlers(RouteHandlers):
         self._identity(request, "reserve")
         return json_response((await self.waitlist.cancel(_entry_id(request))).out())
 
+    async def lengths(self, request: Request) -> Response:
+        self._identity(request, "read")
+        ids = product_ids_param(request)
+        found = await self.waitlist.lengths(ids)
+        return json_response(
+            WaitlistLengthsOut([WaitlistLengthOut(p, *found.get(p, (0, 0))) for p in ids])
+        )
+
     async def list(self, request: Request) -> Response:
         self._identity(request, "admin")
         product_id = _product_id(request)
@@ -130,6 +157,14 @@ def waitlist_routes(
                 QueryParam("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
                            "Page size (default 100)."),
             ),
+        )),
+        ("/v1/waitlists", "GET", h.lengths, RouteDoc(
+            "Waitlist lengths of up to 500 products", "read", None, WaitlistLengthsOut,
+            operation_id="listWaitlistLengths", tag="Waitlist", errors=_READ,
+            query=(PRODUCT_IDS_PARAM,),
+            description="How many entries wait for each product, and their units, in "
+            "request order (0 for a product nobody waits for, known or not). No customer "
+            "is named, so the read scope suffices (the live dashboard shows these).",
         )),
         ("/v1/waitlist/{entry_id}", "GET", h.get, RouteDoc(
             "Read a waitlist entry", "read", None, WaitlistEntryOut,

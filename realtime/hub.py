@@ -22,6 +22,10 @@ Consistency policy (no subscriber is left on a stale value):
 * Every database read (snapshot or resync) also raises the hub's versions and pushes rows
   newer than what was forwarded to all local subscribers of the product (a resync pushes
   every row; each session drops what it already has).
+* Derived state beyond rows (a kit's number, from ``extra_snapshots``) is re-read with
+  every resync and pushed to all local subscribers of the product, like the rows: after a
+  reconnect, a gap or an overflow a kit's subscribers get its current number with a new
+  ``seq``. (Alerts are events, not state: a lost one is not sent again.)
 * No periodic full resync: every way a message can be lost ends in a detectable event
   (connection loss, caught by errors or the PING watchdog for half-open sockets; or a
   version gap), and a timer would cost a database read per subscribed product per period
@@ -289,6 +293,14 @@ class Hub:
         for product_id, key, version, payload in extras:
             session.offer(product_id, [(key, version, Outgoing(payload))])
 
+    def _apply_extras(self, extras: Sequence[tuple[str, str, int, bytes]]) -> None:
+        """Push derived messages read on a resync to every local session of their
+        products (each session drops what is not newer than what it has)."""
+        for product_id, key, version, payload in extras:
+            topic = self._topics.get(product_id)
+            if topic is not None:
+                self._offer(topic, [(key, version, Outgoing(payload))])
+
     async def _snapshot(self, products: Sequence[str]) -> dict[str, list[LevelState]]:
         """Current rows of ``products`` (joined already), read in the next snapshot round;
         the result may hold other products too."""
@@ -509,6 +521,9 @@ class Hub:
                 self._resync_wanted.difference_update(batch)
                 try:
                     levels = await self._levels.read_levels(batch)
+                    extras: list[tuple[str, str, int, bytes]] = []
+                    if self._extra_snapshots is not None:
+                        extras = await self._extra_snapshots(batch)
                 except Exception as exc:
                     failures += 1
                     self._resync_wanted.update(batch)
@@ -518,6 +533,7 @@ class Hub:
                 failures = 0
                 self.stats.resyncs += len(batch)
                 self._apply(levels, force=True)
+                self._apply_extras(extras)
 
     async def _reap_loop(self) -> None:
         """Close sessions whose pending send has been blocked for ``send_timeout``."""

@@ -60,7 +60,7 @@ from realtime.protocol import stock_from_change
 from realtime.sharded import RedisClient, publish_sharded
 from realtime.tasks import cancel_and_wait, spawn
 
-__all__ = ["Relay"]
+__all__ = ["RedisIdentity", "Relay", "relay_keys"]
 
 # ARGV: channel, message, channel, message, ...
 _PUBLISH_ALL = """
@@ -101,6 +101,23 @@ def relay_keys(prefix: str) -> tuple[str, str]:
     return keys.relay("id"), keys.relay("heartbeat")
 
 
+class RedisIdentity:
+    """The Redis server's id, for naming leases per (database, Redis): a random token kept
+    in Redis itself (``{prefix}:relay:id``, created by whoever asks first), so every
+    process agrees on it whatever address it uses for that server."""
+
+    def __init__(self, redis: RedisClient, prefix: str) -> None:
+        self._script = redis.register_script(_IDENTITY)
+        self._key = relay_keys(prefix)[0]
+        self._candidate = secrets.token_hex(8)
+
+    async def resolve(self, keep: str | None = None) -> str:
+        """The id. When Redis has none (a restart that lost it), ``keep`` becomes it (a
+        leader passes its own, so its cursor carries over), else a new random one."""
+        identity = await self._script(keys=[self._key], args=[keep or self._candidate])
+        return identity.decode() if isinstance(identity, bytes) else str(identity)
+
+
 class _StepDown(Exception):
     """Redis now has another id: this lease feeds a server that is gone."""
 
@@ -126,11 +143,10 @@ class Relay:
         self._redis = redis
         self._publish_all = redis.register_script(_PUBLISH_ALL)
         self._keys = RedisKeys(prefix)
-        self._identity_script = redis.register_script(_IDENTITY)
+        self._identity = RedisIdentity(redis, prefix)
         self._heartbeat_script = redis.register_script(_HEARTBEAT)
         self._namespace = f"{prefix}:stock"
         self._id_key, self._heartbeat_key = relay_keys(prefix)
-        self._candidate_id = secrets.token_hex(8)
         self._redis_id: str | None = None
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_ttl_ms = int(heartbeat_ttl * 1000)
@@ -186,10 +202,7 @@ class Relay:
         while not self._stopping.is_set():
             lease = None
             try:
-                identity = await self._identity_script(
-                    keys=[self._id_key], args=[self._candidate_id]
-                )
-                self._redis_id = identity.decode() if isinstance(identity, bytes) else identity
+                self._redis_id = await self._identity.resolve()
                 name = self.lease_name
                 assert name is not None
                 lease = await self._outbox.acquire(name)

@@ -190,3 +190,78 @@ async def test_check_sees_a_limit_breach(scratch_database: str) -> None:
         await conn.close()
     found = await check_database(scratch_database)
     assert len(found["customers hold no more than max_per_customer"]) == 1
+
+
+async def test_kit_stock_in_the_batch_read(
+    client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId
+) -> None:
+    """``GET /v1/stock`` answers a kit with the body ``GET`` of the kit answers, in
+    request order among the products; a kit is never ``missing``."""
+    a, _ = await make_stock(7)
+    kit, nothing = new_id("kit"), new_id("none")
+    await settings(client, kit, components=[{"product_id": a, "quantity": 2}])
+    r = await client.get("/v1/stock", params={"product_ids": f"{kit},{nothing},{a}"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [p["product_id"] for p in body["products"]] == [kit, a]
+    assert body["products"][0] == await stock(client, kit)
+    assert (body["products"][0]["kit"], body["products"][0]["reservable"]) == (True, 3)
+    assert body["products"][1] == await stock(client, a)
+    assert body["missing"] == [nothing]
+
+
+async def test_commerce_feed_leads_per_database_and_redis(
+    scratch_database: str, redis_url: str, new_id: NewId
+) -> None:
+    """Two deployments share a database but not a Redis (here: two Redis databases, which
+    have separate keys and so separate ids): each has a commerce feed leading, and each
+    publishes the kit numbers (Redis pub/sub ignores the database number, so both reach
+    this one subscriber)."""
+    from urllib.parse import urlsplit
+
+    from inventory.catalog import Component, ProductSettings, put_settings
+    from inventory.commerce_feed import CommerceFeed
+    from inventory.store import connect
+    from inventory.store_feed import PgOutbox
+    from realtime.relay import relay_keys
+    from realtime.sharded import redis_from_url
+
+    from .conftest import wait_until
+    from .test_realtime_e2e import channel_messages, write_change
+
+    prefix, part, kit = new_id("feed"), new_id("part"), new_id("kit")
+    other_url = urlsplit(redis_url)._replace(path="/1").geturl()
+    redises = [redis_from_url(redis_url), redis_from_url(other_url)]
+    store = await connect(scratch_database, min_size=1, max_size=6, timeout=10)
+    writer = await asyncpg.connect(scratch_database)
+    feeds = [CommerceFeed(PgOutbox(store.pool), store, r, prefix=prefix) for r in redises]
+    tasks = [asyncio.create_task(f.run()) for f in feeds]
+    try:
+        await put_settings(store, ProductSettings(kit, components=(Component(part, 1),)))
+        async with channel_messages(redis_url, prefix, kit) as published:
+            await wait_until(lambda: all(f.leader for f in feeds), 10, "both feeds leading")
+            ids = [(await r.get(relay_keys(prefix)[0])).decode() for r in redises]
+            assert ids[0] != ids[1]
+            assert [f.lease_name for f in feeds] == [f"{prefix}:commerce@{i}" for i in ids]
+            await write_change(writer, part, new_id("wh"))
+            await wait_until(lambda: len(published) == 2, 5, "a kit message from each feed")
+            assert {(m["type"], m["product_id"], m["reservable"]) for m in published} == {
+                ("kit", kit, 1)
+            }
+            # A Redis that came back with another id: its feed steps down and leads again
+            # under the new name (as the relay does).
+            await redises[0].set(relay_keys(prefix)[0], "another")
+            await wait_until(
+                lambda: feeds[0].leader and feeds[0].lease_name == f"{prefix}:commerce@another",
+                10,
+                "the feed leading under the new id",
+            )
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await writer.close()
+        for r in redises:
+            await r.delete(*relay_keys(prefix))
+            await r.aclose()
+        await store.close()

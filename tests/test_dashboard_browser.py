@@ -585,7 +585,8 @@ async def test_kits_and_low_stock_rows(
     page: Page, server_factory: Any, new_id: Callable[[str], str]
 ) -> None:
     """A kit's row shows its whole kits from ``kit`` messages; a product whose stock falls
-    to its low-stock threshold gets its row tinted from the ``alert`` message."""
+    to its low-stock threshold gets its row tinted from the ``alert`` message; a product's
+    waitlist length comes from polling ``GET /v1/waitlists``."""
     server = await server_factory()
     part, kit, warehouse = new_id("part"), new_id("kit"), new_id("wh")
     await seed(server.base_url, {(part, warehouse): 9})
@@ -601,3 +602,20 @@ async def test_kits_and_low_stock_rows(
     await reserve(server.base_url, part, warehouse, 6)
     await kit_row.locator("td.total:text-is('1 kit')").wait_for(timeout=5000)
     await page.locator(f'tr[data-product="{part}"].stock-low').wait_for(timeout=5000)
+    part_row = page.locator(f'tr[data-product="{part}"]')
+    assert await part_row.locator("td.waiting").inner_text() == "0"
+    async with httpx.AsyncClient(base_url=server.base_url) as client:
+        for customer, quantity in (("early", 4), ("late", 2)):  # 3 reservable: both wait
+            r = await client.post(
+                f"/v1/products/{part}/waitlist",
+                json={"customer_id": customer, "quantity": quantity},
+            )
+            assert r.json()["status"] == "waiting", r.text
+    await part_row.locator("td.waiting:text-is('2')").wait_for(timeout=5000)
+    assert await page.evaluate("(p) => window.__dashboard.waitlist(p)", part) == {
+        "waiting": 2,
+        "units": 6,
+    }
+    assert await part_row.evaluate("tr => tr.classList.contains('waitlisted')")
+    shot = screenshot_path("dashboard-commerce.png")
+    await page.screenshot(path=str(shot), full_page=True)

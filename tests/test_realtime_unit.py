@@ -30,7 +30,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.frames import Frame, Opcode
 
 from realtime.conflation import ConflationBuffer, Offer
-from realtime.hub import Hub, HubSettings
+from realtime.hub import KIT_KEY, Hub, HubSettings
 from realtime.keys import RedisKeys
 from realtime.ports import LevelState, StockChange
 from realtime.protocol import (
@@ -543,6 +543,47 @@ async def test_hub_gap_triggers_resync(hub: Hub, levels: FakeLevels, direct: boo
     finally:
         await hub.stop()
     assert transport.closed == (1001, "server shutting down")
+
+
+class FakeKits:
+    """``extra_snapshots`` of one kit ``k``: its current number, ``seq`` counted per read
+    (as :class:`inventory.commerce_feed.KitSnapshots` counts it in Redis)."""
+
+    def __init__(self) -> None:
+        self.reservable = 3
+        self.seq = 0
+
+    async def __call__(self, product_ids: Sequence[str]) -> list[tuple[str, str, int, bytes]]:
+        if "k" not in product_ids:
+            return []
+        self.seq += 1
+        payload = {"type": "kit", "product_id": "k", "reservable": self.reservable, "seq": self.seq}
+        return [("k", KIT_KEY, self.seq, orjson.dumps(payload))]
+
+
+async def test_resync_after_a_reconnect_sends_kit_numbers_again(
+    levels: FakeLevels, tmp_path: Path, direct: bool
+) -> None:
+    """A kit message lost while Redis was away is made good by the resync that follows
+    the reconnect, as stock rows are: every subscriber of the kit gets its current number."""
+    kits = FakeKits()
+    hub = Hub(no_redis(tmp_path), levels, prefix="t", extra_snapshots=kits)
+    await hub.start()
+    try:
+        transports = [FakeTransport(direct=direct) for _ in range(2)]
+        for transport in transports:
+            await hub.execute(hub.open(transport), Subscribe(("k",), {}))
+        await eventually(lambda: all(t.of_type("kit") for t in transports))
+        assert [[(m["reservable"], m["seq"]) for m in t.of_type("kit")] for t in transports] == [
+            [(3, 1)], [(3, 2)],
+        ]  # fmt: skip
+        kits.reservable = 1  # its kit message is "lost" with the connection
+        hub.on_connected(True)
+        await eventually(lambda: all(len(t.of_type("kit")) == 2 for t in transports))
+        assert [t.of_type("kit")[-1]["reservable"] for t in transports] == [1, 1]
+        assert hub.stats.redis_reconnects == 1
+    finally:
+        await hub.stop()
 
 
 def writer_tasks() -> list[asyncio.Task[Any]]:

@@ -78,6 +78,59 @@ async def _status(client: httpx.AsyncClient, entry_id: str, status: str) -> bool
     return (await entry(client, entry_id))["status"] == status
 
 
+async def test_a_locked_product_does_not_delay_offers_of_others(
+    scratch_database: str, redis_url: str, new_id: NewId
+) -> None:
+    """Another session holds product X's stock row (``SELECT ... FOR UPDATE``) while X's
+    waiting entry became offerable: X's offer waits for the row (up to the database
+    timeout, 30 s here), but Y, restocked meanwhile, is offered within seconds."""
+    from inventory.app import create_app
+    from inventory.config import Settings
+
+    settings = Settings(database_url=scratch_database, redis_url=redis_url,
+                        redis_prefix=new_id("offers"), db_timeout=30)  # fmt: skip
+    app = create_app(settings)
+    x, y, w = new_id("x"), new_id("y"), new_id("wh")
+    foreign = await asyncpg.connect(scratch_database)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+                await c.put(f"/v1/warehouses/{w}", json={"name": w, "status": "active"})
+                await c.put(f"/v1/products/{x}/stock/{w}", json={"quantity": 1})
+                await c.put(f"/v1/products/{x}", json={"safety_stock": 1})
+                await c.put(f"/v1/products/{y}/stock/{w}", json={"quantity": 0})
+                ex, ey = (await join(c, x, "cx", 1)).json(), (await join(c, y, "cy", 1)).json()
+                assert (ex["status"], ey["status"]) == ("waiting", "waiting")
+                async with foreign.transaction():
+                    await foreign.execute(
+                        "SELECT 1 FROM stock_levels WHERE product_id = $1 FOR UPDATE", x
+                    )
+                    # X offerable without touching its row: its offer now waits for the lock
+                    await c.put(f"/v1/products/{x}", json={"safety_stock": 0})
+                    await wait_until(lambda: _lock_waits(foreign), 5, "X's offer waiting")
+                    r = await c.post(f"/v1/products/{y}/stock/{w}/adjustments", json={"delta": 1})
+                    assert r.status_code == 200
+                    await wait_until(
+                        lambda: _status(c, ey["id"], "offered"), 5, "Y offered, X still locked"
+                    )
+                    assert await _lock_waits(foreign)  # the lock was held all along
+                    assert (await entry(c, ex["id"]))["status"] == "waiting"
+                await wait_until(lambda: _status(c, ex["id"], "offered"), 5, "X once unlocked")
+    finally:
+        await foreign.close()
+
+
+async def _lock_waits(conn: asyncpg.Connection) -> bool:
+    """Whether a session of the database waits for a row lock."""
+    return bool(
+        await conn.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+               WHERE datname = current_database() AND wait_event_type = 'Lock'"""
+        )
+    )
+
+
 async def test_cancel_and_validation(
     client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId
 ) -> None:
@@ -106,6 +159,31 @@ async def test_cancel_and_validation(
     assert (r.status_code, err(r)) == (409, "is_kit")
     listed = (await client.get(f"/v1/products/{pid}/waitlist")).json()
     assert listed["entries"] == []
+
+
+async def test_waitlist_lengths(
+    client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId
+) -> None:
+    """``GET /v1/waitlists``: waiting entries and units per product, in request order."""
+    pid, _ = await make_stock(0)
+    nobody = new_id("none")
+    a = (await join(client, pid, "a", 2)).json()
+    await join(client, pid, "b", 3)
+
+    async def lengths() -> Any:
+        r = await client.get("/v1/waitlists", params={"product_ids": f"{nobody},{pid},{pid}"})
+        assert r.status_code == 200, r.text
+        return r.json()["waitlists"]
+
+    assert await lengths() == [
+        {"product_id": nobody, "waiting": 0, "units": 0},
+        {"product_id": pid, "waiting": 2, "units": 5},
+    ]
+    await client.delete(f"/v1/waitlist/{a['id']}")
+    assert (await lengths())[1] == {"product_id": pid, "waiting": 1, "units": 3}
+    for query in ({}, {"product_ids": ""}, {"product_ids": "a,,b"}):
+        r = await client.get("/v1/waitlists", params=query)
+        assert (r.status_code, err(r)) == (422, "validation_error"), query
 
 
 async def test_idempotent_join(

@@ -12,6 +12,8 @@
  * re-subscribes with `since` (the versions on screen); until the server has answered every
  * subscribe, the table is marked stale, so a number from before the disconnect is never
  * presented as live.
+ * Waitlist lengths are not on the stream (joining a waitlist changes no stock): they are
+ * polled every few seconds from GET /v1/waitlists while the tab is visible.
  *
  * window.__dashboard is a small read-only view of the internals for tests and debugging.
  */
@@ -31,6 +33,8 @@
   const DELAY_SAMPLES = 4096; // ring buffer of update delays
   const MAX_PENDING_SAMPLES = 8192; // samples waiting for a paint (bounded while hidden)
   const TOKEN_KEY = "inventory.dashboard.token";
+  const WAITLIST_POLL_MS = 2000;
+  const WAITLIST_BATCH = 500; // product ids per GET /v1/waitlists
   const FIELDS = ["quantity", "reserved", "available"];
   const FIELD_LABELS = { quantity: "On hand", reserved: "Reserved", available: "Available" };
 
@@ -168,6 +172,7 @@
     structureDirty = true;
     syncUrl();
     if (isOpen()) subscribe(added);
+    refreshWaitlists();
     scheduleFrame();
   }
 
@@ -177,6 +182,7 @@
     products.splice(index, 1);
     levels.delete(id);
     snapshotted.delete(id);
+    waitlists.delete(id);
     dirty.delete(id);
     recomputeWarehouses();
     structureDirty = true;
@@ -254,6 +260,45 @@
     kits.set(message.product_id, { reservable: message.reservable, seq: message.seq });
     if (!current) structureDirty = true;
     else dirty.set(message.product_id, dirty.get(message.product_id) || new Set());
+  }
+
+  // Waitlist lengths per product (polled: see the top of the file).
+  const waitlists = new Map(); // product id -> {waiting, units}
+  let waitlistPoll = null; // the poll in flight
+
+  function refreshWaitlists() {
+    if (waitlistPoll || document.hidden || !products.length) return;
+    waitlistPoll = pollWaitlists().finally(() => {
+      waitlistPoll = null;
+    });
+  }
+
+  async function pollWaitlists() {
+    const t = token();
+    const ids = products.slice();
+    for (let i = 0; i < ids.length; i += WAITLIST_BATCH) {
+      const url = new URL("/v1/waitlists", window.location.href);
+      url.searchParams.set("product_ids", ids.slice(i, i + WAITLIST_BATCH).join(","));
+      let page;
+      try {
+        const response = await fetch(url, {
+          headers: t ? { Authorization: `Bearer ${t}` } : {},
+          cache: "no-store",
+        });
+        if (!response.ok) return; // no token yet, or the server is away: next poll
+        page = await response.json();
+      } catch {
+        return;
+      }
+      for (const { product_id: id, waiting, units } of page.waitlists) {
+        if (!levels.has(id)) continue; // removed meanwhile
+        const current = waitlists.get(id);
+        if (current && current.waiting === waiting && current.units === units) continue;
+        waitlists.set(id, { waiting, units });
+        dirty.set(id, dirty.get(id) || new Set());
+      }
+      scheduleFrame();
+    }
   }
 
   function onAlert(message) {
@@ -573,6 +618,7 @@
         if (!row) continue;
         for (const warehouseId of cells) renderCell(productId, warehouseId, row, true);
         renderTotal(productId, row);
+        renderWaiting(productId, row);
       }
       dirty.clear();
     }
@@ -644,6 +690,14 @@
       }
     }
     top.append(th("Total available", { scope: "col", rowSpan: 2, className: "num total" }));
+    top.append(
+      th("Waiting", {
+        scope: "col",
+        rowSpan: 2,
+        className: "num waiting",
+        title: "Waitlist entries waiting for stock",
+      }),
+    );
     const actions = th("", { scope: "col", rowSpan: 2 });
     const hidden = document.createElement("span");
     hidden.className = "visually-hidden";
@@ -677,6 +731,9 @@
       const total = document.createElement("td");
       total.className = "num total";
       tr.append(total);
+      const waiting = document.createElement("td");
+      waiting.className = "num waiting";
+      tr.append(waiting);
       const remove = document.createElement("td");
       remove.className = "actions";
       const button = document.createElement("button");
@@ -687,9 +744,10 @@
       button.textContent = "×";
       remove.append(button);
       tr.append(remove);
-      const row = { tr, total, cells };
+      const row = { tr, total, waiting, cells };
       rowViews.set(productId, row);
       renderTotal(productId, row);
+      renderWaiting(productId, row);
       if (known && byWarehouse.size === 0 && !kits.has(productId)) tr.classList.add("no-stock");
       fragment.append(tr);
     }
@@ -790,6 +848,19 @@
     const text = numberFormat.format(sum);
     if (row.total.textContent !== text) row.total.textContent = text;
     row.total.dataset.value = String(sum);
+  }
+
+  function renderWaiting(productId, row) {
+    const entry = waitlists.get(productId);
+    const waiting = entry ? entry.waiting : 0;
+    let text = entry ? numberFormat.format(waiting) : "…";
+    if (kits.has(productId)) text = "–"; // a kit has no waitlist: its components do
+    if (row.waiting.textContent !== text) row.waiting.textContent = text;
+    row.waiting.dataset.value = String(waiting);
+    row.waiting.title = entry
+      ? `${numberFormat.format(waiting)} waiting for ${numberFormat.format(entry.units)} units`
+      : "";
+    row.tr.classList.toggle("waitlisted", waiting > 0);
   }
 
   function tick() {
@@ -907,6 +978,12 @@
       get warehouses() {
         return warehouses.slice();
       },
+      /** The waitlist length shown for a product ({waiting, units}), or null before the
+       * first poll answered. */
+      waitlist(productId) {
+        const entry = waitlists.get(productId);
+        return entry ? { ...entry } : null;
+      },
       /** Server ts -> painted delays (ms) of the last DELAY_SAMPLES updates, oldest first. */
       delays: () => copyDelays(metrics.delays),
       /** Message received -> painted delays (ms), same samples. */
@@ -975,5 +1052,7 @@
   structureDirty = true;
   scheduleFrame();
   window.setInterval(tick, 1000);
+  window.setInterval(refreshWaitlists, WAITLIST_POLL_MS);
+  document.addEventListener("visibilitychange", refreshWaitlists);
   connect();
 })();
