@@ -67,8 +67,8 @@ from bench.stack import (
     scratch_databases,
     server_env,
 )
-from inventory.check import check_database
-from inventory.embedded import which_pgbench
+from inventory.ops.check import check_database
+from inventory.ops.embedded import which_pgbench
 
 __all__ = ["main"]
 

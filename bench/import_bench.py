@@ -31,7 +31,7 @@ import asyncpg
 
 from bench.stack import ServerProcess, backing_servers, scratch_databases, server_env
 from inventory.client import Client
-from inventory.transfer import import_file
+from inventory.ops.transfer import import_file
 
 __all__ = ["main", "run"]
 

@@ -52,9 +52,9 @@ import asyncpg
 from bench.loadgen import Client, HttpError, LoadResult, Session, run_load
 from bench.scenarios import WAREHOUSE, seed
 from bench.stack import ServerProcess, backing_servers, scratch_databases, server_env
-from inventory.batch_reserve import lane_of
-from inventory.check import check_database
 from inventory.config import Settings
+from inventory.ops.check import check_database
+from inventory.service.engine import lane_of
 
 __all__ = ["LOCKED", "main"]
 

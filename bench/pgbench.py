@@ -39,13 +39,13 @@ from typing import Any
 
 import asyncpg
 
-from inventory.domain import (
+from inventory.domain.model import (
     MovementKind,
     Reservation,
     ReservationLine,
     ReservationStatus,
 )
-from inventory.store import Store
+from inventory.store.pg import Store
 
 __all__ = ["Mirror", "PgbenchResult", "mirrors", "run_pgbench", "seed_sql"]
 

@@ -10,11 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from inventory.batch_reserve import ReservationEngine, ReserveRequest
-from inventory.check import check_database
-from inventory.combining import Combiner
 from inventory.config import Settings
-from inventory.domain import InsufficientStock, NotFound, RequestedLine, Reservation
+from inventory.domain.model import InsufficientStock, NotFound, RequestedLine, Reservation
+from inventory.ops.check import check_database
+from inventory.service.combining import Combiner
+from inventory.service.engine import ReservationEngine, ReserveRequest
 from tests.conftest import wait_until
 
 StockFactory = Callable[..., Awaitable[tuple[str, list[str]]]]

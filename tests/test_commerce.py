@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from inventory.check import check_database
+from inventory.ops.check import check_database
 
 MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
 NewId = Callable[[str], str]
@@ -173,7 +173,7 @@ async def test_check_covers_commerce(database_url: str, client: httpx.AsyncClien
 
 async def test_check_sees_a_limit_breach(scratch_database: str) -> None:
     """A breach written around the engine is reported (the check can fail)."""
-    from inventory.store import migrate
+    from inventory.store.pg import migrate
 
     await migrate(scratch_database)
     conn = await asyncpg.connect(scratch_database)

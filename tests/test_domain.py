@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from inventory.domain import (
+from inventory.domain.model import (
     InsufficientStock,
     InvalidState,
     MovementKind,

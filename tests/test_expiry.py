@@ -14,15 +14,15 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from inventory.domain import (
+from inventory.domain.model import (
     RequestedLine,
     Reservation,
     Warehouse,
     WarehouseStatus,
 )
-from inventory.expiry import Expiry
-from inventory.service import InventoryService
-from inventory.store import connect, invariant_violations
+from inventory.service.expiry import Expiry
+from inventory.service.inventory import InventoryService
+from inventory.store.pg import connect, invariant_violations
 
 from .conftest import wait_until
 

@@ -53,7 +53,7 @@ import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
 
-from inventory.app_docs import api_document
+from inventory.http.app_docs import api_document
 from tests import fuzz_checks  # noqa: F401  (registers the project's checks)
 from tests.conftest import ROOT, ServerProcess
 

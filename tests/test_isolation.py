@@ -13,11 +13,11 @@ import asyncpg
 import httpx
 import pytest
 
-from inventory.app import _lock_factory
-from inventory.batch_reserve import ReservationEngine, ReserveRequest, lane_of
-from inventory.check import check_database
 from inventory.config import Settings
-from inventory.domain import Contention, RequestedLine, Reservation
+from inventory.domain.model import Contention, RequestedLine, Reservation
+from inventory.ops.app import _lock_factory
+from inventory.ops.check import check_database
+from inventory.service.engine import ReservationEngine, ReserveRequest, lane_of
 
 from .conftest import wait_until
 

@@ -23,7 +23,7 @@ import asyncpg
 import httpx
 import pytest
 
-from inventory.check import check_database
+from inventory.ops.check import check_database
 
 from .conftest import ServerProcess
 from .conftest import wait_until as wait_for

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from inventory.alerts import crossings, judge
+from inventory.service.alerts import crossings, judge
 from tests.conftest import wait_until
 
 MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
@@ -331,7 +331,7 @@ async def test_webhook_producers_for_alerts_and_offers(
 ) -> None:
     """The registered producers turn ledger rows into ``stock.out``/``stock.back`` and
     ``waitlist.offered`` events with ids that are the same at every attempt."""
-    from inventory.webhooks.events import LedgerRow, ProduceContext, produce
+    from inventory.service.webhooks.events import LedgerRow, ProduceContext, produce
 
     pid, [w] = await make_stock(1)
     await client.put(f"/v1/products/{pid}", json={"low_stock_threshold": 0})
