@@ -31,7 +31,8 @@ import asyncpg
 from bench.stack import ServerProcess, backing_servers, scratch_databases, server_env
 from inventory.domain.model import RequestedLine, Warehouse, WarehouseStatus
 from inventory.service.inventory import InventoryService
-from inventory.store.pg import connect, invariant_violations
+from inventory.store.invariants import invariant_violations
+from inventory.store.pg import connect
 
 PRODUCTS = 1000
 

@@ -28,7 +28,7 @@ import asyncpg
 import psutil
 
 from inventory.ops.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
-from inventory.store.pg import migrate
+from inventory.store.migrate import migrate
 
 __all__ = [
     "ROOT",

@@ -20,7 +20,7 @@ import pytest
 from inventory.ops.check import check_database
 from inventory.ops.embedded import free_port
 from inventory.store.commerce import COMMERCE_INVARIANTS
-from inventory.store.pg import INVARIANTS
+from inventory.store.invariants import INVARIANTS
 
 pytestmark = pytest.mark.asyncio
 

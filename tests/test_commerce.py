@@ -173,7 +173,7 @@ async def test_check_covers_commerce(database_url: str, client: httpx.AsyncClien
 
 async def test_check_sees_a_limit_breach(scratch_database: str) -> None:
     """A breach written around the engine is reported (the check can fail)."""
-    from inventory.store.pg import migrate
+    from inventory.store.migrate import migrate
 
     await migrate(scratch_database)
     conn = await asyncpg.connect(scratch_database)

@@ -22,7 +22,8 @@ from inventory.domain.model import (
 )
 from inventory.service.expiry import Expiry
 from inventory.service.inventory import InventoryService
-from inventory.store.pg import connect, invariant_violations
+from inventory.store.invariants import invariant_violations
+from inventory.store.pg import connect
 
 from .conftest import wait_until
 

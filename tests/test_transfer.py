@@ -20,7 +20,7 @@ import pytest
 
 from inventory.client import BulkItem, BulkResult, Client
 from inventory.ops.transfer import ImportSummary, import_file
-from inventory.store.pg import invariant_violations
+from inventory.store.invariants import invariant_violations
 
 from .conftest import ROOT, ServerFactory, ServerProcess
 

@@ -352,7 +352,7 @@ async def test_webhook_producers_for_alerts_and_offers(
                 pid,
             )
         ]  # fmt: skip
-        ctx = ProduceContext(conn, app.state.runtime.service.store)
+        ctx = ProduceContext(conn, app.state.runtime.store)
         types = ["stock.low", "stock.out", "stock.back", "waitlist.offered"]
         events = await produce(ctx, rows, types)
         again = await produce(ctx, rows, types)

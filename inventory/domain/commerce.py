@@ -26,6 +26,7 @@ from .model import InventoryError, RequestedLine, StockLevel, Warehouse
 __all__ = [
     "AlreadyWaiting",
     "CustomerRequired",
+    "IsKit",
     "KitComponent",
     "ProductRules",
     "PurchaseLimitExceeded",
@@ -55,6 +56,14 @@ class AlreadyWaiting(InventoryError):
     """The customer already has a waiting entry for the product (409)."""
 
     code = "already_waiting"
+    status = 409
+
+
+class IsKit(InventoryError):
+    """A stock row was asked for a kit, or a kit was named as a component (a kit's stock
+    is derived from its components and never has rows of its own)."""
+
+    code = "is_kit"
     status = 409
 
 

@@ -12,7 +12,7 @@ import hmac
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import msgspec
@@ -43,9 +43,9 @@ from ..domain.model import (
     is_warehouse_id,
 )
 from ..service.catalog import ProductSettings, get_settings
-from ..service.idempotency import Idempotency, Replay
+from ..service.idempotency import Idempotency, Replay, body_hash
 from ..service.inventory import InventoryService
-from ..store.pg import body_hash
+from ..store.pg import Store
 from .schemas import (
     AdjustmentIn,
     ErrorBody,
@@ -72,6 +72,7 @@ __all__ = [
     "MAX_BODY",
     "PRODUCT_ID_SCHEMA",
     "Auth",
+    "Backend",
     "Forbidden",
     "Handler",
     "Link",
@@ -339,21 +340,35 @@ def reservation_out(r: Reservation) -> ReservationOut:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-class RouteHandlers:
-    """Route handlers bound to one authenticator and the process's service (the base of
-    every route module's handlers).
+class Backend(Protocol):
+    """What route handlers reach per request: the process's service and its PostgreSQL
+    store (for the features whose SQL is their own: product settings and listings, bulk
+    changes, the waitlist, webhook registrations).
 
-    The service is looked up per request: routes are built before the lifespan has
-    opened the database pool the service needs.
+    Looked up per request: routes are built before the lifespan has opened the database
+    pool; until it has, both raise :class:`~inventory.domain.model.Unavailable`.
     """
 
-    def __init__(self, get_service: Callable[[], InventoryService], auth: Auth) -> None:
-        self._get_service = get_service
+    def get_service(self) -> InventoryService: ...
+
+    def get_store(self) -> Store: ...
+
+
+class RouteHandlers:
+    """Route handlers bound to one authenticator and the process's backend (the base of
+    every route module's handlers)."""
+
+    def __init__(self, backend: Backend, auth: Auth) -> None:
+        self._backend = backend
         self.auth = auth
 
     @property
     def service(self) -> InventoryService:
-        return self._get_service()
+        return self._backend.get_service()
+
+    @property
+    def store(self) -> Store:
+        return self._backend.get_store()
 
     def _identity(self, request: Request, scope: str) -> str:
         return self.auth.check(bearer(request.headers), scope)
@@ -385,7 +400,7 @@ class Handlers(RouteHandlers):
     async def product_stock(self, request: Request) -> Response:
         self._identity(request, "read")
         product_id = _product_id(request)
-        settings = await get_settings(self.service.store, [product_id])
+        settings = await get_settings(self.store, [product_id])
         mine = settings.get(product_id)
         if mine is not None and mine.components is not None:
             return json_response(await self._kit_stock(mine))
@@ -398,7 +413,7 @@ class Handlers(RouteHandlers):
         """A kit's stock body: its reservable and each component's body."""
         assert kit.components is not None
         ids = [c.product_id for c in kit.components]
-        settings = await get_settings(self.service.store, ids)
+        settings = await get_settings(self.store, ids)
         levels, warehouses = await self.service.stock(ids)
         bodies = {
             p: product_stock(p, [lv for lv in levels if lv.product_id == p], warehouses,
@@ -431,7 +446,7 @@ class Handlers(RouteHandlers):
             raise ValidationFailed(f"invalid product id {bad[0][:140]!r}", {"field": "product_ids"})
         ids = list(dict.fromkeys(entries))
         levels, warehouses = await self.service.stock(ids)
-        settings = await get_settings(self.service.store, ids)
+        settings = await get_settings(self.store, ids)
         by_product: dict[str, list[StockLevel]] = {}
         for lv in levels:
             by_product.setdefault(lv.product_id, []).append(lv)
@@ -621,13 +636,13 @@ _STOCK_LINKS = (
 
 
 def api_routes(
-    get_service: Callable[[], InventoryService],
+    backend: Backend,
     auth: Auth,
     extra: Sequence[tuple[str, str, Handler, RouteDoc]] = (),
 ) -> tuple[list[BaseRoute], dict[str, dict[str, RouteDoc]]]:
     """The ``/v1`` routes and their documentation (for :mod:`inventory.openapi`);
     ``extra`` rows come from feature modules (webhooks)."""
-    h = Handlers(get_service, auth)
+    h = Handlers(backend, auth)
     table: list[tuple[str, str, Handler, RouteDoc]] = [
         (
             "/v1/warehouses",

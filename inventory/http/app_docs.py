@@ -10,6 +10,7 @@ from typing import Any
 from realtime.protocol import MAX_SUBSCRIPTIONS
 
 from ..service.inventory import InventoryService
+from ..store.pg import Store
 from .api import PRODUCT_ID_SCHEMA, Auth, Messages, QueryParam, RouteDoc, api_routes
 from .catalog import catalog_routes
 from .doc_schemas import HealthOut, ReadyOut, StreamTicketOut, WsClientMessage, WsServerMessage
@@ -105,17 +106,23 @@ APP_DOCS: dict[str, dict[str, RouteDoc]] = {
 }  # fmt: skip
 
 
-def _no_service() -> InventoryService:
-    raise AssertionError("the route table is only read for its documentation here")
+class _NoBackend:
+    """The backend of a route table that is only read for its documentation."""
+
+    def get_service(self) -> InventoryService:
+        raise AssertionError("the route table is only read for its documentation here")
+
+    def get_store(self) -> Store:
+        raise AssertionError("the route table is only read for its documentation here")
 
 
 def api_document() -> dict[str, Any]:
     """``/openapi.json`` for every route, built without a server (also for tests)."""
-    auth = Auth({})
+    auth, backend = Auth({}), _NoBackend()
     rows = [
-        *webhook_routes(_no_service, auth, False),
-        *catalog_routes(_no_service, auth),
-        *waitlist_routes(_no_service, auth),
+        *webhook_routes(backend, auth, False),
+        *catalog_routes(backend, auth),
+        *waitlist_routes(backend, auth),
     ]
-    _, docs = api_routes(_no_service, auth, rows)
+    _, docs = api_routes(backend, auth, rows)
     return openapi_document({**docs, **APP_DOCS})

@@ -7,7 +7,6 @@ token, parse with msgspec, call :mod:`inventory.catalog` / :mod:`inventory.bulk`
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -17,13 +16,13 @@ from starlette.responses import Response
 
 from ..domain.model import MAX_QUANTITY, NotFound, StockLevel, ValidationFailed, is_product_id
 from ..service import bulk, catalog
-from ..service.inventory import InventoryService
 from .api import (
     _READ,
     _WRITE,
     MAX_PAGE,
     PRODUCT_ID_SCHEMA,
     Auth,
+    Backend,
     Handler,
     Link,
     QueryParam,
@@ -172,7 +171,7 @@ class CatalogHandlers(RouteHandlers):
 
     async def _products(self, ids: list[str]) -> list[ProductOut]:
         """Bodies of ``ids`` (in that order), skipping ids with neither rows nor settings."""
-        settings = await catalog.get_settings(self.service.store, ids)
+        settings = await catalog.get_settings(self.store, ids)
         levels, warehouses = await self.service.stock(ids)
         by_product: dict[str, list[StockLevel]] = {}
         for lv in levels:
@@ -197,7 +196,7 @@ class CatalogHandlers(RouteHandlers):
         if body.components is not None:
             components = tuple(catalog.Component(c.product_id, c.quantity) for c in body.components)
         _, created = await catalog.put_settings(
-            self.service.store,
+            self.store,
             catalog.ProductSettings(
                 product_id,
                 body.name,
@@ -227,7 +226,7 @@ class CatalogHandlers(RouteHandlers):
         if after is not None and not is_product_id(after):
             raise ValidationFailed("after must be a product id", {"field": "after"})
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
-        ids = await catalog.list_product_ids(self.service.store, after or "", limit)
+        ids = await catalog.list_product_ids(self.store, after or "", limit)
         products = await self._products(ids)
         return json_response(ProductsOut(products, ids[-1] if len(ids) == limit else None))
 
@@ -246,7 +245,7 @@ class CatalogHandlers(RouteHandlers):
         after = catalog.decode_cursor(q["after"]) if "after" in q else None
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
         page, next_after = await catalog.list_reservations(
-            self.service.store,
+            self.store,
             catalog.ReservationFilter(q.get("reference"), q.get("customer_id"), status),
             after,
             limit,
@@ -276,7 +275,7 @@ class CatalogHandlers(RouteHandlers):
                 )
             )
         try:
-            results = await bulk.apply(self.service, items, atomic=body.atomic)
+            results = await bulk.apply(self.service, self.store, items, atomic=body.atomic)
         except bulk.BulkFailed as exc:
             rendered = msgspec.to_builtins([_result_out(r) for r in exc.details])
             raise bulk.BulkFailed(exc.message, {"results": rendered}) from None
@@ -299,9 +298,9 @@ def _result_out(r: bulk.BulkResult) -> BulkResultOut:
 Row = tuple[str, str, Handler, RouteDoc]
 
 
-def catalog_routes(get_service: Callable[[], InventoryService], auth: Auth) -> list[Row]:
+def catalog_routes(backend: Backend, auth: Auth) -> list[Row]:
     """``(path, method, handler, doc)`` for :func:`inventory.api.api_routes`'s table."""
-    h = CatalogHandlers(get_service, auth)
+    h = CatalogHandlers(backend, auth)
     after_product = QueryParam(
         "after",
         {"type": "string", "pattern": PRODUCT_ID_SCHEMA["pattern"]},

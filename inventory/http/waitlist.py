@@ -9,7 +9,6 @@ a 404/409 runs again (and typically answers the same).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Annotated
 from uuid import UUID
 
@@ -18,14 +17,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..domain.model import MAX_QUANTITY, ValidationFailed
-from ..service.inventory import InventoryService
+from ..service.idempotency import body_hash
 from ..service.waitlist import JoinRequest, Waitlist, WaitlistEntryOut
-from ..store.pg import body_hash
 from .api import (
     _READ,
     _WRITE,
     MAX_PAGE,
     Auth,
+    Backend,
     Handler,
     Link,
     QueryParam,
@@ -66,7 +65,7 @@ class WaitlistHandlers(RouteHandlers):
 
     @property
     def waitlist(self) -> Waitlist:
-        return Waitlist(self.service)
+        return Waitlist(self.service, self.store)
 
     async def join(self, request: Request) -> Response:
         identity = self._identity(request, "reserve")
@@ -103,11 +102,9 @@ class WaitlistHandlers(RouteHandlers):
         return json_response(WaitlistOut([e.out() for e in page], next_after))
 
 
-def waitlist_routes(
-    get_service: Callable[[], InventoryService], auth: Auth
-) -> list[tuple[str, str, Handler, RouteDoc]]:
+def waitlist_routes(backend: Backend, auth: Auth) -> list[tuple[str, str, Handler, RouteDoc]]:
     """``(path, method, handler, doc)`` rows for :func:`inventory.api.api_routes`."""
-    h = WaitlistHandlers(get_service, auth)
+    h = WaitlistHandlers(backend, auth)
     return [
         ("/v1/products/{product_id}/waitlist", "POST", h.join, RouteDoc(
             "Join a product's waitlist", "reserve", WaitlistIn, WaitlistEntryOut, 201,

@@ -7,7 +7,6 @@ its value).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -16,13 +15,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..domain.model import WAREHOUSE_ID_RULE, ValidationFailed, is_warehouse_id
-from ..service.inventory import InventoryService
 from ..service.webhooks.events import EVENT_TYPES
 from ..service.webhooks.targets import MAX_URL, TargetRefused, parse_url, resolve
 from ..store.webhooks import Delivery, Webhook, WebhookStore
 from .api import (
     MAX_PAGE,
     Auth,
+    Backend,
     Handler,
     Link,
     QueryParam,
@@ -97,19 +96,17 @@ def _webhook_id(request: Request) -> str:
 
 
 class WebhookHandlers:
-    """The webhook routes; the store is built on the service's pool per request (the
+    """The webhook routes; the store is built on the backend's pool per request (the
     pool exists only once the lifespan has run)."""
 
-    def __init__(
-        self, get_service: Callable[[], InventoryService], auth: Auth, allow_private: bool
-    ) -> None:
-        self._get_service = get_service
+    def __init__(self, backend: Backend, auth: Auth, allow_private: bool) -> None:
+        self._backend = backend
         self._auth = auth
         self._allow_private = allow_private
 
     def _store(self, request: Request) -> WebhookStore:
         self._auth.check(bearer(request.headers), "admin")
-        return WebhookStore(self._get_service().store.pool)
+        return WebhookStore(self._backend.get_store().pool)
 
     async def put(self, request: Request) -> Response:
         store = self._store(request)
@@ -148,10 +145,10 @@ class WebhookHandlers:
 
 
 def webhook_routes(
-    get_service: Callable[[], InventoryService], auth: Auth, allow_private: bool
+    backend: Backend, auth: Auth, allow_private: bool
 ) -> list[tuple[str, str, Handler, RouteDoc]]:
     """Rows for the ``/v1`` route table of :func:`inventory.api.api_routes`."""
-    h = WebhookHandlers(get_service, auth, allow_private)
+    h = WebhookHandlers(backend, auth, allow_private)
     one = "/v1/webhooks/{webhook_id}"
     return [
         (

@@ -37,7 +37,15 @@ from realtime.ws import websocket_route
 from .. import metrics
 from ..config import Settings
 from ..domain.model import InventoryError, NotFound, Unavailable
-from ..http.api import Auth, MethodNotAllowed, api_routes, bearer, error_response, json_response
+from ..http.api import (
+    Auth,
+    MethodNotAllowed,
+    api_routes,
+    bearer,
+    error_response,
+    json_response,
+    reservation_out,
+)
 from ..http.app_docs import APP_DOCS
 from ..http.catalog import catalog_routes
 from ..http.guards import Cors, LoopbackGuard
@@ -53,8 +61,9 @@ from ..service.inventory import InventoryService
 from ..service.waitlist import Offerer, Waitlist
 from ..service.waitlist import install as install_offered
 from ..service.webhooks.delivery import Dispatcher, policy_from
+from ..service.webhooks.events import install as install_reservation_events
 from ..store.feed import PgLevelReader, PgOutbox
-from ..store.pg import connect
+from ..store.pg import Store, connect
 from ..store.webhooks import WebhookStore
 from .tracing import instrument
 
@@ -96,6 +105,7 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis: RedisClient | None = None
+        self.store: Store | None = None
         self.service: InventoryService | None = None
         self.hub: Hub | None = None
         self.tickets: TicketStore | None = None
@@ -107,6 +117,11 @@ class Runtime:
         if self.service is None:
             raise Unavailable("the server is starting")
         return self.service
+
+    def get_store(self) -> Store:
+        if self.store is None:
+            raise Unavailable("the server is starting")
+        return self.store
 
     def get_hub(self) -> Hub:
         assert self.hub is not None, "the hub starts with the lifespan"
@@ -195,17 +210,19 @@ def _lock_factory(redis: RedisClient, settings: Settings) -> Any:
 
 def create_app(settings: Settings) -> Starlette:
     runtime = Runtime(settings)
-    install_alerts()  # webhook producers of stock.low/out/back and waitlist.offered
+    # webhook producers of reservation.*, stock.low/out/back and waitlist.offered
+    install_reservation_events(reservation_out)
+    install_alerts()
     install_offered()
     auth = Auth(settings.tokens)
 
     routes, docs = api_routes(
-        runtime.get_service,
+        runtime,
         auth,
         [
-            *webhook_routes(runtime.get_service, auth, settings.webhook_allow_private),
-            *catalog_routes(runtime.get_service, auth),
-            *waitlist_routes(runtime.get_service, auth),
+            *webhook_routes(runtime, auth, settings.webhook_allow_private),
+            *catalog_routes(runtime, auth),
+            *waitlist_routes(runtime, auth),
         ],
     )
     stream_auth = StreamAuth(auth, runtime.get_tickets)
@@ -217,10 +234,9 @@ def create_app(settings: Settings) -> Starlette:
         if not settings.ready_public:
             auth.check(bearer(request.headers), "read")
         checks = {"postgres": False, "redis": False, "relay": False}
-        service = runtime.service
-        if service is not None:
+        if runtime.store is not None:
             with contextlib.suppress(InventoryError, OSError):
-                await asyncio.wait_for(service.store.ping(), 2)
+                await asyncio.wait_for(runtime.store.ping(), 2)
                 checks["postgres"] = True
         if runtime.redis is not None:
             with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
@@ -243,7 +259,7 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         assert settings.database_url is not None
         assert settings.redis_url is not None
-        store = await connect(
+        store = runtime.store = await connect(
             settings.database_url,
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
@@ -291,7 +307,7 @@ def create_app(settings: Settings) -> Starlette:
             wait_slots=max(1, settings.db_pool_max - settings.process_lanes - 2),
         )
         runtime.service = service
-        offerer = Offerer(Waitlist(service))
+        offerer = Offerer(Waitlist(service, store))
         runtime.tasks.append(spawn("waitlist-offerer", offerer.run))
         runtime.tasks.append(spawn("commerce-feed", feed.run))
         await hub.start()

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any, TextIO
 
 from ..store.commerce import COMMERCE_INVARIANTS
-from ..store.pg import INVARIANTS, connect_one, invariant_violations
+from ..store.db import connect_one
+from ..store.invariants import INVARIANTS, invariant_violations
 
 __all__ = ["check_database", "run_check"]
 

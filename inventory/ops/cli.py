@@ -73,7 +73,7 @@ def servers(settings: Settings, *, redis: bool = True) -> Iterator[Settings]:
 
 
 def _migrate(url: str) -> list[str]:
-    from ..store.pg import migrate
+    from ..store.migrate import migrate
 
     try:
         return asyncio.run(migrate(url))

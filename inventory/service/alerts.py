@@ -4,7 +4,7 @@ Policy: an alert is a function of the ledger, not of a detector's memory. For a 
 of a product with a ``low_stock_threshold``, ``reservable`` just before and just after that
 row is recomputed from the ledger itself (each active warehouse's latest row at or before
 it, less ``safety_stock``); a crossing between the two is an alert whose id is derived
-from the ledger row (:func:`~inventory.webhooks.events.event_id`). So every consumer, in
+from the ledger row (:func:`~inventory.service.webhooks.events.event_id`). So every consumer, in
 any process, after any crash or restart, finds the same crossings exactly once per row:
 the webhook deliverers read the ledger with their own durable cursor and lease, and a
 redelivered batch yields the same event ids. Warehouse status and settings are read as
@@ -21,15 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..store.pg import Conn
-from .webhooks.events import (
-    Event,
-    LedgerRow,
-    ProduceContext,
-    Producer,
-    make_event,
-    register_producer,
-)
+from ..store.db import Conn
+from ..store.webhooks import Event, LedgerRow
+from .webhooks.events import ProduceContext, Producer, make_event, register_producer
 
 __all__ = ["ALERT_TYPES", "Crossing", "crossings", "install", "judge"]
 

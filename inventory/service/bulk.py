@@ -20,9 +20,12 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from ..domain.commerce import IsKit
 from ..domain.model import Contention, InventoryError, Movement, NotFound, StockLevel
-from ..store.pg import _LEVEL_COLS, Conn, _level, _translated
-from .catalog import IsKit, kits_among
+from ..store.commerce import kits_among
+from ..store.db import Conn, _translated
+from ..store.pg import Store
+from ..store.stock import _LEVEL_COLS, _level
 
 if TYPE_CHECKING:
     from .inventory import InventoryService
@@ -69,7 +72,7 @@ class _Abort(Exception):
 
 
 async def apply(
-    service: InventoryService, items: Sequence[BulkItem], *, atomic: bool
+    service: InventoryService, store: Store, items: Sequence[BulkItem], *, atomic: bool
 ) -> list[BulkResult]:
     """Apply ``items`` in order; per-item results in item order.
 
@@ -77,7 +80,6 @@ async def apply(
     raised with the results (``details`` is filled in by the HTTP layer, which knows the
     statuses).
     """
-    store = service.store
     for _ in range(3):
         try:
             with _translated():

@@ -9,7 +9,7 @@ a kit's stock is derived from its components and must never have rows of its own
 - a kit's components are 1-20 distinct products other than the kit, none of them a kit;
 - a product with stock rows cannot become a kit (409 ``has_stock``), a component cannot
   become a kit (409 ``is_component``), and no stock row is ever created for a kit (409
-  ``is_kit``, checked by :func:`ensure_not_kit` wherever rows are created).
+  ``is_kit``, checked by the store's ``ensure_not_kit`` wherever rows are created).
 
 The races between "make X a kit" and "create X's first stock row" are closed with a
 transaction-scoped advisory lock per product id (shared by row creators, exclusive for
@@ -27,35 +27,29 @@ from uuid import UUID
 
 import orjson
 
+from ..domain.commerce import IsKit
 from ..domain.model import InventoryError, ValidationFailed
-from ..store.pg import Conn, Store, _reservation, _translated
+from ..store.commerce import kit_lock_sql
+from ..store.db import Conn, _translated
+from ..store.pg import Store
+from ..store.reservations import _reservation
 
 __all__ = [
     "CURSOR_PATTERN",
     "Component",
     "HasStock",
     "IsComponent",
-    "IsKit",
     "ProductSettings",
     "ReservationFilter",
     "decode_cursor",
     "encode_cursor",
-    "ensure_not_kit",
     "get_settings",
-    "kits_among",
     "list_product_ids",
     "list_reservations",
     "put_settings",
 ]
 
 MAX_COMPONENTS = 20
-
-
-class IsKit(InventoryError):
-    """A stock row was asked for a kit, or a kit was named as a component."""
-
-    code = "is_kit"
-    status = 409
 
 
 class HasStock(InventoryError):
@@ -106,12 +100,6 @@ class ProductSettings:
             seen.add(c.product_id)
 
 
-def _lock_sql(shared: bool) -> str:
-    fn = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
-    # One 64-bit key space per purpose: 'kit:' keeps it apart from other advisory locks.
-    return f"SELECT {fn}(hashtextextended('kit:' || x, 0)) FROM unnest($1::text[]) AS x"
-
-
 def _settings(row: Any) -> ProductSettings:
     components = None
     if row["components"] is not None:
@@ -144,7 +132,7 @@ async def put_settings(store: Store, settings: ProductSettings) -> tuple[Product
         async with store.transaction() as conn:
             if components is not None:
                 ids = sorted({settings.product_id, *(c.product_id for c in components)})
-                await conn.execute(_lock_sql(shared=False), ids)
+                await conn.execute(kit_lock_sql(shared=False), ids)
                 await _check_kit(conn, settings.product_id, components)
             row = await conn.fetchrow(
                 f"""INSERT INTO products ({_SETTINGS_COLS})
@@ -196,25 +184,6 @@ async def _check_kit(conn: Conn, product_id: str, components: Sequence[Component
             f"{product_id} is a component of kit {parent}; components cannot be kits",
             {"product_id": product_id, "kit_id": parent},
         )
-
-
-async def kits_among(conn: Conn, product_ids: Sequence[str]) -> set[str]:
-    """Those of ``product_ids`` that are kits, holding each id's shared advisory lock for
-    the rest of the transaction so none of them becomes a kit before it commits."""
-    ids = sorted(set(product_ids))
-    await conn.execute(_lock_sql(shared=True), ids)
-    rows = await conn.fetch(
-        """SELECT product_id FROM products
-           WHERE product_id = ANY($1::text[]) AND components IS NOT NULL""",
-        ids,
-    )
-    return {r["product_id"] for r in rows}
-
-
-async def ensure_not_kit(conn: Conn, product_id: str) -> None:
-    """Raise :class:`IsKit` before a first stock row is created for a kit."""
-    if await kits_among(conn, [product_id]):
-        raise IsKit(f"{product_id} is a kit and has no stock rows", {"product_id": product_id})
 
 
 async def get_settings(store: Store, product_ids: Sequence[str]) -> dict[str, ProductSettings]:

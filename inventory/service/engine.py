@@ -1,8 +1,8 @@
 """The reservation engine: every reservation, one line or many, goes through here.
 
-One path claims idempotency keys, validates, allocates (:func:`~inventory.domain.allocate`),
+One path claims idempotency keys, validates, allocates (:func:`~inventory.domain.model.allocate`),
 builds the reservations and writes their lines and ledger rows. Requests are combined: a
-request joins the :class:`~inventory.combining.Combiner` *lane* of its first product (a
+request joins the :class:`~inventory.service.combining.Combiner` *lane* of its first product (a
 product always maps to the same one of ``lanes`` lanes), and a batch is whatever arrived
 while the lane's previous batch was in flight. A batch is one transaction:
 
@@ -15,7 +15,7 @@ while the lane's previous batch was in flight. A batch is one transaction:
 4. allocate the members one after another, in arrival order, against the batch's running
    state (:class:`BatchState`): several lines of one product draw on one running balance,
    and each reservation adds one ledger row per stock row it touches. The state also
-   holds the flash-sale rules read under the row locks (:mod:`inventory.commerce`):
+   holds the flash-sale rules read under the row locks (:mod:`inventory.domain.commerce`):
    safety stock, the waiting units of each product's waitlist, each customer's held units
    of limited products (running, so a combined batch counts its own earlier members) and
    the waitlist entries being offered (locked; marked ``offered`` in the same write);
@@ -95,15 +95,7 @@ from ..domain.model import (
     Warehouse,
     allocate,
 )
-from ..store.commerce import (
-    drop_idempotency_keys,
-    held_units,
-    kit_components,
-    load_rules,
-    lock_offers,
-    mark_offered,
-)
-from ..store.pg import Conn, IdempotencyRecord, RowsBusy, Store, VersionMiss
+from ..store.port import IdempotencyRecord, InventoryStore, RowsBusy, Tx, VersionMiss
 from .combining import Combiner
 from .idempotency import Idempotency, Replay, replay_stored
 
@@ -210,7 +202,7 @@ class BatchState:
 
     def reserve(self, index: int, request: ReserveRequest) -> PlannedReservation:
         """Allocate ``request`` from what is left; raises the member's
-        :class:`~inventory.domain.InventoryError` (404, 409) and changes nothing then."""
+        :class:`~inventory.domain.model.InventoryError` (404, 409) and changes nothing then."""
         lines = request.lines
         wanted: dict[str, int] = {}
         for x in lines:
@@ -303,7 +295,7 @@ class ReservationEngine:
 
     def __init__(
         self,
-        store: Store,
+        store: InventoryStore,
         *,
         lock_products: LockFactory | None = None,
         on_change: Callable[[], None] = lambda: None,
@@ -344,7 +336,7 @@ class ReservationEngine:
 
     async def reserve(self, request: ReserveRequest) -> Reservation | Replay:
         """Reserve every line of ``request`` or none; raises the request's
-        :class:`~inventory.domain.InventoryError`."""
+        :class:`~inventory.domain.model.InventoryError`."""
         request = await self._prepare(request)
         self._refuse_sold_out(request)
         deadline = time.monotonic() + self._wait_bound
@@ -398,7 +390,7 @@ class ReservationEngine:
                 done, ids = self._round, self._queued
                 self._round, self._queued = None, set()
                 try:
-                    found = await kit_components(self.store, sorted(ids))
+                    found = await self.store.kit_components(sorted(ids))
                 except Exception as exc:
                     done.set_exception(exc)
                     done.exception()  # retrieved here; each waiter raises it
@@ -563,12 +555,16 @@ class ReservationEngine:
             }
             if pinned:
                 warehouses = {**warehouses, **await self.store.warehouses(conn, pinned)}
-            rules = await load_rules(conn, products)
+            rules = await self.store.load_rules(conn, products)
             customers = {c for i in live if (c := requests[i].customer_id) is not None}
             limited = [p for p, r in rules.items() if r.max_per_customer is not None]
-            held = await held_units(conn, customers, limited) if customers and limited else {}
+            held = (
+                await self.store.held_units(conn, customers, limited)
+                if customers and limited
+                else {}
+            )
             offers = {e: i for i in live if (e := requests[i].offer) is not None}
-            waiting = await lock_offers(conn, list(offers)) if offers else {}
+            waiting = await self.store.lock_offers(conn, list(offers)) if offers else {}
             for entry, i in offers.items():
                 if entry not in waiting:
                     results[i] = InvalidState(
@@ -597,7 +593,7 @@ class ReservationEngine:
                     results[p.index] = _reservation(p, request, at)
                 offered = {e: p.id for p in state.planned if (e := requests[p.index].offer)}
                 if offered:
-                    await mark_offered(conn, offered)
+                    await self.store.mark_offered(conn, offered)
             await keys.remember(self.store, conn)
         keys.mirror_repeats()
         for product_id in products:
@@ -632,7 +628,7 @@ class _Keys:
         self.repeats: dict[int, int] = {}  # member -> earlier member with the same key
         self.stored: dict[tuple[str, str], IdempotencyRecord] = {}  # answered before
 
-    async def claim(self, store: Store, conn: Conn) -> None:
+    async def claim(self, store: InventoryStore, conn: Tx) -> None:
         first: dict[tuple[str, str], int] = {}
         keyed = sorted(
             (idem.scope, idem.key, i)
@@ -661,7 +657,7 @@ class _Keys:
             assert idem is not None
             self.results[i] = _from_record(record, idem)
 
-    async def remember(self, store: Store, conn: Conn) -> None:
+    async def remember(self, store: InventoryStore, conn: Tx) -> None:
         """Store the answers of newly claimed keys (201, 404 and 409: nothing else
         reaches this point)."""
         answers: list[tuple[str, str, int, bytes]] = []
@@ -678,7 +674,7 @@ class _Keys:
         if answers:
             await store.store_idempotent_responses(conn, answers)
         if unstored:
-            await drop_idempotency_keys(conn, unstored)
+            await store.drop_idempotency_keys(conn, unstored)
 
     def mirror_repeats(self) -> None:
         """Answer each repeat of a key used earlier in the same batch."""

@@ -19,8 +19,10 @@ Policy:
   chunks of ``purge_chunk`` rows, one short transaction each, and a failure or a slow
   chunk only delays the purge, never expiry.
 
-Like :mod:`inventory.store_feed`, this module holds SQL of its own; it runs it through
-:meth:`Store.transaction`, which translates database errors at the store boundary.
+The statements are the store's (:meth:`~inventory.store.port.InventoryStore.expire_due`,
+``purge_idempotency_keys``; on PostgreSQL in :mod:`inventory.store.reservations` and
+:mod:`inventory.store.idempotency`); this module holds the policy: the passes, the rounds
+and the loops.
 """
 
 from __future__ import annotations
@@ -32,74 +34,11 @@ from uuid import UUID
 
 from .. import metrics
 from ..domain.model import InventoryError
-from ..store.pg import Store
+from ..store.port import InventoryStore
 
 __all__ = ["Expiry"]
 
 log = logging.getLogger("inventory.expiry")
-
-# $1 batch size, $2 reservation ids to leave alone this round.
-# Returns one row per released reservation line group: (reservation id, product id).
-_EXPIRE = """
-WITH due AS (
-    SELECT id, expires_at FROM reservations
-    WHERE status = 'active' AND expires_at <= clock_timestamp() AND id <> ALL($2::uuid[])
-    ORDER BY expires_at
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-), lines AS (
-    SELECT l.reservation_id, d.expires_at, l.product_id, l.warehouse_id, sum(l.quantity) AS n
-    FROM reservation_lines l JOIN due d ON d.id = l.reservation_id
-    GROUP BY 1, 2, 3, 4
-), locked AS (
-    SELECT s.product_id, s.warehouse_id, s.quantity, s.reserved, s.version
-    FROM stock_levels s
-    WHERE (s.product_id, s.warehouse_id) IN (SELECT product_id, warehouse_id FROM lines)
-    ORDER BY s.product_id, s.warehouse_id
-    FOR UPDATE SKIP LOCKED
-), eligible AS (
-    SELECT d.id FROM due d
-    WHERE NOT EXISTS (
-        SELECT 1 FROM lines l LEFT JOIN locked k USING (product_id, warehouse_id)
-        WHERE l.reservation_id = d.id AND k.product_id IS NULL)
-), moves AS (
-    SELECT l.reservation_id, l.product_id, l.warehouse_id, l.n, k.quantity,
-           k.reserved - sum(l.n) OVER w AS reserved,
-           k.version + row_number() OVER w AS version
-    FROM lines l
-    JOIN eligible e ON e.id = l.reservation_id
-    JOIN locked k USING (product_id, warehouse_id)
-    WINDOW w AS (PARTITION BY l.product_id, l.warehouse_id
-                 ORDER BY l.expires_at, l.reservation_id)
-), rows AS (
-    UPDATE stock_levels s
-    SET reserved = s.reserved - t.n, version = s.version + t.changes, updated_at = now()
-    FROM (SELECT product_id, warehouse_id, sum(n) AS n, count(*) AS changes
-          FROM moves GROUP BY 1, 2) t
-    WHERE s.product_id = t.product_id AND s.warehouse_id = t.warehouse_id
-), ledger AS (
-    INSERT INTO movements (product_id, warehouse_id, kind, quantity_delta, reserved_delta,
-                           quantity, reserved, version, reservation_id)
-    SELECT product_id, warehouse_id, 'expired', 0, -n, quantity, reserved, version,
-           reservation_id
-    FROM moves ORDER BY product_id, warehouse_id, version
-), done AS (
-    UPDATE reservations r SET status = 'expired', updated_at = now()
-    FROM eligible e WHERE r.id = e.id
-)
-SELECT d.id, (d.id IN (SELECT id FROM eligible)) AS released,
-       ARRAY(SELECT DISTINCT product_id FROM lines WHERE reservation_id = d.id) AS products
-FROM due d
-"""
-
-# $1 hours, $2 chunk size.
-_PURGE_CHUNK = """
-DELETE FROM idempotency_keys
-WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM idempotency_keys
-    WHERE created_at < now() - make_interval(hours => $1)
-    LIMIT $2))
-"""
 
 
 class Expiry:
@@ -107,7 +46,7 @@ class Expiry:
 
     def __init__(
         self,
-        store: Store,
+        store: InventoryStore,
         *,
         batch: int = 1000,
         on_released: Callable[[Iterable[str]], None] | None = None,
@@ -120,12 +59,11 @@ class Expiry:
 
     async def expire_once(self, exclude: Iterable[UUID] = ()) -> tuple[int, list[UUID]]:
         """One pass: (reservations released, ids due but left for later: a row busy)."""
-        async with self.store.transaction() as conn:
-            rows = await conn.fetch(_EXPIRE, self.batch, list(exclude))
-        released = [r for r in rows if r["released"]]
+        due = await self.store.expire_due(self.batch, list(exclude))
+        released = [d for d in due if d.released]
         if released:
-            self.on_released({p for r in released for p in r["products"]})
-        return len(released), [r["id"] for r in rows if not r["released"]]
+            self.on_released({p for d in released for p in d.product_ids})
+        return len(released), [d.id for d in due if not d.released]
 
     async def expire_due(self) -> int:
         """Release everything due now, pass after pass; returns how many. Reservations
@@ -158,9 +96,7 @@ class Expiry:
         transaction; returns how many."""
         total = 0
         while True:
-            async with self.store.transaction() as conn:
-                status = await conn.execute(_PURGE_CHUNK, older_than_hours, chunk)
-            deleted = int(status.split()[-1])
+            deleted = await self.store.purge_idempotency_keys(older_than_hours, chunk)
             total += deleted
             if deleted < chunk:
                 return total

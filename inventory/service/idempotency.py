@@ -1,21 +1,30 @@
 """Idempotency-Key values shared by the reservation paths.
 
-The entry point hashes the parsed body and supplies ``render``; the service stores the
-rendered answer in the same transaction as the reservation, so a replay is byte-for-byte
-the original and the service never needs to know about HTTP.
+The entry point hashes the parsed body (:func:`body_hash`) and supplies ``render``; the
+service stores the rendered answer in the same transaction as the reservation, so a replay
+is byte-for-byte the original and the service never needs to know about HTTP.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from ..domain.model import IdempotencyKeyReused, InventoryError, Reservation
-from ..store.pg import IdempotencyRecord
+from ..store.port import IdempotencyRecord
 
-__all__ = ["Idempotency", "Render", "Replay", "replay_stored"]
+__all__ = ["Idempotency", "Render", "Replay", "body_hash", "replay_stored"]
 
 Render = Callable[[Reservation | InventoryError], tuple[int, bytes]]
+
+
+def body_hash(body: Any) -> bytes:
+    """SHA-256 of the canonical JSON of a parsed body (key order and spacing ignored)."""
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
 
 
 @dataclass(frozen=True, slots=True)

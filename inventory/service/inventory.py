@@ -1,9 +1,10 @@
-"""Use cases: warehouses, stock changes, reservations (expiry: :mod:`inventory.expiry`).
+"""Use cases: warehouses, stock changes, reservations (expiry: :mod:`.expiry`).
 
-Each use case is one database transaction through :class:`~inventory.store.Store`; the
-rules come from :mod:`inventory.domain`. Every reservation, whatever its number of lines,
-goes through the reservation engine (:mod:`inventory.batch_reserve`: concurrent requests
-share one transaction that locks their rows, allocates and writes them all). The two
+Each use case is one transaction of the store, reached only through its interface
+(:class:`~inventory.store.port.InventoryStore`: PostgreSQL in the server, memory in fast
+tests); the rules come from :mod:`inventory.domain`. Every reservation, whatever its number
+of lines, goes through the reservation engine (:mod:`.engine`: concurrent requests share
+one transaction that locks their rows, allocates and writes them all). The two
 ``INVENTORY_RESERVE_STRATEGY`` values differ only in what the engine holds around a
 batch's transaction:
 
@@ -37,8 +38,7 @@ from ..domain.model import (
     Warehouse,
     row_deltas,
 )
-from ..store.pg import Conn, Store
-from .catalog import ensure_not_kit
+from ..store.port import InventoryStore, Tx
 from .engine import LockFactory, ReservationEngine, ReserveRequest
 from .idempotency import Idempotency, Replay
 
@@ -50,7 +50,7 @@ log = logging.getLogger("inventory.service")
 class InventoryService:
     def __init__(
         self,
-        store: Store,
+        store: InventoryStore,
         *,
         lock_products: LockFactory | None = None,
         on_change: Callable[[], None] | None = None,
@@ -113,7 +113,7 @@ class InventoryService:
                     )
                 level = await self.store.lock_level(conn, product_id, warehouse_id)
                 if not level.exists:
-                    await ensure_not_kit(conn, product_id)
+                    await self.store.ensure_not_kit(conn, product_id)
                 level.check_version(expected_version)
                 change: tuple[StockLevel, Movement] | None
                 if delta is not None:
@@ -163,7 +163,7 @@ class InventoryService:
         idempotency: Idempotency | None = None,
         customer_id: str | None = None,
     ) -> Reservation | Replay:
-        """Reserve every line or none (see :func:`~inventory.domain.allocate`); kit lines
+        """Reserve every line or none (see :func:`~inventory.domain.model.allocate`); kit lines
         expand to their components, purchase limits count against ``customer_id``."""
         try:
             result = await self.engine.reserve(
@@ -194,7 +194,7 @@ class InventoryService:
         return done
 
     async def _finish_locked(
-        self, conn: Conn, reservation: Reservation, target: ReservationStatus, now: Any
+        self, conn: Tx, reservation: Reservation, target: ReservationStatus, now: Any
     ) -> Reservation:
         finished = reservation.finish(target, now)
         if finished is None:

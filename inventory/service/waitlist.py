@@ -37,7 +37,7 @@ from uuid import UUID
 import asyncpg
 from msgspec import Struct, structs
 
-from ..domain.commerce import AlreadyWaiting, PurchaseLimitExceeded
+from ..domain.commerce import AlreadyWaiting, IsKit, PurchaseLimitExceeded
 from ..domain.model import (
     IdempotencyKeyReused,
     InsufficientStock,
@@ -47,11 +47,12 @@ from ..domain.model import (
     RequestedLine,
     Unavailable,
 )
-from ..store.pg import Conn, _translated
-from .catalog import IsKit
+from ..store.db import Conn, _translated
+from ..store.pg import Store
+from ..store.webhooks import Event, LedgerRow
 from .engine import ReserveRequest
 from .inventory import InventoryService
-from .webhooks.events import Event, LedgerRow, ProduceContext, make_event, register_producer
+from .webhooks.events import ProduceContext, make_event, register_producer
 
 __all__ = [
     "Entry",
@@ -114,11 +115,11 @@ class JoinRequest:
 
 
 class Waitlist:
-    """Waitlist use cases over the service's store and reservation engine."""
+    """Waitlist use cases over the PostgreSQL store and the service's reservation engine."""
 
-    def __init__(self, service: InventoryService) -> None:
+    def __init__(self, service: InventoryService, store: Store) -> None:
         self.service = service
-        self.store = service.store
+        self.store = store
 
     async def join(self, req: JoinRequest) -> tuple[Entry, bool]:
         """Queue an entry (offered at once when its quantity is reservable and nobody

@@ -1,8 +1,8 @@
 """SQL of the flash-sale features: product rules for a batch, customers' held units, the
-waitlist, and the invariants ``inventory check`` adds for them.
+waitlist, kits, and the invariants ``inventory check`` adds for them.
 
 Everything here runs inside a caller's transaction (``conn``) or on a pooled connection
-and raises domain errors (asyncpg's are translated by :func:`~inventory.store._translated`
+and raises domain errors (asyncpg's are translated by :func:`~inventory.store.db._translated`
 around the store's transactions).
 """
 
@@ -14,19 +14,16 @@ from uuid import UUID
 
 import orjson
 
-from ..domain.commerce import KitComponent, ProductRules
-from .pg import Conn, Store, _translated
+from ..domain.commerce import IsKit, KitComponent, ProductRules
+from .db import Conn, Database, _translated
 
 __all__ = [
     "COMMERCE_INVARIANTS",
-    "drop_idempotency_keys",
-    "held_units",
-    "kit_components",
+    "CommerceStatements",
+    "kit_lock_sql",
+    "kits_among",
     "kits_among_ids",
     "kits_using",
-    "load_rules",
-    "lock_offers",
-    "mark_offered",
     "reservables",
 ]
 
@@ -46,35 +43,6 @@ FROM unnest($1::text[]) AS x LEFT JOIN products p ON p.product_id = x
 """
 
 
-async def load_rules(conn: Conn, product_ids: Sequence[str]) -> dict[str, ProductRules]:
-    """Settings and waiting units of each product (defaults for a product without
-    settings). Read after the batch holds the products' rows, so it is current for them."""
-    rows = await conn.fetch(_RULES, list(product_ids))
-    return {
-        r["product_id"]: ProductRules(
-            r["safety_stock"] or 0,
-            r["max_per_customer"],
-            _components(r["components"]),
-            r["waiting"],
-        )
-        for r in rows
-    }
-
-
-async def kit_components(
-    store: Store, product_ids: Sequence[str]
-) -> dict[str, tuple[tuple[KitComponent, ...] | None, int | None]]:
-    """``(components, max_per_customer)`` of each of ``product_ids`` that has settings."""
-    with _translated():
-        async with store.connection() as conn:
-            rows = await conn.fetch(
-                """SELECT product_id, components, max_per_customer FROM products
-                   WHERE product_id = ANY($1::text[])""",
-                list(product_ids),
-            )
-    return {r["product_id"]: (_components(r["components"]), r["max_per_customer"]) for r in rows}
-
-
 _HELD = """
 SELECT r.customer_id, l.product_id, sum(l.quantity)::bigint AS held
 FROM reservations r JOIN reservation_lines l ON l.reservation_id = r.id
@@ -84,59 +52,108 @@ GROUP BY 1, 2
 """
 
 
-async def held_units(
-    conn: Conn, customers: Iterable[str], products: Iterable[str]
-) -> dict[tuple[str, str], int]:
-    """Units of each (customer, product) in active (not yet due) and committed
-    reservations; an offered waitlist entry counts through its reservation.
-
-    Race safety comes from the caller: it holds the row locks of ``products`` (every
-    writer of reservation lines for a product holds them), and this statement's snapshot
-    is taken after they were granted, so it sees every reservation committed before.
-    """
-    rows = await conn.fetch(_HELD, sorted(set(customers)), sorted(set(products)))
-    return {(r["customer_id"], r["product_id"]): r["held"] for r in rows}
+def kit_lock_sql(shared: bool) -> str:
+    """The transaction-scoped advisory lock of each id of ``$1`` as a kit candidate: shared
+    by row creators, exclusive for the settings writer (see :mod:`inventory.service.catalog`)."""
+    fn = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    # One 64-bit key space per purpose: 'kit:' keeps it apart from other advisory locks.
+    return f"SELECT {fn}(hashtextextended('kit:' || x, 0)) FROM unnest($1::text[]) AS x"
 
 
-async def lock_offers(conn: Conn, entry_ids: Sequence[UUID]) -> dict[UUID, tuple[int, int]]:
-    """Lock the entries (id order); for those still waiting: their queue ``seq`` and the
-    units of the entries waiting before them (what their offer must leave alone).
-
-    Read after the batch holds the product's rows: an offer committed by another
-    transaction before that is already gone from the queue and from the stock.
-    """
+async def kits_among(conn: Conn, product_ids: Sequence[str]) -> set[str]:
+    """Those of ``product_ids`` that are kits, holding each id's shared advisory lock for
+    the rest of the transaction so none of them becomes a kit before it commits."""
+    ids = sorted(set(product_ids))
+    await conn.execute(kit_lock_sql(shared=True), ids)
     rows = await conn.fetch(
-        """SELECT w.id, w.seq,
-                  (SELECT coalesce(sum(e.quantity), 0) FROM waitlist e
-                   WHERE e.product_id = w.product_id AND e.status = 'waiting'
-                     AND e.seq < w.seq)::bigint AS ahead
-           FROM waitlist w
-           WHERE w.id = ANY($1::uuid[]) AND w.status = 'waiting'
-           ORDER BY w.id FOR UPDATE""",
-        list(entry_ids),
+        """SELECT product_id FROM products
+           WHERE product_id = ANY($1::text[]) AND components IS NOT NULL""",
+        ids,
     )
-    return {r["id"]: (r["seq"], r["ahead"]) for r in rows}
+    return {r["product_id"] for r in rows}
 
 
-async def mark_offered(conn: Conn, offers: Mapping[UUID, UUID]) -> None:
-    """Entry id -> reservation id: the entries are now ``offered`` (same transaction as
-    the reservations)."""
-    await conn.execute(
-        """UPDATE waitlist w SET status = 'offered', reservation_id = o.rid, updated_at = now()
-           FROM unnest($1::uuid[], $2::uuid[]) AS o(id, rid) WHERE w.id = o.id""",
-        list(offers),
-        list(offers.values()),
-    )
+class CommerceStatements(Database):
+    """What the reservation engine reads and writes of the flash-sale features in its batch,
+    and the kit check of a first stock row."""
 
+    async def load_rules(self, conn: Conn, product_ids: Sequence[str]) -> dict[str, ProductRules]:
+        """Settings and waiting units of each product (defaults for a product without
+        settings). Read after the batch holds the products' rows, so it is current for them."""
+        rows = await conn.fetch(_RULES, list(product_ids))
+        return {
+            r["product_id"]: ProductRules(
+                r["safety_stock"] or 0,
+                r["max_per_customer"],
+                _components(r["components"]),
+                r["waiting"],
+            )
+            for r in rows
+        }
 
-async def drop_idempotency_keys(conn: Conn, keys: Sequence[tuple[str, str]]) -> None:
-    """Forget keys claimed in this transaction whose answer is not stored (a 422)."""
-    await conn.execute(
-        """DELETE FROM idempotency_keys k USING unnest($1::text[], $2::text[]) AS d(scope, key)
-           WHERE k.scope = d.scope AND k.key = d.key""",
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-    )
+    async def kit_components(
+        self, product_ids: Sequence[str]
+    ) -> dict[str, tuple[tuple[KitComponent, ...] | None, int | None]]:
+        """``(components, max_per_customer)`` of each of ``product_ids`` that has settings."""
+        with _translated():
+            async with self.connection() as conn:
+                rows = await conn.fetch(
+                    """SELECT product_id, components, max_per_customer FROM products
+                       WHERE product_id = ANY($1::text[])""",
+                    list(product_ids),
+                )
+        return {
+            r["product_id"]: (_components(r["components"]), r["max_per_customer"]) for r in rows
+        }
+
+    async def held_units(
+        self, conn: Conn, customers: Iterable[str], products: Iterable[str]
+    ) -> dict[tuple[str, str], int]:
+        """Units of each (customer, product) in active (not yet due) and committed
+        reservations; an offered waitlist entry counts through its reservation.
+
+        Race safety comes from the caller: it holds the row locks of ``products`` (every
+        writer of reservation lines for a product holds them), and this statement's snapshot
+        is taken after they were granted, so it sees every reservation committed before.
+        """
+        rows = await conn.fetch(_HELD, sorted(set(customers)), sorted(set(products)))
+        return {(r["customer_id"], r["product_id"]): r["held"] for r in rows}
+
+    async def lock_offers(
+        self, conn: Conn, entry_ids: Sequence[UUID]
+    ) -> dict[UUID, tuple[int, int]]:
+        """Lock the entries (id order); for those still waiting: their queue ``seq`` and the
+        units of the entries waiting before them (what their offer must leave alone).
+
+        Read after the batch holds the product's rows: an offer committed by another
+        transaction before that is already gone from the queue and from the stock.
+        """
+        rows = await conn.fetch(
+            """SELECT w.id, w.seq,
+                      (SELECT coalesce(sum(e.quantity), 0) FROM waitlist e
+                       WHERE e.product_id = w.product_id AND e.status = 'waiting'
+                         AND e.seq < w.seq)::bigint AS ahead
+               FROM waitlist w
+               WHERE w.id = ANY($1::uuid[]) AND w.status = 'waiting'
+               ORDER BY w.id FOR UPDATE""",
+            list(entry_ids),
+        )
+        return {r["id"]: (r["seq"], r["ahead"]) for r in rows}
+
+    async def mark_offered(self, conn: Conn, offers: Mapping[UUID, UUID]) -> None:
+        """Entry id -> reservation id: the entries are now ``offered`` (same transaction as
+        the reservations)."""
+        await conn.execute(
+            """UPDATE waitlist w SET status = 'offered', reservation_id = o.rid, updated_at = now()
+               FROM unnest($1::uuid[], $2::uuid[]) AS o(id, rid) WHERE w.id = o.id""",
+            list(offers),
+            list(offers.values()),
+        )
+
+    async def ensure_not_kit(self, conn: Conn, product_id: str) -> None:
+        """Raise :class:`IsKit` before a first stock row is created for a kit."""
+        if await kits_among(conn, [product_id]):
+            raise IsKit(f"{product_id} is a kit and has no stock rows", {"product_id": product_id})
 
 
 COMMERCE_INVARIANTS: dict[str, str] = {

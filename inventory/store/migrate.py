@@ -15,7 +15,9 @@ from importlib import resources
 
 import asyncpg
 
-__all__ = ["Migration", "apply_migrations", "load_migrations"]
+from .db import _translated
+
+__all__ = ["Migration", "apply_migrations", "load_migrations", "migrate"]
 
 _LOCK_KEY = 0x1A7E_5701  # arbitrary, constant: the advisory lock all runners share
 _NAME_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
@@ -68,3 +70,13 @@ async def apply_migrations(conn: asyncpg.Connection) -> list[str]:
         return applied
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+async def migrate(url: str) -> list[str]:
+    """Apply missing migrations on a one-off connection."""
+    with _translated():
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return await apply_migrations(conn)
+        finally:
+            await conn.close()

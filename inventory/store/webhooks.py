@@ -24,11 +24,12 @@ from uuid import UUID
 
 import asyncpg
 
-from ..domain.model import NotFound
-from ..service.webhooks.events import Event, LedgerRow
-from .pg import Conn, _translated
+from realtime.ports import StockChange
 
-__all__ = ["Delivery", "QueuedEvent", "Webhook", "WebhookStore"]
+from ..domain.model import NotFound
+from .db import Conn, _translated
+
+__all__ = ["Delivery", "Event", "LedgerRow", "QueuedEvent", "Webhook", "WebhookStore"]
 
 _TIMEOUT = 5.0
 
@@ -79,6 +80,30 @@ INSERT INTO webhook_deliveries
     (webhook_id, event_id, type, attempt, status_code, error, next_retry_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7)
 """
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow(StockChange):
+    """One committed ``movements`` row: a stock change and the reservation it belongs to.
+
+    Here ``ticket`` is the writing transaction's id (``movements.xid``): the webhook
+    cursor is ``(xid, id)``, read only below the oldest running transaction.
+    """
+
+    reservation_id: UUID | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An event ready to queue: ``body`` is the exact JSON every attempt sends (made by
+    :func:`inventory.service.webhooks.events.make_event`)."""
+
+    event_id: UUID
+    type: str
+    products: tuple[str, ...]
+    created_at: datetime
+    position: tuple[int, int]
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,21 +26,20 @@ from uuid import UUID
 import msgspec
 import orjson
 
-from realtime.ports import StockChange
 from realtime.protocol import stock_from_change
 
-from ...domain.model import ReservationStatus
-from ...http.api import reservation_out
-from ...store.pg import Conn, Store
+from ...domain.model import Reservation, ReservationStatus
+from ...store.db import Conn
+from ...store.pg import Store
+from ...store.webhooks import Event, LedgerRow
 
 __all__ = [
     "EVENT_TYPES",
     "PRODUCERS",
-    "Event",
-    "LedgerRow",
     "ProduceContext",
     "Producer",
     "event_id",
+    "install",
     "produce",
     "register_producer",
 ]
@@ -59,29 +58,6 @@ EVENT_TYPES = (
 )
 
 _NAMESPACE = uuid.UUID("6f1c1c3e-6b51-4c8e-9a51-5e0b7d0f3a11")
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerRow(StockChange):
-    """One committed ``movements`` row: a stock change and the reservation it belongs to.
-
-    Here ``ticket`` is the writing transaction's id (``movements.xid``): the webhook
-    cursor is ``(xid, id)``, read only below the oldest running transaction.
-    """
-
-    reservation_id: UUID | None
-
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """An event ready to queue: ``body`` is the exact JSON every attempt sends."""
-
-    event_id: UUID
-    type: str
-    products: tuple[str, ...]
-    created_at: datetime
-    position: tuple[int, int]
-    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +105,9 @@ async def _stock_changed(ctx: ProduceContext, rows: Sequence[LedgerRow]) -> list
     return events
 
 
-def _reservation_producer(kind: str, status: ReservationStatus) -> Producer:
-    event_type = f"reservation.{'created' if kind == 'reserved' else kind}"
-
+def _reservation_producer(
+    event_type: str, kind: str, status: ReservationStatus, body_of: Callable[[Reservation], Any]
+) -> Producer:
     async def produce(ctx: ProduceContext, rows: Sequence[LedgerRow]) -> list[Event]:
         first: dict[UUID, LedgerRow] = {}
         for row in rows:
@@ -140,7 +116,7 @@ def _reservation_producer(kind: str, status: ReservationStatus) -> Producer:
         events = []
         for reservation_id, row in first.items():
             reservation, _ = await ctx.store.get_reservation(reservation_id, ctx.conn)
-            body = reservation_out(replace(reservation, status=status))
+            body = body_of(replace(reservation, status=status))
             products = [line.product_id for line in reservation.lines]
             events.append(
                 make_event(event_type, reservation_id, products, row.created_at, row.position, body)
@@ -150,13 +126,24 @@ def _reservation_producer(kind: str, status: ReservationStatus) -> Producer:
     return produce
 
 
-PRODUCERS: dict[str, Producer] = {
-    "stock.changed": _stock_changed,
-    "reservation.created": _reservation_producer("reserved", ReservationStatus.ACTIVE),
-    "reservation.committed": _reservation_producer("committed", ReservationStatus.COMMITTED),
-    "reservation.released": _reservation_producer("released", ReservationStatus.RELEASED),
-    "reservation.expired": _reservation_producer("expired", ReservationStatus.EXPIRED),
+PRODUCERS: dict[str, Producer] = {"stock.changed": _stock_changed}
+
+# Event type -> the ledger rows' kind and the status the event's body shows.
+_RESERVATION_EVENTS = {
+    "reservation.created": ("reserved", ReservationStatus.ACTIVE),
+    "reservation.committed": ("committed", ReservationStatus.COMMITTED),
+    "reservation.released": ("released", ReservationStatus.RELEASED),
+    "reservation.expired": ("expired", ReservationStatus.EXPIRED),
 }
+
+
+def install(reservation_body: Callable[[Reservation], Any]) -> None:
+    """Install the ``reservation.*`` producers; ``reservation_body`` renders a reservation
+    as the HTTP API does (given by the composition root: this layer never imports HTTP)."""
+    for event_type, (kind, status) in _RESERVATION_EVENTS.items():
+        register_producer(
+            event_type, _reservation_producer(event_type, kind, status, reservation_body)
+        )
 
 
 def register_producer(event_type: str, producer: Producer) -> None:
