@@ -2,7 +2,7 @@
 
 Random restocks, safety stock changes, combined batches of reservations (kit lines,
 customers with a purchase limit), releases, waitlist entries and offer passes run
-against :class:`~inventory.batch_reserve.BatchState` exactly as the batch transaction
+against :class:`~inventory.service.engine.BatchState` exactly as the batch transaction
 feeds it (rows, product rules with waiting units, each customer's held units). After
 every step the invariants ``inventory check`` verifies must hold.
 """

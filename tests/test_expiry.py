@@ -1,4 +1,4 @@
-"""Expiry at scale (inventory.expiry): set-based release, busy rows, the separate purge.
+"""Expiry at scale (inventory.service.expiry): set-based release, busy rows, the separate purge.
 
 Each test works in its own scratch database with its own service and no server
 sweeper, so it controls when reservations fall due and when the sweeper runs.

@@ -1,7 +1,7 @@
 """Concurrency against real ``inventory serve`` processes, for both reserve strategies.
 
 Two server processes share the session database; requests alternate between them.
-Every test ends with stock the invariant checker accepts (``inventory.check``), since
+Every test ends with stock the invariant checker accepts (``inventory.ops.check``), since
 that checker looks at the whole shared database.
 """
 

@@ -1,8 +1,8 @@
 """Flash-sale rules: safety stock, purchase limits, the waitlist's claim on stock, kits.
 
-Pure (no I/O), like :mod:`inventory.domain`. These are the derived numbers the SPEC's
+Pure (no I/O), like :mod:`inventory.domain.model`. These are the derived numbers the SPEC's
 "Products" and "Flash-sale protections" sections define, computed here once and used by
-the reservation engine's batch state (:class:`~inventory.batch_reserve.BatchState`), the
+the reservation engine's batch state (:class:`~inventory.service.engine.BatchState`), the
 stock bodies and the waitlist offerer:
 
 - ``reservable = max(0, available in active warehouses - safety_stock)``;

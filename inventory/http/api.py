@@ -1,5 +1,5 @@
 """HTTP API of stock, warehouses and reservations, and the helpers every route module
-shares (errors, auth, route table; :mod:`.catalog_api`, :mod:`.waitlist_api` and
+shares (errors, auth, route table; :mod:`.catalog`, :mod:`.waitlist` and
 :mod:`.webhooks.api` hold the other routes). Handlers are thin: check the token, parse,
 call the service, encode. Every error leaves through :func:`error_response` in the
 spec's shape ``{"error": {"code", "message", "details"}}``.
@@ -581,7 +581,7 @@ class Messages:
 class RouteDoc:
     """Everything OpenAPI says about one operation, declared next to its handler.
 
-    :mod:`inventory.openapi` derives the rest from these facts: a ``scope`` means 401/403,
+    :mod:`inventory.http.openapi` derives the rest from these facts: a ``scope`` means 401/403,
     parameters or a body mean 422, a body means 400/413/415, ``idempotent`` means the
     ``Idempotency-Key``/``Idempotent-Replayed`` headers and ``idempotency_key_reused``.
     ``errors`` lists the other error codes the operation can answer (their statuses come
@@ -640,7 +640,7 @@ def api_routes(
     auth: Auth,
     extra: Sequence[tuple[str, str, Handler, RouteDoc]] = (),
 ) -> tuple[list[BaseRoute], dict[str, dict[str, RouteDoc]]]:
-    """The ``/v1`` routes and their documentation (for :mod:`inventory.openapi`);
+    """The ``/v1`` routes and their documentation (for :mod:`inventory.http.openapi`);
     ``extra`` rows come from feature modules (webhooks)."""
     h = Handlers(backend, auth)
     table: list[tuple[str, str, Handler, RouteDoc]] = [

@@ -1,4 +1,4 @@
-"""Documentation of the routes served outside :func:`inventory.api.api_routes`: the
+"""Documentation of the routes served outside :func:`inventory.http.api.api_routes`: the
 operational routes of :mod:`inventory.ops.app` and the live stream (WebSocket, SSE and their
 tickets), in the same declarative form as the API's route table.
 """

@@ -1,8 +1,9 @@
 """HTTP handlers for product settings, listings and bulk stock changes.
 
-Kept apart from :mod:`inventory.api` (which mounts them through :func:`catalog_routes`)
-so the routes can grow without touching the hot handlers. Same conventions: check the
-token, parse with msgspec, call :mod:`inventory.catalog` / :mod:`inventory.bulk`, encode.
+Kept apart from :mod:`.api` (which mounts them through :func:`catalog_routes`) so the
+routes can grow without touching the hot handlers. Same conventions: check the token,
+parse with msgspec, call :mod:`inventory.service.catalog` / :mod:`inventory.service.bulk`,
+encode.
 """
 
 from __future__ import annotations
@@ -299,7 +300,7 @@ Row = tuple[str, str, Handler, RouteDoc]
 
 
 def catalog_routes(backend: Backend, auth: Auth) -> list[Row]:
-    """``(path, method, handler, doc)`` for :func:`inventory.api.api_routes`'s table."""
+    """``(path, method, handler, doc)`` for :func:`inventory.http.api.api_routes`'s table."""
     h = CatalogHandlers(backend, auth)
     after_product = QueryParam(
         "after",

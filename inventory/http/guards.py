@@ -19,7 +19,7 @@ runs, for HTTP and WebSocket scopes alike (so ``/v1/ws`` and ``/v1/stream`` are 
   With tokens configured these checks are off: a browser page cannot obtain the token.
 - **CORS** (``INVENTORY_CORS_ORIGINS``): Starlette's CORS middleware for exactly those
   origins, preflight included; a refused preflight answers in the spec's JSON error shape.
-- JSON depth is a rule of body decoding: :func:`inventory.schemas.check_depth`.
+- JSON depth is a rule of body decoding: :func:`inventory.http.schemas.check_depth`.
 
 The middleware is pure ASGI and never wraps ``receive`` or ``send``: the WebSocket endpoint
 recognises uvicorn's protocol through ``receive`` for its direct-write fast path.

@@ -94,7 +94,7 @@ def check_compatible() -> None:
         missing.append("url and headers kept in self.url and self.headers")
     if missing or "config" not in params or "server_state" not in params:
         raise RuntimeError(
-            "inventory.http_limits: this uvicorn's HttpToolsProtocol changed "
+            "inventory.http.limits: this uvicorn's HttpToolsProtocol changed "
             f"(missing {missing or 'constructor arguments'}); the request-head limit "
             "cannot be installed"
         )

@@ -1,6 +1,6 @@
 """``/openapi.json``: an OpenAPI 3.1 document built from the route table.
 
-Every operation comes from one :class:`~inventory.api.RouteDoc` (declared next to its
+Every operation comes from one :class:`~inventory.http.api.RouteDoc` (declared next to its
 handler); nothing here knows a path. From a doc's facts this module derives:
 
 - parameters: path ids with the patterns the handlers enforce, the declared query

@@ -1,5 +1,5 @@
 """HTTP handlers of the waitlist (SPEC "Flash-sale protections"), mounted through
-:func:`inventory.api.api_routes`'s ``extra`` rows like the webhook routes.
+:func:`inventory.http.api.api_routes`'s ``extra`` rows like the webhook routes.
 
 ``POST /v1/products/{id}/waitlist`` takes an ``Idempotency-Key`` as reservations do: a
 repeat with the same body answers 201 with the entry as it is now (header
@@ -103,7 +103,7 @@ class WaitlistHandlers(RouteHandlers):
 
 
 def waitlist_routes(backend: Backend, auth: Auth) -> list[tuple[str, str, Handler, RouteDoc]]:
-    """``(path, method, handler, doc)`` rows for :func:`inventory.api.api_routes`."""
+    """``(path, method, handler, doc)`` rows for :func:`inventory.http.api.api_routes`."""
     h = WaitlistHandlers(backend, auth)
     return [
         ("/v1/products/{product_id}/waitlist", "POST", h.join, RouteDoc(

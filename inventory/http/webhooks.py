@@ -147,7 +147,7 @@ class WebhookHandlers:
 def webhook_routes(
     backend: Backend, auth: Auth, allow_private: bool
 ) -> list[tuple[str, str, Handler, RouteDoc]]:
-    """Rows for the ``/v1`` route table of :func:`inventory.api.api_routes`."""
+    """Rows for the ``/v1`` route table of :func:`inventory.http.api.api_routes`."""
     h = WebhookHandlers(backend, auth, allow_private)
     one = "/v1/webhooks/{webhook_id}"
     return [

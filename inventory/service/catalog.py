@@ -1,5 +1,5 @@
 """Product settings and listings: ``PUT/GET /v1/products/{id}``, ``GET /v1/products``,
-``GET /v1/reservations`` (SQL and rules; HTTP lives in :mod:`inventory.catalog_api`).
+``GET /v1/reservations`` (SQL and rules; HTTP lives in :mod:`inventory.http.catalog`).
 
 A product exists once it has a stock row or settings. Settings are stored and validated
 here; how reservations use them (safety stock, purchase limits, kit expansion) belongs

@@ -1,13 +1,13 @@
 """Alerts and kit numbers on the live stream: a ledger consumer of its own.
 
 Like the relay, it reads committed ledger rows in outbox order under a lease with a
-durable cursor (:class:`~inventory.store_feed.PgOutbox`, name ``{prefix}:commerce``), so
+durable cursor (:class:`~inventory.store.feed.PgOutbox`, name ``{prefix}:commerce``), so
 one process at a time does the work, a crash resumes from the cursor, and it never waits
 for unrelated transactions. For each batch it publishes, on the products' stream
 channels (the hub forwards them to subscribers like stock messages):
 
 - ``{"type": "alert", "product_id", "event", "reservable", "ts"}`` for every low-stock
-  crossing of the rows (:func:`inventory.alerts.crossings`, derived from the ledger, so a
+  crossing of the rows (:func:`inventory.service.alerts.crossings`, derived from the ledger, so a
   batch replayed after a crash publishes the same alerts again rather than none);
 - ``{"type": "kit", "product_id", "reservable", "seq"}`` for each kit using a changed
   product whose number differs from what this leader last published (only kits using
