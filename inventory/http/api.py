@@ -1,6 +1,6 @@
 """HTTP API of stock, warehouses and reservations, and the helpers every route module
 shares (errors, auth, route table; :mod:`.catalog`, :mod:`.waitlist` and
-:mod:`.webhooks.api` hold the other routes). Handlers are thin: check the token, parse,
+:mod:`.webhooks` hold the other routes). Handlers are thin: check the token, parse,
 call the service, encode. Every error leaves through :func:`error_response` in the
 spec's shape ``{"error": {"code", "message", "details"}}``.
 """
