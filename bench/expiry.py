@@ -29,9 +29,10 @@ from typing import Any
 import asyncpg
 
 from bench.stack import ServerProcess, backing_servers, scratch_databases, server_env
-from inventory.domain import RequestedLine, Warehouse, WarehouseStatus
-from inventory.service import InventoryService
-from inventory.store import connect, invariant_violations
+from inventory.domain.model import RequestedLine, Warehouse, WarehouseStatus
+from inventory.service.inventory import InventoryService
+from inventory.store.invariants import invariant_violations
+from inventory.store.pg import connect
 
 PRODUCTS = 1000
 

@@ -287,7 +287,7 @@ class _Server:
 
 @contextlib.asynccontextmanager
 async def _bare_server(redis_url: str, prefix: str) -> AsyncIterator[_Server]:
-    from inventory.embedded import free_port
+    from inventory.ops.embedded import free_port
 
     port = free_port()
     argv = ["-m", "bench.fanout", "bare-server", str(port), redis_url, prefix]

@@ -40,7 +40,7 @@ import msgspec
 
 from bench.loadgen import Client
 from bench.stack import ServerProcess, backing_servers, scratch_databases
-from inventory.check import check_database
+from inventory.ops.check import check_database
 
 __all__ = ["main", "run_round"]
 

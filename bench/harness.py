@@ -18,7 +18,7 @@ Every figure stands next to a ceiling measured in the same run, as a ratio:
 Rounds: each repeat runs every scenario once, its ceilings right after it, so a noisy
 moment hits a figure and its ceiling alike; medians over the repeats are quoted (the
 ratio is the median of the per-round ratios). After every write scenario the invariants
-are checked (:func:`inventory.check.check_database`); any violation ends the run with
+are checked (:func:`inventory.ops.check.check_database`); any violation ends the run with
 exit status 1.
 """
 
@@ -67,8 +67,8 @@ from bench.stack import (
     scratch_databases,
     server_env,
 )
-from inventory.check import check_database
-from inventory.embedded import which_pgbench
+from inventory.ops.check import check_database
+from inventory.ops.embedded import which_pgbench
 
 __all__ = ["main"]
 

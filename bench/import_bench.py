@@ -5,7 +5,7 @@ same rows into a scratch table, measured in the same run.
 
 Each round writes a CSV of ``--rows`` rows (half as many products, two warehouses) with
 new product ids, imports it through a real ``inventory serve`` (the same code path as the
-CLI: :func:`inventory.transfer.import_file`, batches of 1,000 through
+CLI: :func:`inventory.ops.transfer.import_file`, batches of 1,000 through
 ``POST /v1/stock/bulk``, each a transaction that creates the rows and their ledger rows),
 then ``COPY``s the same file into a plain three-column table of a scratch database: the
 ceiling, the cheapest way PostgreSQL can take those rows. The ratio (import / COPY) is
@@ -31,7 +31,7 @@ import asyncpg
 
 from bench.stack import ServerProcess, backing_servers, scratch_databases, server_env
 from inventory.client import Client
-from inventory.transfer import import_file
+from inventory.ops.transfer import import_file
 
 __all__ = ["main", "run"]
 

@@ -6,7 +6,7 @@ One ``inventory serve`` process (``--workers``, default 1) on a scratch database
 products (default 1,000) in one warehouse, 1,000,000 units each (seeded through the HTTP
 API by :func:`bench.scenarios.seed`). One product, ``sku-1``, is the *locked* product;
 the *others* are every other product, split by whether their reservation lane
-(:func:`inventory.batch_reserve.lane_of`, the server's lane count per process) is the
+(:func:`inventory.service.engine.lane_of`, the server's lane count per process) is the
 locked product's (``same_lane``: with the default 4 lanes about a quarter of the
 catalogue) or not (``other_lane``). Per round, two phases of ``--clients`` (64)
 closed-loop clients sending 1-line reservations spread uniformly over the others, for S
@@ -24,7 +24,7 @@ the locked/baseline ratios of rate and p99. For the locked product's requests: h
 were answered 201 only after the lock was released (they waited for it, as they must),
 how many 201 *before* the release (would mean the lock was not held), and how many 503
 and after how long (the bound is ``INVENTORY_DB_TIMEOUT``). After each round
-``inventory check``'s invariants (:func:`inventory.check.check_database`) must hold.
+``inventory check``'s invariants (:func:`inventory.ops.check.check_database`) must hold.
 
 The goal (issue 13) is absolute: others keep p99 < 100 ms and get no 503 while the row is
 held; the baseline of the same round shows what the machine does without the lock.
@@ -52,9 +52,9 @@ import asyncpg
 from bench.loadgen import Client, HttpError, LoadResult, Session, run_load
 from bench.scenarios import WAREHOUSE, seed
 from bench.stack import ServerProcess, backing_servers, scratch_databases, server_env
-from inventory.batch_reserve import lane_of
-from inventory.check import check_database
 from inventory.config import Settings
+from inventory.ops.check import check_database
+from inventory.service.engine import lane_of
 
 __all__ = ["LOCKED", "main"]
 

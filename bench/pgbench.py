@@ -12,8 +12,8 @@ locks its five rows in ascending product order.
 
 Reads (the stock read, the sold-out refusal) and the commit half of the reserve +
 commit cycle mirror the server's own SQL: the statements are *recorded* by calling
-:class:`inventory.store.Store` methods on a connection that only writes down what it is
-asked to run, so the mirror follows ``store.py`` when it changes. Parameters are
+:class:`inventory.store.pg.Store` methods on a connection that only writes down what it is
+asked to run, so the mirror follows the store's statements when they change. Parameters are
 rendered into pgbench expressions by value: the recording is made with sentinel values
 and each one is replaced by the pgbench variable that holds the real value in the run
 (values flow between statements through ``\\gset``).
@@ -39,13 +39,13 @@ from typing import Any
 
 import asyncpg
 
-from inventory.domain import (
+from inventory.domain.model import (
     MovementKind,
     Reservation,
     ReservationLine,
     ReservationStatus,
 )
-from inventory.store import Store
+from inventory.store.pg import Store
 
 __all__ = ["Mirror", "PgbenchResult", "mirrors", "run_pgbench", "seed_sql"]
 

@@ -31,7 +31,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from bench.stack import backing_servers, scratch_databases
-from inventory.store_feed import PgOutbox
+from inventory.store.feed import PgOutbox
 from realtime.relay import Relay
 
 _WRITE = """

@@ -27,8 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import psutil
 
-from inventory.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
-from inventory.store import migrate
+from inventory.ops.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
+from inventory.store.migrate import migrate
 
 __all__ = [
     "ROOT",
@@ -159,7 +159,7 @@ class ServerProcess:
         argv = [
             sys.executable,
             "-m",
-            "inventory.cli",
+            "inventory.ops.cli",
             "serve",
             "--port",
             str(port),

@@ -17,8 +17,7 @@ import msgspec
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from inventory.api import reservation_out
-from inventory.domain import (
+from inventory.domain.model import (
     RequestedLine,
     Reservation,
     ReservationLine,
@@ -28,7 +27,8 @@ from inventory.domain import (
     WarehouseStatus,
     allocate,
 )
-from inventory.schemas import ReserveIn, decode
+from inventory.http.api import reservation_out
+from inventory.http.schemas import ReserveIn, decode
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 RID = uuid.UUID(int=42)

@@ -11,7 +11,7 @@ logs WebSocket handshakes with their query string at INFO, and with debug loggin
 Credentials in those (``Authorization`` values, bearer tokens, ``ticket=``/``token=``/
 ``secret=``/``password=`` parameters, ``"secret"``/``"token"`` fields of JSON or reprs, as
 in a webhook registration body) become ``[redacted]`` before the line is written, at every
-level. :func:`redact` also cleans span attributes (:mod:`inventory.tracing`).
+level. :func:`redact` also cleans span attributes (:mod:`inventory.ops.tracing`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 TraceIds = Callable[[], tuple[str, str] | None]
 
-# Installed by inventory.tracing when tracing is on (so this module never imports
+# Installed by inventory.ops.tracing when tracing is on (so this module never imports
 # OpenTelemetry): the current span's (trace_id, span_id) in hex, or None outside a span.
 _trace_ids: TraceIds | None = None
 

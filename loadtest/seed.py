@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from inventory.client import ApiError, BulkItem, Client
-from inventory.guards import is_loopback_name
+from inventory.http.guards import is_loopback_name
 
 __all__ = ["HOT_PRODUCTS", "WAREHOUSES", "hot_products", "is_loopback_url", "products", "seed"]
 

@@ -3,7 +3,7 @@
 Modules, one concept each:
 
 * :mod:`realtime.ports`: the storage ports (``LevelReader``, ``Outbox``) and their values;
-  implemented on PostgreSQL by ``inventory/store_feed.py`` (this package imports
+  implemented on PostgreSQL by ``inventory/store/feed.py`` (this package imports
   nothing from ``inventory`` but the id rules of ``inventory.domain``).
 * :mod:`realtime.protocol`: the WebSocket wire protocol, pure (parse, validate, encode).
 * :mod:`realtime.conflation`: per-connection newest-state-per-row buffer, pure.

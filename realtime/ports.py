@@ -1,7 +1,7 @@
 """Ports: what the real-time side needs from storage, and the values that cross the border.
 
 ``realtime`` imports nothing from ``inventory`` but the domain's id rules; the inventory
-side implements these protocols (``inventory/store_feed.py``) on PostgreSQL. Keeping the
+side implements these protocols (``inventory/store/feed.py``) on PostgreSQL. Keeping the
 SQL behind ports lets the hub and the relay be exercised against fakes and keeps one owner
 for every query.
 """

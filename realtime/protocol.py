@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from inventory.domain import (  # the id rules (the domain's value rules, see ARCHITECTURE)
+from inventory.domain.model import (  # the id rules (the domain's value rules, see ARCHITECTURE)
     PRODUCT_ID_RE,
     PRODUCT_ID_RULE,
     WAREHOUSE_ID_RE,

@@ -3,7 +3,7 @@
 Policy:
 
 * Leadership: every process runs a relay; the one holding the outbox lease publishes
-  (PostgreSQL advisory lock on a dedicated session, see ``inventory/store_feed.py``).
+  (PostgreSQL advisory lock on a dedicated session, see ``inventory/store/feed.py``).
   The lease and its cursor are named after the channel namespace *and the Redis server*
   (``{prefix}:stock@{redis id}``): one leader per (database, Redis, prefix), so a process
   pointed at another Redis runs its own relay instead of silently depending on one that

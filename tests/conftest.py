@@ -27,12 +27,12 @@ import httpx
 import pytest
 
 from bench.stack import scratch_database, stop_process
-from inventory.app import create_app
 from inventory.config import Settings
-from inventory.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
+from inventory.ops.app import create_app
+from inventory.ops.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVE = [sys.executable, "-m", "inventory.cli", "serve"]
+SERVE = [sys.executable, "-m", "inventory.ops.cli", "serve"]
 
 
 @pytest.fixture(scope="session")

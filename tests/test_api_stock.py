@@ -290,7 +290,7 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
 async def test_unexpected_error_is_json_500_with_request_id() -> None:
     from starlette.types import Receive, Scope, Send
 
-    from inventory.middleware import RequestMiddleware
+    from inventory.http.middleware import RequestMiddleware
 
     async def broken(scope: Scope, receive: Receive, send: Send) -> None:
         raise RuntimeError("bug")

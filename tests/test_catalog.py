@@ -11,7 +11,7 @@ import asyncpg
 import httpx
 import pytest
 
-from inventory.store import invariant_violations
+from inventory.store.invariants import invariant_violations
 
 MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
 NewId = Callable[[str], str]

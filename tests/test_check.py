@@ -17,10 +17,10 @@ import asyncpg
 import httpx
 import pytest
 
-from inventory.check import check_database
-from inventory.commerce_store import COMMERCE_INVARIANTS
-from inventory.embedded import free_port
-from inventory.store import INVARIANTS
+from inventory.ops.check import check_database
+from inventory.ops.embedded import free_port
+from inventory.store.commerce import COMMERCE_INVARIANTS
+from inventory.store.invariants import INVARIANTS
 
 pytestmark = pytest.mark.asyncio
 
@@ -46,7 +46,7 @@ async def inventory_check(database_url: str) -> Run:
     env = {**os.environ, "INVENTORY_DATABASE_URL": database_url}
     env.pop("INVENTORY_REDIS_URL", None)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "inventory.cli", "check",
+        sys.executable, "-m", "inventory.ops.cli", "check",
         env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

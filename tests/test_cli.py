@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from bench.stack import with_database
-from inventory.embedded import free_port
-from inventory.migrate import apply_migrations, load_migrations
+from inventory.ops.embedded import free_port
+from inventory.store.migrate import apply_migrations, load_migrations
 
 from .conftest import ROOT
 
@@ -28,7 +28,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
     return subprocess.run(
-        [sys.executable, "-m", "inventory.cli", *args],
+        [sys.executable, "-m", "inventory.ops.cli", *args],
         env={**base, **(env or {})},
         capture_output=True,
         text=True,
@@ -132,7 +132,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[str], timeout: float) -> float:
 def _serve(data_dir: Path, port: int) -> subprocess.Popen[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
     return subprocess.Popen(
-        [sys.executable, "-m", "inventory.cli", "serve", "--data-dir", str(data_dir),
+        [sys.executable, "-m", "inventory.ops.cli", "serve", "--data-dir", str(data_dir),
          "--port", str(port)],
         env=base, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
     )  # fmt: skip

@@ -10,11 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from inventory.batch_reserve import ReservationEngine, ReserveRequest
-from inventory.check import check_database
-from inventory.combining import Combiner
 from inventory.config import Settings
-from inventory.domain import InsufficientStock, NotFound, RequestedLine, Reservation
+from inventory.domain.model import InsufficientStock, NotFound, RequestedLine, Reservation
+from inventory.ops.check import check_database
+from inventory.service.combining import Combiner
+from inventory.service.engine import ReservationEngine, ReserveRequest
 from tests.conftest import wait_until
 
 StockFactory = Callable[..., Awaitable[tuple[str, list[str]]]]
@@ -175,7 +175,7 @@ async def test_one_batch_serves_many_products(
 ) -> None:
     """Requests for different products that arrive together share one transaction
     (one lane), and each still gets the answer it would get alone."""
-    engine = ReservationEngine(app.state.runtime.service.store, lanes=1)
+    engine = ReservationEngine(app.state.runtime.store, lanes=1)
     plenty, [wa, wb] = await make_stock(5, 3)
     scarce, _ = await make_stock(2)
     empty, _ = await make_stock(0)
@@ -229,7 +229,7 @@ async def test_multi_line_requests_share_a_batch(
     """Multi-line requests over overlapping products, their lines in opposite orders,
     are combined into one transaction: each is allocated against what the earlier
     members left (running balance across requests and within one), all or nothing."""
-    engine = ReservationEngine(app.state.runtime.service.store, lanes=1)
+    engine = ReservationEngine(app.state.runtime.store, lanes=1)
     p1, [w1] = await make_stock(5)
     p2, [w2] = await make_stock(5)
     p3, [w3] = await make_stock(3)

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from inventory.check import check_database
+from inventory.ops.check import check_database
 
 MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
 NewId = Callable[[str], str]
@@ -173,7 +173,7 @@ async def test_check_covers_commerce(database_url: str, client: httpx.AsyncClien
 
 async def test_check_sees_a_limit_breach(scratch_database: str) -> None:
     """A breach written around the engine is reported (the check can fail)."""
-    from inventory.store import migrate
+    from inventory.store.migrate import migrate
 
     await migrate(scratch_database)
     conn = await asyncpg.connect(scratch_database)
@@ -219,10 +219,10 @@ async def test_commerce_feed_leads_per_database_and_redis(
     this one subscriber)."""
     from urllib.parse import urlsplit
 
-    from inventory.catalog import Component, ProductSettings, put_settings
-    from inventory.commerce_feed import CommerceFeed
-    from inventory.store import connect
-    from inventory.store_feed import PgOutbox
+    from inventory.service.catalog import Component, ProductSettings, put_settings
+    from inventory.service.commerce_feed import CommerceFeed
+    from inventory.store.feed import PgOutbox
+    from inventory.store.pg import connect
     from realtime.relay import relay_keys
     from realtime.sharded import redis_from_url
 

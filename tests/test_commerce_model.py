@@ -2,7 +2,7 @@
 
 Random restocks, safety stock changes, combined batches of reservations (kit lines,
 customers with a purchase limit), releases, waitlist entries and offer passes run
-against :class:`~inventory.batch_reserve.BatchState` exactly as the batch transaction
+against :class:`~inventory.service.engine.BatchState` exactly as the batch transaction
 feeds it (rows, product rules with waiting units, each customer's held units). After
 every step the invariants ``inventory check`` verifies must hold.
 """
@@ -18,8 +18,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from inventory.batch_reserve import BatchState, ReserveRequest
-from inventory.commerce import (
+from inventory.domain.commerce import (
     CustomerRequired,
     KitComponent,
     ProductRules,
@@ -27,7 +26,7 @@ from inventory.commerce import (
     active_available,
     expand_kits,
 )
-from inventory.domain import (
+from inventory.domain.model import (
     InsufficientStock,
     MovementKind,
     RequestedLine,
@@ -36,6 +35,7 @@ from inventory.domain import (
     Warehouse,
     WarehouseStatus,
 )
+from inventory.service.engine import BatchState, ReserveRequest
 
 WAREHOUSES = {w: Warehouse(w, w, None, WarehouseStatus.ACTIVE) for w in ("w1", "w2")}
 KIT = (KitComponent("a", 1), KitComponent("b", 2))

@@ -48,7 +48,7 @@ from starlette.routing import Mount, Route, WebSocketRoute  # noqa: E402
 from starlette.staticfiles import StaticFiles  # noqa: E402
 from starlette.websockets import WebSocket, WebSocketDisconnect  # noqa: E402
 
-from inventory.embedded import free_port  # noqa: E402
+from inventory.ops.embedded import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "inventory" / "static"

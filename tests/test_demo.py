@@ -10,15 +10,15 @@ from typing import Any
 import httpx
 import pytest
 
-from inventory.demo import product_ids, warehouse_ids
-from inventory.embedded import free_port
+from inventory.ops.demo import product_ids, warehouse_ids
+from inventory.ops.embedded import free_port
 
 
 async def run_demo(*args: str, timeout: float = 60) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "inventory.cli",
+        "inventory.ops.cli",
         "demo",
         *args,
         stdout=asyncio.subprocess.PIPE,
@@ -127,7 +127,7 @@ async def test_help() -> None:
 async def test_flash_sale_demo_keeps_the_limit(server_factory: Any, database_url: str) -> None:
     """``--flash-sale``: bots hit the purchase limit, refused buyers queue, and afterwards
     no customer holds more than the limit (the check's invariants hold)."""
-    from inventory.check import check_database
+    from inventory.ops.check import check_database
 
     server = await server_factory()
     code, out, err = await run_demo(

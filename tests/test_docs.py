@@ -3,7 +3,7 @@ server's OpenAPI document."""
 
 from __future__ import annotations
 
-from inventory.apidoc import openapi, render
+from inventory.ops.apidoc import openapi, render
 
 from .conftest import ROOT
 
@@ -11,7 +11,7 @@ from .conftest import ROOT
 def test_http_api_reference_is_generated() -> None:
     committed = (ROOT / "docs" / "http-api.md").read_text()
     assert committed == render(openapi()), (
-        "docs/http-api.md is stale: run `python -m inventory.apidoc > docs/http-api.md`"
+        "docs/http-api.md is stale: run `python -m inventory.ops.apidoc > docs/http-api.md`"
     )
 
 

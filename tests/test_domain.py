@@ -1,4 +1,4 @@
-"""Pure unit tests of :mod:`inventory.domain`: stock rules, the reservation state machine
+"""Pure unit tests of :mod:`inventory.domain.model`: stock rules, the reservation state machine
 and allocation. No I/O; hypothesis drives a state machine over a stock row and its
 reservations and a property test of allocation against a simple feasibility oracle."""
 
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from inventory.domain import (
+from inventory.domain.model import (
     InsufficientStock,
     InvalidState,
     MovementKind,

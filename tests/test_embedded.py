@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from inventory.embedded import EmbeddedError, EmbeddedValkey, free_port
+from inventory.ops.embedded import EmbeddedError, EmbeddedValkey, free_port
 
 from .test_cli import ROOT, _serve, _wait_ready
 
@@ -43,7 +43,7 @@ def test_second_serve_on_one_data_directory_refuses_with_a_clear_message(
         _wait_ready(f"http://127.0.0.1:{port}", first, 60)
         env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
         second = subprocess.run(
-            [sys.executable, "-m", "inventory.cli", "serve", "--data-dir", str(tmp_path),
+            [sys.executable, "-m", "inventory.ops.cli", "serve", "--data-dir", str(tmp_path),
              "--port", str(free_port())],
             env=env, capture_output=True, text=True, timeout=60, cwd=ROOT,
         )  # fmt: skip

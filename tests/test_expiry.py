@@ -1,4 +1,4 @@
-"""Expiry at scale (inventory.expiry): set-based release, busy rows, the separate purge.
+"""Expiry at scale (inventory.service.expiry): set-based release, busy rows, the separate purge.
 
 Each test works in its own scratch database with its own service and no server
 sweeper, so it controls when reservations fall due and when the sweeper runs.
@@ -14,15 +14,16 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from inventory.domain import (
+from inventory.domain.model import (
     RequestedLine,
     Reservation,
     Warehouse,
     WarehouseStatus,
 )
-from inventory.expiry import Expiry
-from inventory.service import InventoryService
-from inventory.store import connect, invariant_violations
+from inventory.service.expiry import Expiry
+from inventory.service.inventory import InventoryService
+from inventory.store.invariants import invariant_violations
+from inventory.store.pg import connect
 
 from .conftest import wait_until
 

@@ -33,7 +33,7 @@ import asyncpg
 import httpx
 import pytest
 
-from inventory.check import check_database
+from inventory.ops.check import check_database
 from tests.faultproxy import FaultProxy
 
 from .conftest import wait_until as until

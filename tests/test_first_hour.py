@@ -21,7 +21,7 @@ import pytest
 
 from .conftest import ROOT, ServerFactory, wait_until
 
-CLI = [sys.executable, "-m", "inventory.cli"]
+CLI = [sys.executable, "-m", "inventory.ops.cli"]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -66,7 +66,8 @@ def test_plain_install_runs_the_readme_commands(tmp_path: Path) -> None:
     assert re.fullmatch(r"inventory \d+\.\d+\.\d+\S*\n", version.stdout)
     imported = subprocess.run(
         [str(bin_dir / "python"), "-c",
-         "import inventory.client, inventory.transfer; print(inventory.client.Client.__name__)"],
+         "import inventory.client, inventory.ops.transfer; "
+         "print(inventory.client.Client.__name__)"],
         capture_output=True, text=True, env=env, cwd="/", timeout=60,
     )  # fmt: skip
     assert imported.returncode == 0, imported.stderr

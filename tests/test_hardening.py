@@ -20,11 +20,11 @@ import httpx
 import orjson
 import pytest
 
-from inventory.app import create_app
 from inventory.config import ConfigError, Settings, parse_tokens
-from inventory.domain import MAX_ON_HAND, InventoryError, Unavailable, ValidationFailed
-from inventory.guards import is_loopback_host
-from inventory.schemas import MAX_JSON_DEPTH, check_depth
+from inventory.domain.model import MAX_ON_HAND, InventoryError, Unavailable, ValidationFailed
+from inventory.http.guards import is_loopback_host
+from inventory.http.schemas import MAX_JSON_DEPTH, check_depth
+from inventory.ops.app import create_app
 
 MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
 EVIL = "http://evil.example"
@@ -316,8 +316,8 @@ def test_cors_origins_config() -> None:
     ],
 )
 def test_unavailability_is_503_with_retry_after(exc: Exception) -> None:
-    from inventory.api import error_response
-    from inventory.store import _translated
+    from inventory.http.api import error_response
+    from inventory.store.db import _translated
 
     with pytest.raises(Unavailable) as caught, _translated():
         raise exc
@@ -338,8 +338,8 @@ def test_unavailability_is_503_with_retry_after(exc: Exception) -> None:
     ],
 )
 def test_database_text_never_reaches_a_body(exc: Exception, status: int) -> None:
-    from inventory.api import error_response
-    from inventory.store import _translated
+    from inventory.http.api import error_response
+    from inventory.store.db import _translated
 
     with pytest.raises(InventoryError) as caught, _translated():
         raise exc

@@ -27,7 +27,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from inventory.http_limits import MAX_HEAD, LimitedHttpToolsProtocol, check_compatible
+from inventory.http.limits import MAX_HEAD, LimitedHttpToolsProtocol, check_compatible
 
 from .conftest import ServerFactory, ServerProcess
 

@@ -13,11 +13,11 @@ import asyncpg
 import httpx
 import pytest
 
-from inventory.app import _lock_factory
-from inventory.batch_reserve import ReservationEngine, ReserveRequest, lane_of
-from inventory.check import check_database
 from inventory.config import Settings
-from inventory.domain import Contention, RequestedLine, Reservation
+from inventory.domain.model import Contention, RequestedLine, Reservation
+from inventory.ops.app import _lock_factory
+from inventory.ops.check import check_database
+from inventory.service.engine import ReservationEngine, ReserveRequest, lane_of
 
 from .conftest import wait_until
 
@@ -30,7 +30,7 @@ async def engine(request: Any, app: Any, settings: Settings) -> AsyncIterator[Re
     """An engine on the app's store with the strategy's product locks (if any)."""
     runtime = app.state.runtime
     locks = _lock_factory(runtime.redis, settings) if request.param == "lock" else None
-    eng = ReservationEngine(runtime.service.store, lock_products=locks, lanes=LANES)
+    eng = ReservationEngine(runtime.store, lock_products=locks, lanes=LANES)
     yield eng
     await eng.close()
 
@@ -125,7 +125,7 @@ async def test_busy_row_delays_only_its_own_requests(
 async def test_busy_row_past_the_bound_is_503(
     app: Any, settings: Settings, make_stock: StockFactory, database_url: str
 ) -> None:
-    store = app.state.runtime.service.store
+    store = app.state.runtime.store
     for locks in (None, _lock_factory(app.state.runtime.redis, settings)):
         engine = ReservationEngine(store, lock_products=locks, wait_bound=0.5)
         busy, _ = await make_stock(10)

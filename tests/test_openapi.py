@@ -24,11 +24,11 @@ from openapi_spec_validator import validate
 from starlette.routing import Route, WebSocketRoute
 from websockets.asyncio.client import connect
 
-from inventory.api import error_statuses, status_of_code
-from inventory.app import create_app
-from inventory.app_docs import api_document
 from inventory.config import Settings
-from inventory.domain import InventoryError
+from inventory.domain.model import InventoryError
+from inventory.http.api import error_statuses, status_of_code
+from inventory.http.app_docs import api_document
+from inventory.ops.app import create_app
 from tests.conftest import ServerFactory
 
 # Documented per SPEC, served by the live-stream work (branch h/stream); empty once merged.
@@ -152,7 +152,7 @@ def test_each_operation_lists_only_the_errors_it_can_answer(document: dict[str, 
 
 def test_every_error_class_carries_its_status() -> None:
     """An error class without a status would be a 500; an unknown code has no status."""
-    import inventory.app  # noqa: F401  (loads every module that defines errors)
+    import inventory.ops.app  # noqa: F401  (loads every module that defines errors)
 
     classes: list[type[InventoryError]] = []
     pending = [InventoryError]

@@ -75,7 +75,7 @@ async def test_readme_curl_session(server_factory: ServerFactory, scratch_databa
             env = {**os.environ, "INVENTORY_DATABASE_URL": scratch_database}
             args = command.split()[1:]
             done = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "inventory.cli", *args],
+                subprocess.run, [sys.executable, "-m", "inventory.ops.cli", *args],
                 capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
             )  # fmt: skip
             assert done.stdout.splitlines() == expected, done.stderr

@@ -32,8 +32,8 @@ from redis.crc import key_slot
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from inventory.embedded import EmbeddedValkey
-from inventory.store_feed import PgOutbox
+from inventory.ops.embedded import EmbeddedValkey
+from inventory.store.feed import PgOutbox
 from realtime.keys import RedisKeys
 from realtime.relay import Relay
 from realtime.sharded import redis_from_url

@@ -859,7 +859,7 @@ async def test_handshake_is_refused_without_a_valid_token(
 
 
 def test_every_hub_counter_is_exported() -> None:
-    from inventory.app import _HUB_COUNTERS, _HUB_GAUGES
+    from inventory.ops.app import _HUB_COUNTERS, _HUB_GAUGES
 
     exported = set(_HUB_COUNTERS) | set(_HUB_GAUGES)
     assert {f.name for f in dataclasses.fields(HubStats)} == exported

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from inventory.app import create_app
 from inventory.config import Settings
+from inventory.ops.app import create_app
 from realtime.keys import RedisKeys
 
 # The product id grammar of the API, plus characters it refuses (keys must not care).

@@ -9,9 +9,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from inventory.app import create_app
 from inventory.config import Settings
-from inventory.store_feed import PgOutbox, PgOutboxLease
+from inventory.ops.app import create_app
+from inventory.store.feed import PgOutbox, PgOutboxLease
 from realtime.relay import Relay, relay_keys
 
 from .conftest import wait_until

@@ -1,7 +1,7 @@
 """Concurrency against real ``inventory serve`` processes, for both reserve strategies.
 
 Two server processes share the session database; requests alternate between them.
-Every test ends with stock the invariant checker accepts (``inventory.check``), since
+Every test ends with stock the invariant checker accepts (``inventory.ops.check``), since
 that checker looks at the whole shared database.
 """
 
@@ -23,7 +23,7 @@ import asyncpg
 import httpx
 import pytest
 
-from inventory.check import check_database
+from inventory.ops.check import check_database
 
 from .conftest import ServerProcess
 from .conftest import wait_until as wait_for

@@ -19,8 +19,8 @@ import asyncpg
 import httpx
 import pytest
 
-from inventory.app import create_app
 from inventory.config import Settings
+from inventory.ops.app import create_app
 
 from .conftest import new_database
 from .conftest import wait_until as wait_for

@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
-from inventory.app import create_app
 from inventory.config import ConfigError, Settings, parse_tokens
+from inventory.ops.app import create_app
 
 ADMIN = "admin-secret"
 TOKENS = {

@@ -30,10 +30,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from starlette.applications import Starlette
 
-from inventory.app import create_app
 from inventory.config import ConfigError, Settings
 from inventory.logs import JsonFormatter
-from inventory.tracing import instrument, uninstrument
+from inventory.ops.app import create_app
+from inventory.ops.tracing import instrument, uninstrument
 
 from .conftest import ROOT, ServerFactory
 from .test_cli import run_cli
@@ -252,8 +252,8 @@ def test_off_imports_no_opentelemetry(otel: str, without_opentelemetry: str) -> 
 import sys
 import asyncpg, orjson, redis.asyncio, starlette.applications, uvicorn  # on their own
 before = {m for m in sys.modules if m.split(".")[0] == "opentelemetry"}
-import inventory.cli, inventory.tracing
-from inventory.app import create_app
+import inventory.ops.cli, inventory.ops.tracing
+from inventory.ops.app import create_app
 from inventory.config import Settings
 for env in ({}, {"INVENTORY_TRACING": "off"}):
     create_app(Settings.from_env(env)).build_middleware_stack()

@@ -19,15 +19,15 @@ import httpx
 import pytest
 
 from inventory.client import BulkItem, BulkResult, Client
-from inventory.store import invariant_violations
-from inventory.transfer import ImportSummary, import_file
+from inventory.ops.transfer import ImportSummary, import_file
+from inventory.store.invariants import invariant_violations
 
 from .conftest import ROOT, ServerFactory, ServerProcess
 
 
 def cli(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "inventory.cli", *args, "--url", server.base_url],
+        [sys.executable, "-m", "inventory.ops.cli", *args, "--url", server.base_url],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
         env={**os.environ, "INVENTORY_TOKEN": ""},
     )  # fmt: skip

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from inventory.alerts import crossings, judge
+from inventory.service.alerts import crossings, judge
 from tests.conftest import wait_until
 
 MakeStock = Callable[..., Awaitable[tuple[str, list[str]]]]
@@ -84,8 +84,8 @@ async def test_a_locked_product_does_not_delay_offers_of_others(
     """Another session holds product X's stock row (``SELECT ... FOR UPDATE``) while X's
     waiting entry became offerable: X's offer waits for the row (up to the database
     timeout, 30 s here), but Y, restocked meanwhile, is offered within seconds."""
-    from inventory.app import create_app
     from inventory.config import Settings
+    from inventory.ops.app import create_app
 
     settings = Settings(database_url=scratch_database, redis_url=redis_url,
                         redis_prefix=new_id("offers"), db_timeout=30)  # fmt: skip
@@ -409,7 +409,7 @@ async def test_webhook_producers_for_alerts_and_offers(
 ) -> None:
     """The registered producers turn ledger rows into ``stock.out``/``stock.back`` and
     ``waitlist.offered`` events with ids that are the same at every attempt."""
-    from inventory.webhooks.events import LedgerRow, ProduceContext, produce
+    from inventory.service.webhooks.events import LedgerRow, ProduceContext, produce
 
     pid, [w] = await make_stock(1)
     await client.put(f"/v1/products/{pid}", json={"low_stock_threshold": 0})
@@ -430,7 +430,7 @@ async def test_webhook_producers_for_alerts_and_offers(
                 pid,
             )
         ]  # fmt: skip
-        ctx = ProduceContext(conn, app.state.runtime.service.store)
+        ctx = ProduceContext(conn, app.state.runtime.store)
         types = ["stock.low", "stock.out", "stock.back", "waitlist.offered"]
         events = await produce(ctx, rows, types)
         again = await produce(ctx, rows, types)

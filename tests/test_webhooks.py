@@ -23,10 +23,10 @@ import httpx
 import orjson
 import pytest
 
-from inventory.app import create_app
 from inventory.config import Settings
-from inventory.webhooks.signing import signature_header, verify
-from inventory.webhooks.store import WebhookStore
+from inventory.ops.app import create_app
+from inventory.service.webhooks.signing import signature_header, verify
+from inventory.store.webhooks import WebhookStore
 from tests.conftest import ServerProcess, wait_until
 
 SECRET = "whsec-0123456789-abcdefghij-TOPSECRET"

@@ -1,0 +1,87 @@
+"""Authentication of the streams (``/v1/ws``, ``/v1/stream``) and ``POST /v1/stream-tickets``.
+
+A stream handshake is authenticated by the ``Authorization: Bearer`` header or, for
+browsers (which cannot set it), by ``?ticket=`` holding a ticket from
+``POST /v1/stream-tickets`` (:mod:`realtime.tickets`: single use, 30 s). Either needs the
+``read`` scope (a ticket carries the scope check of the token that asked for it).
+
+A raw token in the URL (``?token=``, ``?access_token=``) is never accepted, whether or not
+authentication is on: it is refused with 401 before anything else, so a client that
+still sends one learns at once instead of leaking it on every reconnect. (The URL is
+still redacted from the logs: :mod:`inventory.logs`.)
+
+With authentication off, a stream without credentials is accepted; a ticket, when given,
+must still be valid (the dashboard always asks for one).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+
+from realtime.tickets import TicketStore
+
+from ..domain.model import InventoryError, Unavailable
+from .api import Auth, Unauthorized, bearer, error_response, json_response
+
+__all__ = ["StreamAuth"]
+
+log = logging.getLogger("inventory.stream_auth")
+
+_URL_TOKEN_PARAMS = ("token", "access_token")
+
+
+class StreamAuth:
+    """The handshake check shared by both stream transports, and the ticket route."""
+
+    __slots__ = ("_auth", "_tickets")
+
+    def __init__(self, auth: Auth, tickets: Callable[[], TicketStore]) -> None:
+        self._auth = auth
+        self._tickets = tickets  # created in the lifespan, after the routes
+
+    async def authenticate(self, connection: HTTPConnection) -> Response | None:
+        """``None`` to accept the handshake, else the denial (401, 403 or 503)."""
+        try:
+            await self._check(connection)
+        except InventoryError as exc:
+            return error_response(exc)
+        return None
+
+    async def _check(self, connection: HTTPConnection) -> None:
+        params = connection.query_params
+        if any(name in params for name in _URL_TOKEN_PARAMS):
+            raise Unauthorized(
+                "a token is never accepted in a URL: send it in the Authorization header, "
+                "or put a ticket from POST /v1/stream-tickets in ?ticket="
+            )
+        token = bearer(connection.headers)
+        ticket = params.get("ticket")
+        if token is not None or ticket is None:
+            self._auth.check(token, "read")
+            return
+        try:
+            identity = await self._tickets().redeem(ticket)
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("stream ticket not checked: Redis failed (%s)", type(exc).__name__)
+            raise Unavailable("stream tickets cannot be checked right now; retry") from None
+        if identity is None:
+            raise Unauthorized("the ticket is unknown, already used or expired")
+
+    async def create_ticket(self, request: Request) -> Response:
+        """``POST /v1/stream-tickets`` (read scope) -> 201 ``{ticket, expires_at}``."""
+        identity = self._auth.check(bearer(request.headers), "read")
+        try:
+            ticket = await self._tickets().issue(identity)
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("stream ticket not issued: Redis failed (%s)", type(exc).__name__)
+            raise Unavailable("stream tickets cannot be issued right now; retry") from None
+        return json_response(
+            {"ticket": ticket.value, "expires_at": ticket.expires_at},
+            201,
+            {"Cache-Control": "no-store"},
+        )

@@ -1,0 +1,98 @@
+"""Idempotency keys: claimed in the transaction of the request they guard, answered in it,
+purged in chunks when old (``INVENTORY_IDEMPOTENCY_TTL_HOURS``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .db import Conn, Database
+from .port import IdempotencyRecord
+
+__all__ = ["IdempotencyStatements"]
+
+# Keys are inserted in (scope, key) order, so two transactions claiming overlapping keys
+# wait for each other in one order and never deadlock.
+_CLAIM_KEYS = """
+INSERT INTO idempotency_keys (scope, key, body_hash)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) AS k(scope, key, h)
+ORDER BY scope, key
+ON CONFLICT DO NOTHING
+RETURNING scope, key
+"""
+
+
+# $1 hours, $2 chunk size.
+_PURGE_CHUNK = """
+DELETE FROM idempotency_keys
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM idempotency_keys
+    WHERE created_at < now() - make_interval(hours => $1)
+    LIMIT $2))
+"""
+
+
+class IdempotencyStatements(Database):
+    """Claim, answer, drop and purge keys."""
+
+    async def claim_idempotency_keys(
+        self, conn: Conn, claims: Sequence[tuple[str, str, bytes]]
+    ) -> dict[tuple[str, str], IdempotencyRecord]:
+        """Claim ``(scope, key, body hash)`` keys in this transaction; returns the stored
+        records of those someone already had.
+
+        A concurrent claimer waits on the primary key until the first transaction ends,
+        then sees its stored answer (or claims the key if that transaction rolled back).
+        """
+        claimed = await conn.fetch(
+            _CLAIM_KEYS, [c[0] for c in claims], [c[1] for c in claims], [c[2] for c in claims]
+        )
+        got = {(r["scope"], r["key"]) for r in claimed}
+        taken = [c for c in claims if (c[0], c[1]) not in got]
+        if not taken:
+            return {}
+        # A statement of its own: its snapshot sees answers committed while the claim waited.
+        rows = await conn.fetch(
+            """SELECT k.scope, k.key, k.body_hash, k.status_code, k.response
+               FROM idempotency_keys k
+               JOIN unnest($1::text[], $2::text[]) AS t(scope, key)
+                 ON k.scope = t.scope AND k.key = t.key""",
+            [c[0] for c in taken],
+            [c[1] for c in taken],
+        )
+        return {
+            (r["scope"], r["key"]): IdempotencyRecord(
+                bytes(r["body_hash"]), r["status_code"], r["response"]
+            )
+            for r in rows
+        }
+
+    async def store_idempotent_responses(
+        self, conn: Conn, answers: Sequence[tuple[str, str, int, bytes]]
+    ) -> None:
+        """Store ``(scope, key, status, body)`` answers of keys claimed in ``conn``."""
+        await conn.execute(
+            """UPDATE idempotency_keys k SET status_code = a.status, response = a.body
+               FROM unnest($1::text[], $2::text[], $3::int[], $4::bytea[])
+                   AS a(scope, key, status, body)
+               WHERE k.scope = a.scope AND k.key = a.key""",
+            [a[0] for a in answers],
+            [a[1] for a in answers],
+            [a[2] for a in answers],
+            [a[3] for a in answers],
+        )
+
+    async def drop_idempotency_keys(self, conn: Conn, keys: Sequence[tuple[str, str]]) -> None:
+        """Forget keys claimed in this transaction whose answer is not stored (a 422)."""
+        await conn.execute(
+            """DELETE FROM idempotency_keys k USING unnest($1::text[], $2::text[]) AS d(scope, key)
+               WHERE k.scope = d.scope AND k.key = d.key""",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+
+    async def purge_idempotency_keys(self, older_than_hours: int, limit: int) -> int:
+        """Delete up to ``limit`` keys older than ``older_than_hours`` in one short
+        transaction; returns how many."""
+        async with self.transaction() as conn:
+            status = await conn.execute(_PURGE_CHUNK, older_than_hours, limit)
+        return int(status.split()[-1])
