@@ -537,9 +537,8 @@ class ReservationEngine:
         wait_for = frozenset[str]().union(*(m.busy for m in batch))
         async with self.store.transaction(wait if wait_for else None) as conn:
             keyed = any(r.idempotency is not None for r in requests)
-            levels, warehouses, busy = await self.store.lock_rows(
-                conn, products, wait_for, wait, then_claims=keyed
-            )
+            locked = await self.store.lock_rows(conn, products, wait_for, wait, then_claims=keyed)
+            warehouses, busy = locked.warehouses, locked.busy
             self._note_contended(busy)
             for i, request in enumerate(requests):
                 if found := busy.intersection(request.products):
@@ -555,7 +554,9 @@ class ReservationEngine:
             }
             if pinned:
                 warehouses = {**warehouses, **await self.store.warehouses(conn, pinned)}
-            rules = await self.store.load_rules(conn, products)
+            rules = locked.rules
+            if rules is None:
+                rules = await self.store.load_rules(conn, products)
             customers = {c for i in live if (c := requests[i].customer_id) is not None}
             limited = [p for p, r in rules.items() if r.max_per_customer is not None]
             held = (
@@ -570,7 +571,7 @@ class ReservationEngine:
                     results[i] = InvalidState(
                         "the waitlist entry is no longer waiting", {"status": "not_waiting"}
                     )
-            state = BatchState(levels, warehouses, rules, held, waiting)
+            state = BatchState(locked.levels, warehouses, rules, held, waiting)
             for i in live:
                 if results[i] is not None:
                     continue

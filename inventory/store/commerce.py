@@ -15,7 +15,7 @@ from uuid import UUID
 import orjson
 
 from ..domain.commerce import IsKit, KitComponent, ProductRules
-from .db import Conn, Database, _translated
+from .db import Conn, Database, Row, _translated
 
 __all__ = [
     "COMMERCE_INVARIANTS",
@@ -28,10 +28,20 @@ __all__ = [
 ]
 
 
-def _components(raw: Any) -> tuple[KitComponent, ...] | None:
+def parse_components(raw: Any) -> tuple[KitComponent, ...] | None:
+    """A kit's stored ``components`` (JSON), or None for a product that is no kit."""
     if raw is None:
         return None
     return tuple(KitComponent(c["product_id"], c["quantity"]) for c in orjson.loads(raw))
+
+
+def product_rules(r: Row) -> ProductRules:
+    """The rules in a row with ``safety_stock``, ``max_per_customer``, ``components``
+    (NULL without settings) and ``waiting`` columns."""
+    return ProductRules(
+        r["safety_stock"] or 0, r["max_per_customer"], parse_components(r["components"]),
+        r["waiting"],
+    )  # fmt: skip
 
 
 _RULES = """
@@ -81,15 +91,7 @@ class CommerceStatements(Database):
         """Settings and waiting units of each product (defaults for a product without
         settings). Read after the batch holds the products' rows, so it is current for them."""
         rows = await conn.fetch(_RULES, list(product_ids))
-        return {
-            r["product_id"]: ProductRules(
-                r["safety_stock"] or 0,
-                r["max_per_customer"],
-                _components(r["components"]),
-                r["waiting"],
-            )
-            for r in rows
-        }
+        return {r["product_id"]: product_rules(r) for r in rows}
 
     async def kit_components(
         self, product_ids: Sequence[str]
@@ -103,7 +105,8 @@ class CommerceStatements(Database):
                     list(product_ids),
                 )
         return {
-            r["product_id"]: (_components(r["components"]), r["max_per_customer"]) for r in rows
+            r["product_id"]: (parse_components(r["components"]), r["max_per_customer"])
+            for r in rows
         }
 
     async def held_units(
@@ -227,7 +230,7 @@ async def kits_using(conn: Conn, product_ids: Sequence[str]) -> dict[str, tuple[
                FROM unnest($1::text[]) AS x)""",
         list(product_ids),
     )
-    return {r["product_id"]: _components(r["components"]) or () for r in rows}
+    return {r["product_id"]: parse_components(r["components"]) or () for r in rows}
 
 
 async def kits_among_ids(
@@ -239,7 +242,7 @@ async def kits_among_ids(
            WHERE product_id = ANY($1::text[]) AND components IS NOT NULL""",
         list(product_ids),
     )
-    return {r["product_id"]: _components(r["components"]) or () for r in rows}
+    return {r["product_id"]: parse_components(r["components"]) or () for r in rows}
 
 
 async def reservables(conn: Conn, product_ids: Sequence[str]) -> dict[str, int]:

@@ -49,7 +49,7 @@ from ..domain.model import (
     Warehouse,
     row_deltas,
 )
-from .port import DueReservation, IdempotencyRecord, InventoryStore, VersionMiss
+from .port import DueReservation, IdempotencyRecord, InventoryStore, LockedRows, VersionMiss
 
 __all__ = ["MemoryStore"]
 
@@ -236,10 +236,12 @@ class MemoryStore(InventoryStore):
         wait: float = 0.0,
         *,
         then_claims: bool = False,
-    ) -> tuple[list[StockLevel], dict[str, Warehouse], set[str]]:
+    ) -> LockedRows:
         async with self._in(conn):
             rows, warehouses = self._rows(product_ids)
-            return rows, warehouses, set()
+        # Like the PostgreSQL store: the rules come with the locks unless it waited.
+        rules = None if wait_for else await self.load_rules(conn, product_ids)
+        return LockedRows(rows, warehouses, set(), rules)
 
     async def insert_batch(
         self,

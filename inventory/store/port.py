@@ -40,6 +40,7 @@ __all__ = [
     "DueReservation",
     "IdempotencyRecord",
     "InventoryStore",
+    "LockedRows",
     "RowsBusy",
     "Tx",
     "VersionMiss",
@@ -55,6 +56,18 @@ class VersionMiss(Exception):
 
 class RowsBusy(Exception):
     """Waiting for a stock row lock ran past the transaction's ``lock_timeout``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LockedRows:
+    """What :meth:`InventoryStore.lock_rows` found: the locked rows, their warehouses,
+    the products with a row held by another transaction and, when the statement did not
+    wait, the products' rules read with the locks (else None: read them after the wait)."""
+
+    levels: list[StockLevel]
+    warehouses: dict[str, Warehouse]
+    busy: set[str]
+    rules: dict[str, ProductRules] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +162,9 @@ class InventoryStore(Protocol):
         wait: float = 0.0,
         *,
         then_claims: bool = False,
-    ) -> tuple[list[StockLevel], dict[str, Warehouse], set[str]]:
+    ) -> LockedRows:
         """Lock the products' rows in (product, warehouse) order, waiting (at most ``wait``)
-        only for the rows of ``wait_for``; returns the locked rows, their warehouses and
-        the products with a row held by another transaction."""
+        only for the rows of ``wait_for``."""
         ...
 
     async def insert_batch(
