@@ -192,6 +192,35 @@ async def test_check_sees_a_limit_breach(scratch_database: str) -> None:
     assert len(found["customers hold no more than max_per_customer"]) == 1
 
 
+async def test_check_sees_an_entry_left_waiting(scratch_database: str) -> None:
+    """A head entry that stock could serve is reported once its product has been quiet
+    for 5 s (an offer may take up to a second), and not while stock just changed."""
+    from inventory.store.migrate import migrate
+
+    await migrate(scratch_database)
+    conn = await asyncpg.connect(scratch_database)
+    try:
+        await conn.execute(
+            """INSERT INTO warehouses VALUES ('w', 'w', null, 'active');
+               INSERT INTO stock_levels (product_id, warehouse_id, quantity, version)
+               VALUES ('p', 'w', 3, 1);
+               INSERT INTO waitlist (id, product_id, customer_id, quantity, hold_seconds,
+                                     status, created_at, updated_at)
+               VALUES ('00000000-0000-0000-0000-000000000001', 'p', 'c', 2, 60, 'waiting',
+                       now() - interval '1 minute', now() - interval '1 minute')"""
+        )
+        name = "no waiting entry could have been offered"
+        assert len((await check_database(scratch_database))[name]) == 1
+        await conn.execute(
+            """INSERT INTO movements (product_id, warehouse_id, kind, quantity_delta,
+                                      reserved_delta, quantity, reserved, version)
+               VALUES ('p', 'w', 'adjusted', 0, 0, 3, 0, 1)"""
+        )
+        assert (await check_database(scratch_database))[name] == []  # stock just changed
+    finally:
+        await conn.close()
+
+
 async def test_kit_stock_in_the_batch_read(
     client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId
 ) -> None:

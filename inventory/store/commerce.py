@@ -177,10 +177,12 @@ COMMERCE_INVARIANTS: dict[str, str] = {
           AND (r.id IS NULL OR r.reference <> 'waitlist:' || w.id::text
                OR r.customer_id IS DISTINCT FROM w.customer_id
                OR l.quantity IS DISTINCT FROM w.quantity)""",
-    # Judged on a quiet database (offers take up to a second after stock returns).
+    # Offers take up to a second after stock returns, so a head counts only once its
+    # product, its settings and the entry itself have been unchanged for 5 s: the check
+    # holds on a live database, not only on a quiet one.
     "no waiting entry could have been offered": """
         WITH heads AS (
-            SELECT DISTINCT ON (product_id) id, product_id, quantity, warehouse_id
+            SELECT DISTINCT ON (product_id) id, product_id, quantity, warehouse_id, updated_at
             FROM waitlist WHERE status = 'waiting' ORDER BY product_id, seq)
         SELECT h.id, h.product_id, h.quantity, f.available - coalesce(p.safety_stock, 0)
                AS reservable
@@ -192,7 +194,10 @@ COMMERCE_INVARIANTS: dict[str, str] = {
                     a.available, (SELECT s.quantity - s.reserved FROM stock_levels s
                                   WHERE s.product_id = h.product_id
                                     AND s.warehouse_id = h.warehouse_id)) END AS available) f
-        WHERE f.available - coalesce(p.safety_stock, 0) >= h.quantity""",
+        WHERE f.available - coalesce(p.safety_stock, 0) >= h.quantity
+          AND greatest(h.updated_at, p.updated_at, (
+                  SELECT max(m.created_at) FROM movements m WHERE m.product_id = h.product_id))
+              < now() - interval '5 seconds'""",
     # Judged against the kit's current components, for reservations made since they were set.
     "kit lines sum to whole kits": """
         WITH kl AS (
