@@ -269,9 +269,10 @@ class Hub:
                 raise ProtocolError(
                     ErrorCode.UNAVAILABLE, "stock levels cannot be read right now; try again"
                 ) from None
+            since = command.since or {}
             for product_id in new:
                 await self._send_snapshot(
-                    session, product_id, levels.get(product_id, []), command.since.get(product_id)
+                    session, product_id, levels.get(product_id, []), since.get(product_id)
                 )
             if self._extra_snapshots is not None:
                 await self._send_extra_snapshots(session, new)

@@ -29,6 +29,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Frame, Opcode
 
+from inventory.domain import PRODUCT_ID_RULE, WAREHOUSE_ID_RULE
 from realtime.conflation import ConflationBuffer, Offer
 from realtime.hub import Hub, HubSettings
 from realtime.keys import RedisKeys
@@ -48,6 +49,7 @@ from realtime.protocol import (
     stock_from_change,
     stock_from_level,
     text_frame,
+    validate_product_ids,
 )
 from realtime.session import HubStats, TransportClosed
 from realtime.ws import websocket_route
@@ -67,6 +69,8 @@ def test_parse_valid_commands() -> None:
 
 
 SINCE = '{"op":"subscribe","product_ids":["a"],"since":%s}'
+NO_IDS = "product_ids must be a non-empty list of product ids"
+MUST = f"must be {PRODUCT_ID_RULE}"
 
 
 @pytest.mark.parametrize(
@@ -95,13 +99,50 @@ SINCE = '{"op":"subscribe","product_ids":["a"],"since":%s}'
         (SINCE % '{"a":{"w":true}}', ErrorCode.INVALID_MESSAGE),
         (SINCE % '{"a":{"w":1.5}}', ErrorCode.INVALID_MESSAGE),
         (SINCE % '{"a":{"w:x":1}}', ErrorCode.INVALID_MESSAGE),
+        ('{"a":' * 5000 + "1" + "}" * 5000, ErrorCode.INVALID_JSON),  # too deep to find "op"
+        ('{"op":"subscribe","product_ids":' + "[" * 999 + "]" * 999 + "}",
+         ErrorCode.INVALID_PRODUCT_ID),  # quoted back without exhausting the stack
     ],
-)
+)  # fmt: skip
 def test_parse_rejects(text: str, code: ErrorCode) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_command(text)
     assert info.value.code is code
     assert info.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1]", "message must be a JSON object"),
+        ('{"product_ids":["a"]}', "message needs a string field 'op'"),
+        ('{"op":null}', "message needs a string field 'op'"),
+        ('{"op":"publish"}', "unknown op 'publish'; expected subscribe, unsubscribe or ping"),
+        ('{"op":"ping","b":1,"a":2}', "unknown field(s) for ping: ['a', 'b']"),
+        ('{"op":"unsubscribe"}', NO_IDS),
+        ('{"op":"subscribe","product_ids":[]}', NO_IDS),
+        ('{"op":"subscribe","product_ids":["a",null]}', f"product id None {MUST}"),
+        ('{"op":"subscribe","product_ids":["a\\n"]}', f"product id 'a\\n' {MUST}"),
+        (SINCE % "[]", "since must be an object {product_id: {warehouse_id: version}}"),
+        (SINCE % '{"b":{}}', "since names product 'b' that is not in product_ids"),
+        (SINCE % '{"a":1}', "since values must be objects {warehouse_id: version}"),
+        (SINCE % '{"a":{"w:x":1}}', f"warehouse id 'w:x' must be {WAREHOUSE_ID_RULE}"),
+        (SINCE % '{"a":{"w":9223372036854775808}}', "since versions must be integers from 0 to "
+                                                     "2^63-1"),
+    ],
+)  # fmt: skip
+def test_parse_error_messages(text: str, message: str) -> None:
+    """Each kind of refusal: msgspec's error location becomes the SPEC's message."""
+    with pytest.raises(ProtocolError) as info:
+        parse_command(text)
+    assert info.value.message == message
+
+
+def test_parse_accepts_null_since_and_the_largest_version() -> None:
+    assert parse_command(SINCE % "null") == Subscribe(("a",))
+    largest = parse_command(SINCE % '{"a":{"w":9223372036854775807}}')
+    assert largest == Subscribe(("a",), {"a": {"w": 2**63 - 1}})
+    assert validate_product_ids(["b", "a", "b"]) == ("b", "a")
 
 
 def test_parse_limits_product_count() -> None:
