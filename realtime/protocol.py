@@ -11,8 +11,10 @@ Limits: a frame is at most :data:`MAX_FRAME_BYTES` (the transport closes with 10
 it); one command names at most :data:`MAX_SUBSCRIPTIONS` products. Unknown fields are
 rejected (as in the HTTP API) so a misspelt ``since`` is reported instead of ignored.
 
-Outbound stock messages are encoded once per update and shared by every connection they
-go to (:class:`Outgoing`): as text for the ASGI send path and as a complete WebSocket
+The server's messages are built here from the data the publishers send over Redis
+(:mod:`realtime.feed`), so this module alone owns the client's wire format. Outbound
+stock messages are encoded once per update and shared by every connection they go to
+(:class:`Outgoing`): as text for the ASGI send path and as a complete WebSocket
 frame (:func:`text_frame`) for direct socket writes. Server frames are unmasked and,
 without extensions, byte-identical for every client, so the frame is built once too.
 """
@@ -34,6 +36,7 @@ from inventory.domain import (  # the id rules (the domain's value rules, see AR
     WAREHOUSE_ID_RE,
     WAREHOUSE_ID_RULE,
 )
+from realtime.feed import AlertData, KitData, StockData
 from realtime.ports import LevelState, StockChange
 
 __all__ = [
@@ -49,8 +52,9 @@ __all__ = [
     "ProtocolError",
     "Subscribe",
     "Unsubscribe",
-    "decode_stock",
+    "encode_alert",
     "encode_error",
+    "encode_kit",
     "encode_snapshot",
     "encode_stock",
     "encode_subscribed",
@@ -238,69 +242,59 @@ def _refusal(error: msgspec.ValidationError, data: Any) -> ProtocolError:
     return ProtocolError(code, message)
 
 
-def encode_stock(
-    *,
-    product_id: str,
-    warehouse_id: str,
-    quantity: int,
-    reserved: int,
-    version: int,
-    event: str,
-    ts: float,
-) -> bytes:
+def encode_stock(product_id: str, data: StockData) -> bytes:
     """The ``stock`` message: the full state of one row after a change."""
     return orjson.dumps(
         {
             "type": "stock",
             "product_id": product_id,
-            "warehouse_id": warehouse_id,
-            "quantity": quantity,
-            "reserved": reserved,
-            "available": quantity - reserved,
-            "version": version,
-            "event": event,
-            "ts": ts,
+            "warehouse_id": data.warehouse_id,
+            "quantity": data.quantity,
+            "reserved": data.reserved,
+            "available": data.quantity - data.reserved,
+            "version": data.version,
+            "event": data.event,
+            "ts": data.ts,
         }
     )
 
 
 def stock_from_change(change: StockChange) -> bytes:
-    """What the relay publishes for one ledger row (``event`` is the movement kind)."""
-    return encode_stock(
-        product_id=change.product_id,
-        warehouse_id=change.warehouse_id,
-        quantity=change.quantity,
-        reserved=change.reserved,
-        version=change.version,
-        event=change.kind,
-        ts=change.created_at.timestamp(),
-    )
+    """The ``stock`` message of one ledger row (``event`` is the movement kind)."""
+    return encode_stock(change.product_id, StockData.from_change(change))
 
 
 def stock_from_level(level: LevelState, event: str) -> bytes:
     """A ``stock`` message re-sent from the database (``event`` ``resync``)."""
-    return encode_stock(
-        product_id=level.product_id,
-        warehouse_id=level.warehouse_id,
-        quantity=level.quantity,
-        reserved=level.reserved,
-        version=level.version,
-        event=event,
-        ts=level.updated_at.timestamp(),
+    data = StockData(
+        level.warehouse_id,
+        event,
+        level.quantity,
+        level.reserved,
+        level.version,
+        level.updated_at.timestamp(),
+    )
+    return encode_stock(level.product_id, data)
+
+
+def encode_kit(product_id: str, data: KitData) -> bytes:
+    """The ``kit`` message: a kit's reservable number (``seq`` orders them)."""
+    return orjson.dumps(
+        {"type": "kit", "product_id": product_id, "reservable": data.reservable, "seq": data.seq}
     )
 
 
-def decode_stock(data: bytes) -> tuple[str, int] | None:
-    """``(warehouse_id, version)`` of a published ``stock`` payload; ``None`` if malformed."""
-    try:
-        message = orjson.loads(data)
-        warehouse_id = message["warehouse_id"]
-        version = message["version"]
-    except (orjson.JSONDecodeError, TypeError, KeyError):
-        return None
-    if not isinstance(warehouse_id, str) or type(version) is not int:
-        return None
-    return warehouse_id, version
+def encode_alert(product_id: str, data: AlertData) -> bytes:
+    """The ``alert`` message: a low-stock crossing."""
+    return orjson.dumps(
+        {
+            "type": "alert",
+            "product_id": product_id,
+            "event": data.event,
+            "reservable": data.reservable,
+            "ts": data.ts,
+        }
+    )
 
 
 def encode_snapshot(product_id: str, levels: Iterable[LevelState]) -> str:

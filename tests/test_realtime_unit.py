@@ -30,7 +30,9 @@ from websockets.exceptions import InvalidStatus
 from websockets.frames import Frame, Opcode
 
 from inventory.domain import PRODUCT_ID_RULE, WAREHOUSE_ID_RULE
+from realtime import feed
 from realtime.conflation import ConflationBuffer, Offer
+from realtime.feed import AlertData, KitData, StockData
 from realtime.hub import Hub, HubSettings
 from realtime.keys import RedisKeys
 from realtime.ports import LevelState, StockChange
@@ -42,9 +44,11 @@ from realtime.protocol import (
     ProtocolError,
     Subscribe,
     Unsubscribe,
-    decode_stock,
+    encode_alert,
     encode_error,
+    encode_kit,
     encode_snapshot,
+    encode_stock,
     parse_command,
     stock_from_change,
     stock_from_level,
@@ -168,26 +172,44 @@ def test_error_messages_do_not_echo_large_input() -> None:
 
 def test_stock_message_from_change_and_level() -> None:
     change = StockChange(7, 9, "p", "w", "reserved", 10, 4, 3, T0)
-    message = orjson.loads(stock_from_change(change))
-    assert message == {
-        "type": "stock",
-        "product_id": "p",
-        "warehouse_id": "w",
-        "quantity": 10,
-        "reserved": 4,
-        "available": 6,
-        "version": 3,
-        "event": "reserved",
-        "ts": T0.timestamp(),
-    }
+    assert stock_from_change(change) == (
+        b'{"type":"stock","product_id":"p","warehouse_id":"w","quantity":10,"reserved":4,'
+        b'"available":6,"version":3,"event":"reserved","ts":1735787045.678}'
+    )
     level = LevelState("p", "w", 10, 4, 3, T0)
     assert orjson.loads(stock_from_level(level, "resync"))["event"] == "resync"
-    assert decode_stock(stock_from_change(change)) == ("w", 3)
 
 
-@pytest.mark.parametrize("data", [b"", b"[]", b"{}", b'{"warehouse_id":1,"version":2}', b"\xff"])
-def test_decode_stock_rejects_malformed(data: bytes) -> None:
-    assert decode_stock(data) is None
+def test_the_hub_builds_the_client_messages_from_published_data() -> None:
+    """What goes over Redis is versioned data; the client frame is the protocol's."""
+    change = StockChange(7, 9, "p", "w", "reserved", 10, 4, 3, T0)
+    data = feed.encode(StockData.from_change(change))
+    assert data == b'["stock.v1","w","reserved",10,4,3,1735787045.678]'
+    decoded = feed.decode(data)
+    assert isinstance(decoded, StockData)
+    assert encode_stock("p", decoded) == stock_from_change(change)
+    kit = feed.decode(feed.encode(KitData(5, 9)))
+    assert isinstance(kit, KitData)
+    assert encode_kit("k", kit) == b'{"type":"kit","product_id":"k","reservable":5,"seq":9}'
+    alert = feed.decode(feed.encode(AlertData("stock.low", 3, 1.5)))
+    assert isinstance(alert, AlertData)
+    assert encode_alert("p", alert) == (
+        b'{"type":"alert","product_id":"p","event":"stock.low","reservable":3,"ts":1.5}'
+    )
+
+
+def test_feed_versions_tolerate_added_fields() -> None:
+    """A newer publisher's extra trailing field is ignored; an unknown kind is unreadable."""
+    assert feed.decode(b'["kit.v1",5,9,"added later"]') == KitData(5, 9)
+    assert feed.decode(b'["kit.v2",5]') is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"[]", b"{}", b'{"type":"stock"}', b'["stock.v1","w",1]', b"\xff", b"[" * 5000],
+)
+def test_feed_decode_rejects_malformed(data: bytes) -> None:
+    assert feed.decode(data) is None
 
 
 def test_snapshot_message() -> None:
@@ -457,7 +479,7 @@ class FakeLevels:
     def set(self, product: str, warehouse: str, version: int, quantity: int = 10) -> bytes:
         self.rows[(product, warehouse)] = LevelState(product, warehouse, quantity, 0, version, T0)
         change = StockChange(1, 1, product, warehouse, "adjusted", quantity, 0, version, T0)
-        return stock_from_change(change)
+        return feed.encode(StockData.from_change(change))
 
     async def read_levels(self, product_ids: Sequence[str]) -> dict[str, list[LevelState]]:
         self.reads.append(list(product_ids))
@@ -584,6 +606,26 @@ async def test_hub_gap_triggers_resync(hub: Hub, levels: FakeLevels, direct: boo
     finally:
         await hub.stop()
     assert transport.closed == (1001, "server shutting down")
+
+
+async def test_hub_rereads_a_product_whose_message_it_cannot_read(
+    hub: Hub, levels: FakeLevels
+) -> None:
+    """A newer publisher's message kind (rolling upgrade): the row behind it is re-read
+    from the database, so the client is not left on a stale value."""
+    await hub.start()
+    try:
+        levels.set("p", "w", 1)
+        transport = FakeTransport(direct=True)
+        session = hub.open(transport)
+        await hub.execute(session, Subscribe(("p",)))
+        levels.set("p", "w", 2)
+        hub.on_message(channel("p"), b'["stock.v2","w",2]')
+        await eventually(lambda: bool(transport.of_type("stock")))
+        [resent] = transport.of_type("stock")
+        assert (resent["version"], resent["event"]) == (2, "resync")
+    finally:
+        await hub.stop()
 
 
 def writer_tasks() -> list[asyncio.Task[Any]]:
@@ -827,7 +869,9 @@ async def test_uvicorn_connections_are_written_directly(levels: FakeLevels, tmp_
         finally:
             loop.set_task_factory(None)
         assert [(m["warehouse_id"], m["version"]) for m in received] == [("w", 2), ("x", 1)]
-        assert received[0] == orjson.loads(levels.set("p", "w", 2))
+        published = feed.decode(levels.set("p", "w", 2))
+        assert isinstance(published, StockData)
+        assert received[0] == orjson.loads(encode_stock("p", published))
         assert "Session._write_loop" not in created
         await client.send('{"op":"ping"}')
         assert orjson.loads(await client.recv()) == {"type": "pong"}
