@@ -115,8 +115,7 @@ async def _round(database_url: str, shards: int, cfg: Settings) -> Round:
                         while n < due:
                             batch = [
                                 (channels[(sent + k) % len(channels)],
-                                 _stock_payload(products[(sent + k) % len(products)],
-                                                sent + k, time.time()))
+                                 _stock_payload(sent + k, time.time()))
                                 for k in range(min(cfg.batch, due - n))
                             ]  # fmt: skip
                             await publish_sharded(redis, batch)

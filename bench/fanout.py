@@ -69,7 +69,10 @@ import psutil
 import redis.asyncio as aioredis
 
 from bench.stack import ServerProcess, backing_servers, scratch_databases
+from realtime import feed
+from realtime.feed import StockData
 from realtime.keys import RedisKeys
+from realtime.protocol import encode_stock
 
 __all__ = ["main", "run_fanout_bench", "serve_bare"]
 
@@ -212,20 +215,10 @@ async def _clients(
 # --- update sources -------------------------------------------------------------------
 
 
-def _stock_payload(product_id: str, n: int, ts: float) -> bytes:
-    return orjson.dumps(
-        {
-            "type": "stock",
-            "product_id": product_id,
-            "warehouse_id": f"w{n % WAREHOUSES}",
-            "quantity": 1000 + n,
-            "reserved": 0,
-            "available": 1000 + n,
-            "version": n // WAREHOUSES + 1,
-            "event": "adjusted",
-            "ts": ts,
-        }
-    )
+def _stock_payload(n: int, ts: float) -> bytes:
+    """The ``n``-th change of a product as the relay publishes it (rows round-robin)."""
+    data = StockData(f"w{n % WAREHOUSES}", "adjusted", 1000 + n, 0, n // WAREHOUSES + 1, ts)
+    return feed.encode(data)
 
 
 async def _paced(rate: float, duration: float, send: Callable[[int], Awaitable[None]]) -> None:
@@ -251,7 +244,7 @@ class _Publisher:
 
     async def run(self, rate: float, duration: float) -> None:
         async def send(_: int) -> None:
-            payload = _stock_payload(self.product_id, self._sent, time.time())
+            payload = _stock_payload(self._sent, time.time())
             self._sent += 1
             await self._redis.publish(self._channel, payload)
 
@@ -263,7 +256,8 @@ class _Publisher:
 
 async def serve_bare(port: int, redis_url: str, prefix: str) -> None:
     """A bare ``websockets`` server broadcasting every stock message under ``prefix`` to all
-    its connections (no subscriptions, no backpressure)."""
+    its connections (no subscriptions, no backpressure), each built from the published
+    data once, as the hub does."""
     from websockets.asyncio.server import ServerConnection, broadcast, serve
 
     async def handler(connection: ServerConnection) -> None:
@@ -274,8 +268,12 @@ async def serve_bare(port: int, redis_url: str, prefix: str) -> None:
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.psubscribe(RedisKeys(prefix).stock_pattern)
         print("ready", flush=True)
+        keys = RedisKeys(prefix)
         async for message in pubsub.listen():
-            broadcast(server.connections, message["data"].decode())
+            data = feed.decode(message["data"])
+            product_id = keys.product_of_channel(message["channel"])
+            if isinstance(data, StockData) and product_id is not None:
+                broadcast(server.connections, encode_stock(product_id, data).decode())
 
 
 @dataclass(frozen=True)

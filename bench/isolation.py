@@ -258,7 +258,7 @@ async def _main(args: argparse.Namespace) -> int:
     with backing_servers() as backing:
         async with scratch_databases(backing.pg_url) as dbs:
             env = server_env(dbs.http, backing.redis_url)
-            settings = dataclasses.replace(Settings.from_env(env), workers=args.workers)
+            settings = Settings.from_env(env).with_overrides(workers=args.workers)
             lanes = settings.process_lanes
             server = ServerProcess.inventory(env, workers=args.workers)
             await asyncio.to_thread(server.start)

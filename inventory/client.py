@@ -2,6 +2,11 @@
 (:class:`AsyncClient`), typed answers (msgspec Structs), a live stock stream that resumes,
 and a webhook signature verifier. Core dependencies only (httpx, msgspec, websockets).
 
+The two classes are typed facades over one core: every route is built once
+(``_Calls``: method, path, body, how the answer decodes), and the retry policy
+(``_Retries``) and the stream's resume policy (``_Resume``) are shared; a class only
+does the I/O, blocking or awaited.
+
 Policy on retries (both classes):
 
 - a 503 (``contention`` / ``unavailable``) is retried after its ``Retry-After`` (capped
@@ -44,6 +49,7 @@ import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
+    Callable,
     Generator,
     Iterator,
     Mapping,
@@ -51,7 +57,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, cast
 from urllib.parse import quote
 
 import httpx
@@ -250,28 +256,40 @@ class StreamMessage(Struct):
     data: dict[str, Any]
 
 
-# --- calls -----------------------------------------------------------------------------
+# --- calls: every route, built once for both clients ------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class _Call(Generic[T]):
-    """What one API method sends and how its answer decodes; run by either class."""
+    """What one API method sends and how its answer decodes (``decode``, then ``pick``
+    for the part the method returns); run by either client's ``_run``."""
 
     method: str
     path: str
-    decode: type[T] | None
+    decode: type[Any] | None
     json: Any = None
     params: Mapping[str, Any] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     retry_unsent_only: bool = False  # not harmless to repeat once it may have arrived
+    pick: Callable[[Any], T] | None = None
+
+    def request(self) -> dict[str, Any]:
+        """The arguments of ``http.request``."""
+        return {
+            "method": self.method,
+            "url": self.path,
+            "json": self.json,
+            "params": self.params,
+            "headers": self.headers,
+        }
 
     def result(self, response: httpx.Response) -> T:
         if response.status_code >= 400:
             raise _api_error(response)
-        value: T = msgspec.json.decode(response.content, type=self.decode or Any)
+        value = msgspec.json.decode(response.content, type=self.decode or Any)
         if isinstance(value, Reservation) and response.headers.get("idempotent-replayed"):
             value.replayed = True
-        return value
+        return cast(T, value if self.pick is None else self.pick(value))
 
 
 def _api_error(response: httpx.Response) -> ApiError:
@@ -291,14 +309,32 @@ def _params(**values: Any) -> dict[str, Any]:
 
 
 class _Calls:
-    """The routes, each as a :class:`_Call` (shared by the sync and async clients)."""
+    """The routes, each as a :class:`_Call`: what :class:`Client` and
+    :class:`AsyncClient` send, in one place (their methods only run these)."""
 
     @staticmethod
     def put_warehouse(
-        warehouse_id: str, name: str, status: str = "active", location: str | None = None
+        warehouse_id: str, name: str, status: str, location: str | None
     ) -> _Call[Warehouse]:
         body = {"name": name, "status": status, "location": location}
         return _Call("PUT", f"/v1/warehouses/{_p(warehouse_id)}", Warehouse, body)
+
+    @staticmethod
+    def get_warehouse(warehouse_id: str) -> _Call[Warehouse]:
+        return _Call("GET", f"/v1/warehouses/{_p(warehouse_id)}", Warehouse)
+
+    @staticmethod
+    def list_warehouses() -> _Call[list[Warehouse]]:
+        return _Call("GET", "/v1/warehouses", _Warehouses, pick=lambda w: w.warehouses)
+
+    @staticmethod
+    def get_stock(product_id: str) -> _Call[ProductStock]:
+        return _Call("GET", f"/v1/products/{_p(product_id)}/stock", ProductStock)
+
+    @staticmethod
+    def get_stocks(product_ids: Sequence[str]) -> _Call[list[ProductStock]]:
+        params = {"product_ids": ",".join(product_ids)}
+        return _Call("GET", "/v1/stock", _Stocks, params=params, pick=lambda s: s.products)
 
     @staticmethod
     def adjust(
@@ -324,7 +360,22 @@ class _Calls:
         return _Call("PUT", f"/v1/products/{_p(product_id)}/stock/{_p(warehouse_id)}", Level, body)
 
     @staticmethod
-    def put_product(product_id: str, **settings: Any) -> _Call[Product]:
+    def movements(product_id: str, after: int, limit: int) -> _Call[Page[Movement]]:
+        path = f"/v1/products/{_p(product_id)}/movements"
+        params = {"after": after, "limit": limit}
+        return _Call(
+            "GET", path, _Movements, params=params, pick=lambda m: Page(m.movements, m.next_after)
+        )
+
+    @staticmethod
+    def bulk(items: Sequence[BulkItem], atomic: bool) -> _Call[list[BulkResult]]:
+        body = {"items": [msgspec.to_builtins(x) for x in items], "atomic": atomic}
+        return _Call(
+            "POST", "/v1/stock/bulk", _Bulk, body, retry_unsent_only=True, pick=lambda b: b.results
+        )
+
+    @staticmethod
+    def put_product(product_id: str, settings: dict[str, Any]) -> _Call[Product]:
         if settings.get("components") is not None:
             settings["components"] = [
                 msgspec.to_builtins(c) if isinstance(c, Component) else c
@@ -333,12 +384,27 @@ class _Calls:
         return _Call("PUT", f"/v1/products/{_p(product_id)}", Product, settings)
 
     @staticmethod
+    def get_product(product_id: str) -> _Call[Product]:
+        return _Call("GET", f"/v1/products/{_p(product_id)}", Product)
+
+    @staticmethod
+    def list_products(after: str | None, limit: int) -> _Call[Page[Product]]:
+        params = _params(after=after, limit=limit)
+        return _Call(
+            "GET",
+            "/v1/products",
+            _Products,
+            params=params,
+            pick=lambda p: Page(p.products, p.next_after),
+        )
+
+    @staticmethod
     def reserve(
         lines: Sequence[Line | Mapping[str, Any]],
         ttl_seconds: int | None,
         reference: str | None,
         idempotency_key: str | None,
-        customer_id: str | None = None,
+        customer_id: str | None,
     ) -> _Call[Reservation]:
         body = _params(
             lines=[msgspec.to_builtins(x) if isinstance(x, Line) else dict(x) for x in lines],
@@ -350,27 +416,59 @@ class _Calls:
         return _Call("POST", "/v1/reservations", Reservation, body, None, {"Idempotency-Key": key})
 
     @staticmethod
+    def get_reservation(reservation_id: str) -> _Call[Reservation]:
+        return _Call("GET", f"/v1/reservations/{_p(reservation_id)}", Reservation)
+
+    @staticmethod
     def finish(reservation_id: str, action: str) -> _Call[Reservation]:
         return _Call("POST", f"/v1/reservations/{_p(reservation_id)}/{action}", Reservation)
 
     @staticmethod
-    def bulk(items: Sequence[BulkItem], atomic: bool) -> _Call[_Bulk]:
-        body = {"items": [msgspec.to_builtins(x) for x in items], "atomic": atomic}
-        return _Call("POST", "/v1/stock/bulk", _Bulk, body, retry_unsent_only=True)
+    def extend(reservation_id: str, ttl_seconds: int) -> _Call[Reservation]:
+        path = f"/v1/reservations/{_p(reservation_id)}/extend"
+        return _Call("POST", path, Reservation, {"ttl_seconds": ttl_seconds})
+
+    @staticmethod
+    def list_reservations(**filters: Any) -> _Call[Page[Reservation]]:
+        params = _params(**filters)
+        return _Call(
+            "GET", "/v1/reservations", _Reservations, params=params,
+            pick=lambda r: Page(r.reservations, r.next_after),
+        )  # fmt: skip
 
 
-def _retry_wait(response: httpx.Response | None, attempt: int, cap: float) -> float:
-    if response is not None:
+class _Retries:
+    """The retry policy of one call (see the module docstring), for either client: after
+    each attempt, how long to wait before the next one."""
+
+    __slots__ = ("_attempt", "_call", "_cap", "_retries")
+
+    def __init__(self, call: _Call[Any], retries: int, cap: float) -> None:
+        self._call = call
+        self._retries = retries
+        self._cap = cap
+        self._attempt = 0
+
+    def after_failure(self, exc: httpx.TransportError) -> float:
+        """The wait before retrying a request that failed in transport; raises ``exc``
+        when it must not be retried (too many attempts, or it may have arrived)."""
+        attempt, self._attempt = self._attempt, self._attempt + 1
+        unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+        if attempt == self._retries or (self._call.retry_unsent_only and not unsent):
+            raise exc
+        return _backoff(attempt, self._cap)
+
+    def after(self, response: httpx.Response) -> float | None:
+        """The wait before retrying a 503, or ``None``: ``response`` is the answer."""
+        attempt, self._attempt = self._attempt, self._attempt + 1
+        if response.status_code != 503 or attempt == self._retries:
+            return None
         raw = response.headers.get("retry-after", "")
-        if raw.isdigit():
-            return min(cap, float(raw))
-    return min(cap, 0.05 * 2.0**attempt) * random.uniform(0.5, 1.0)
+        return min(self._cap, float(raw)) if raw.isdigit() else _backoff(attempt, self._cap)
 
 
-def _should_retry(call: _Call[Any], exc: httpx.TransportError) -> bool:
-    """Whether a transport failure may be retried (see the module's policy)."""
-    unsent = isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
-    return unsent or not call.retry_unsent_only
+def _backoff(attempt: int, cap: float) -> float:
+    return min(cap, 0.05 * 2.0**attempt) * random.uniform(0.5, 1)
 
 
 def _headers(token: str | None) -> dict[str, str]:
@@ -415,8 +513,15 @@ class _Since:
         return msgspec.json.encode(command)
 
 
-def _ws_url(base_url: str) -> str:
-    return base_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/v1/ws"
+def _ws_options(base_url: str, token: str | None) -> dict[str, Any]:
+    """Arguments of ``websockets`` ``connect`` (the sync and the asyncio one alike)."""
+    url = base_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/v1/ws"
+    return {
+        "uri": url,
+        "additional_headers": _headers(token),
+        "max_size": 64 * 1024,
+        "compression": None,
+    }
 
 
 def _message(raw: str | bytes) -> StreamMessage:
@@ -435,12 +540,13 @@ class _UseSse(Exception):
         return ApiError(self.status, "upgrade_refused", str(self))
 
 
-def _refused(status: int, body: bytes | bytearray) -> Exception:
-    """What a refused WebSocket handshake (``status`` != 101) means for the stream:
+def _refused(refusal: InvalidStatus) -> Exception:
+    """What a refused WebSocket handshake (status not 101) means for the stream:
     :class:`ApiError` for 401/403/422 (a credential or request problem SSE shares),
     otherwise :class:`_UseSse` (a proxy or server that does not upgrade)."""
+    status, body = refusal.response.status_code, bytes(refusal.response.body or b"")
     if status in (401, 403, 422):
-        return _api_error(httpx.Response(status, content=bytes(body)))
+        return _api_error(httpx.Response(status, content=body))
     return _UseSse(status)
 
 
@@ -448,6 +554,8 @@ def _sse_request(product_ids: Sequence[str], token: str | None) -> dict[str, Any
     """Arguments of ``http.stream(...)`` for ``GET /v1/stream``: no read timeout (the
     server sends nothing while nothing changes), the token even on a caller's client."""
     return {
+        "method": "GET",
+        "url": "/v1/stream",
         "params": {"product_ids": ",".join(product_ids)},
         "headers": {"Accept": "text/event-stream", **_headers(token)},
         "timeout": httpx.Timeout(10.0, read=None),
@@ -465,33 +573,91 @@ def _sse_check(response: httpx.Response) -> None:
 
 
 class _SseEvents:
-    """Incremental ``text/event-stream`` parser: :meth:`line` returns an event's data when
-    a blank line ends it. Comments and fields other than ``data`` are ignored (the server
-    sends no ids: a reconnect starts afresh)."""
+    """Incremental ``text/event-stream`` parser: :meth:`line` returns an event's message
+    when a blank line ends it. Comments and fields other than ``data`` are ignored (the
+    server sends no ids: a reconnect starts afresh)."""
 
     __slots__ = ("_data",)
 
     def __init__(self) -> None:
         self._data: list[str] = []
 
-    def line(self, line: str) -> str | None:
+    def line(self, line: str) -> StreamMessage | None:
         if not line:
             data, self._data = self._data, []
-            return "\n".join(data) if data else None
+            return _message("\n".join(data)) if data else None
         name, _, value = line.partition(":")
         if name == "data":
             self._data.append(value[1:] if value.startswith(" ") else value)
         return None
 
 
-def _backoff(attempt: int, cap: float) -> float:
-    return min(cap, 0.05 * 2.0**attempt) * random.uniform(0.5, 1)
+# A connection's end that a reconnect may get past.
+_DROPPED = (_UseSse, ConnectionClosed, InvalidHandshake, OSError, httpx.TransportError)
+
+
+class _Resume:
+    """The stream's policy (see the module docstring), for either client: the versions
+    seen, the transport to open next, and what the end of a connection means."""
+
+    __slots__ = ("_attempt", "_auto", "_cap", "_reconnect", "since", "sse")
+
+    def __init__(self, transport: StreamTransport, reconnect: bool, max_backoff: float) -> None:
+        self.since = _Since()
+        self.sse = transport == "sse"
+        self._auto = transport == "auto"
+        self._reconnect = reconnect
+        self._cap = max_backoff
+        self._attempt = 0
+
+    def fresh(self, message: StreamMessage) -> bool:
+        """Whether the caller gets ``message`` (a delivering connection resets the backoff)."""
+        self._attempt = 0
+        return self.since.fresh(message.data)
+
+    def ended(self, error: Exception | None) -> float | None:
+        """After a connection ended (``error``: how, ``None`` if closed cleanly): the
+        seconds to wait before the next one, or ``None`` when the stream is over. Raises
+        what the caller must see when it does not reconnect."""
+        if isinstance(error, _UseSse):
+            if self._auto:  # the same proxy would refuse again: SSE from now on, at once
+                self.sse = True
+                return 0.0
+            if not self._reconnect:
+                raise error.api_error() from None
+        elif error is not None and not self._reconnect:
+            raise error
+        if not self._reconnect:
+            return None
+        self._attempt += 1
+        return _backoff(self._attempt - 1, self._cap)
+
+
+class _Base:
+    """What both clients hold; their methods run the :class:`_Calls` routes."""
+
+    def __init__(
+        self, base_url: str, token: str | None, retries: int, max_retry_wait: float
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.retries = retries
+        self.max_retry_wait = max_retry_wait
+
+    def _http_options(self, timeout: float) -> dict[str, Any]:
+        """Arguments of the ``httpx`` client made when the caller gives none."""
+        return {
+            "base_url": self.base_url,
+            "headers": _headers(self.token),
+            "timeout": timeout,
+            "trust_env": False,
+        }
 
 
 # --- the sync client -------------------------------------------------------------------
 
 
-class Client:
+class Client(_Base):
     """Blocking client. ``with Client("http://127.0.0.1:8000", token=...) as c: ...``"""
 
     def __init__(
@@ -504,13 +670,8 @@ class Client:
         max_retry_wait: float = 5.0,
         http: httpx.Client | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.retries = retries
-        self.max_retry_wait = max_retry_wait
-        self.http = http or httpx.Client(
-            base_url=self.base_url, headers=_headers(token), timeout=timeout, trust_env=False
-        )
+        super().__init__(base_url, token, retries, max_retry_wait)
+        self.http = http or httpx.Client(**self._http_options(timeout))
 
     def __enter__(self) -> Client:
         return self
@@ -522,22 +683,17 @@ class Client:
         self.http.close()
 
     def _run(self, call: _Call[T]) -> T:
-        for attempt in range(self.retries + 1):
+        retries = _Retries(call, self.retries, self.max_retry_wait)
+        while True:
             try:
-                response = self.http.request(
-                    call.method, call.path, json=call.json, params=call.params,
-                    headers=call.headers,
-                )  # fmt: skip
+                response = self.http.request(**call.request())
             except httpx.TransportError as exc:
-                if attempt == self.retries or not _should_retry(call, exc):
-                    raise
-                time.sleep(_retry_wait(None, attempt, self.max_retry_wait))
+                time.sleep(retries.after_failure(exc))
                 continue
-            if response.status_code == 503 and attempt < self.retries:
-                time.sleep(_retry_wait(response, attempt, self.max_retry_wait))
-                continue
-            return call.result(response)
-        raise AssertionError("unreachable")  # pragma: no cover
+            wait = retries.after(response)
+            if wait is None:
+                return call.result(response)
+            time.sleep(wait)
 
     # warehouses
     def put_warehouse(
@@ -546,18 +702,17 @@ class Client:
         return self._run(_Calls.put_warehouse(warehouse_id, name, status, location))
 
     def get_warehouse(self, warehouse_id: str) -> Warehouse:
-        return self._run(_Call("GET", f"/v1/warehouses/{_p(warehouse_id)}", Warehouse))
+        return self._run(_Calls.get_warehouse(warehouse_id))
 
     def list_warehouses(self) -> list[Warehouse]:
-        return self._run(_Call("GET", "/v1/warehouses", _Warehouses)).warehouses
+        return self._run(_Calls.list_warehouses())
 
     # stock
     def get_stock(self, product_id: str) -> ProductStock:
-        return self._run(_Call("GET", f"/v1/products/{_p(product_id)}/stock", ProductStock))
+        return self._run(_Calls.get_stock(product_id))
 
     def get_stocks(self, product_ids: Sequence[str]) -> list[ProductStock]:
-        call = _Call("GET", "/v1/stock", _Stocks, params={"product_ids": ",".join(product_ids)})
-        return self._run(call).products
+        return self._run(_Calls.get_stocks(product_ids))
 
     def adjust(self, product_id: str, warehouse_id: str, delta: int, **kw: Any) -> Level:
         return self._run(_Calls.adjust(product_id, warehouse_id, delta, **kw))
@@ -566,34 +721,28 @@ class Client:
         return self._run(_Calls.set_quantity(product_id, warehouse_id, quantity, **kw))
 
     def movements(self, product_id: str, after: int = 0, limit: int = 100) -> Page[Movement]:
-        path = f"/v1/products/{_p(product_id)}/movements"
-        page = self._run(_Call("GET", path, _Movements, params={"after": after, "limit": limit}))
-        return Page(page.movements, page.next_after)
+        return self._run(_Calls.movements(product_id, after, limit))
 
     def bulk(self, items: Sequence[BulkItem], *, atomic: bool = False) -> list[BulkResult]:
-        return self._run(_Calls.bulk(items, atomic)).results
+        return self._run(_Calls.bulk(items, atomic))
 
     # products
     def put_product(self, product_id: str, **settings: Any) -> Product:
-        return self._run(_Calls.put_product(product_id, **settings))
+        return self._run(_Calls.put_product(product_id, settings))
 
     def get_product(self, product_id: str) -> Product:
-        return self._run(_Call("GET", f"/v1/products/{_p(product_id)}", Product))
+        return self._run(_Calls.get_product(product_id))
 
     def list_products(self, after: str | None = None, limit: int = 100) -> Page[Product]:
-        params = _params(after=after, limit=limit)
-        page = self._run(_Call("GET", "/v1/products", _Products, params=params))
-        return Page(page.products, page.next_after)
+        return self._run(_Calls.list_products(after, limit))
 
     def iter_products(self, limit: int = 1000) -> Iterator[Product]:
         """Every product, page by page (bounded memory)."""
-        after = None
-        while True:
-            page = self.list_products(after, limit)
+        page = self.list_products(None, limit)
+        yield from page.items
+        while page.next_after is not None:
+            page = self.list_products(page.next_after, limit)
             yield from page.items
-            if page.next_after is None:
-                return
-            after = page.next_after
 
     # reservations
     def reserve(
@@ -605,12 +754,11 @@ class Client:
         idempotency_key: str | None = None,
         customer_id: str | None = None,
     ) -> Reservation:
-        return self._run(
-            _Calls.reserve(lines, ttl_seconds, reference, idempotency_key, customer_id)
-        )
+        call = _Calls.reserve(lines, ttl_seconds, reference, idempotency_key, customer_id)
+        return self._run(call)
 
     def get_reservation(self, reservation_id: str) -> Reservation:
-        return self._run(_Call("GET", f"/v1/reservations/{_p(reservation_id)}", Reservation))
+        return self._run(_Calls.get_reservation(reservation_id))
 
     def commit(self, reservation_id: str) -> Reservation:
         return self._run(_Calls.finish(reservation_id, "commit"))
@@ -619,8 +767,7 @@ class Client:
         return self._run(_Calls.finish(reservation_id, "release"))
 
     def extend(self, reservation_id: str, ttl_seconds: int) -> Reservation:
-        path = f"/v1/reservations/{_p(reservation_id)}/extend"
-        return self._run(_Call("POST", path, Reservation, {"ttl_seconds": ttl_seconds}))
+        return self._run(_Calls.extend(reservation_id, ttl_seconds))
 
     def list_reservations(
         self,
@@ -631,11 +778,8 @@ class Client:
         after: str | None = None,
         limit: int = 100,
     ) -> Page[Reservation]:
-        params = _params(
-            reference=reference, customer_id=customer_id, status=status, after=after, limit=limit
-        )
-        page = self._run(_Call("GET", "/v1/reservations", _Reservations, params=params))
-        return Page(page.reservations, page.next_after)
+        filters = {"reference": reference, "customer_id": customer_id, "status": status}
+        return self._run(_Calls.list_reservations(**filters, after=after, limit=limit))
 
     # operations
     def health(self) -> bool:
@@ -651,61 +795,48 @@ class Client:
     ) -> Iterator[StreamMessage]:
         """Live messages for ``product_ids``, resuming after a disconnect: WebSocket with
         ``since``, or SSE (fallback or ``transport="sse"``) dropping rows already seen."""
-        since = _Since()
-        use_sse = transport == "sse"
-        attempt = 0
+        resume = _Resume(transport, reconnect, max_backoff)
         while True:
-            source = self._sse(product_ids) if use_sse else self._ws(product_ids, since)
+            source = self._sse(product_ids) if resume.sse else self._ws(product_ids, resume)
+            error: Exception | None = None
             try:
                 with contextlib.closing(source):
                     for message in source:
-                        attempt = 0
-                        if since.fresh(message.data):
+                        if resume.fresh(message):
                             yield message
-            except _UseSse as refused:
-                if transport == "auto":
-                    use_sse = True
-                    continue
-                if not reconnect:
-                    raise refused.api_error() from None
-            except (ConnectionClosed, InvalidHandshake, OSError, httpx.TransportError):
-                if not reconnect:
-                    raise
-            if not reconnect:
+            except _DROPPED as exc:
+                error = exc
+            wait = resume.ended(error)
+            if wait is None:
                 return
-            time.sleep(_backoff(attempt, max_backoff))
-            attempt += 1
+            time.sleep(wait)
 
-    def _ws(self, product_ids: Sequence[str], since: _Since) -> Generator[StreamMessage]:
+    def _ws(self, product_ids: Sequence[str], resume: _Resume) -> Generator[StreamMessage]:
         """One WebSocket connection's messages (subscribed with ``since``)."""
         try:
-            with ws_connect(
-                _ws_url(self.base_url), additional_headers=_headers(self.token),
-                max_size=64 * 1024, compression=None,
-            ) as ws:  # fmt: skip
-                ws.send(since.subscribe(product_ids).decode())
+            with ws_connect(**_ws_options(self.base_url, self.token)) as ws:
+                ws.send(resume.since.subscribe(product_ids).decode())
                 for raw in ws:
                     yield _message(raw)
         except InvalidStatus as exc:
-            raise _refused(exc.response.status_code, exc.response.body) from None
+            raise _refused(exc) from None
 
     def _sse(self, product_ids: Sequence[str]) -> Generator[StreamMessage]:
         """One SSE response's messages (fresh snapshots first)."""
-        with self.http.stream("GET", "/v1/stream", **_sse_request(product_ids, self.token)) as r:
-            if r.status_code != 200:
-                r.read()
-                _sse_check(r)
+        with self.http.stream(**_sse_request(product_ids, self.token)) as response:
+            if response.status_code != 200:
+                response.read()
+                _sse_check(response)
             events = _SseEvents()
-            for line in r.iter_lines():
-                data = events.line(line)
-                if data is not None:
-                    yield _message(data)
+            for line in response.iter_lines():
+                if (message := events.line(line)) is not None:
+                    yield message
 
 
 # --- the async client ------------------------------------------------------------------
 
 
-class AsyncClient:
+class AsyncClient(_Base):
     """The same API as :class:`Client`, awaitable. ``async with AsyncClient(...) as c:``"""
 
     def __init__(
@@ -718,13 +849,8 @@ class AsyncClient:
         max_retry_wait: float = 5.0,
         http: httpx.AsyncClient | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.retries = retries
-        self.max_retry_wait = max_retry_wait
-        self.http = http or httpx.AsyncClient(
-            base_url=self.base_url, headers=_headers(token), timeout=timeout, trust_env=False
-        )
+        super().__init__(base_url, token, retries, max_retry_wait)
+        self.http = http or httpx.AsyncClient(**self._http_options(timeout))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -736,40 +862,36 @@ class AsyncClient:
         await self.http.aclose()
 
     async def _run(self, call: _Call[T]) -> T:
-        for attempt in range(self.retries + 1):
+        retries = _Retries(call, self.retries, self.max_retry_wait)
+        while True:
             try:
-                response = await self.http.request(
-                    call.method, call.path, json=call.json, params=call.params,
-                    headers=call.headers,
-                )  # fmt: skip
+                response = await self.http.request(**call.request())
             except httpx.TransportError as exc:
-                if attempt == self.retries or not _should_retry(call, exc):
-                    raise
-                await asyncio.sleep(_retry_wait(None, attempt, self.max_retry_wait))
+                await asyncio.sleep(retries.after_failure(exc))
                 continue
-            if response.status_code == 503 and attempt < self.retries:
-                await asyncio.sleep(_retry_wait(response, attempt, self.max_retry_wait))
-                continue
-            return call.result(response)
-        raise AssertionError("unreachable")  # pragma: no cover
+            wait = retries.after(response)
+            if wait is None:
+                return call.result(response)
+            await asyncio.sleep(wait)
 
+    # warehouses
     async def put_warehouse(
         self, warehouse_id: str, name: str, status: str = "active", location: str | None = None
     ) -> Warehouse:
         return await self._run(_Calls.put_warehouse(warehouse_id, name, status, location))
 
     async def get_warehouse(self, warehouse_id: str) -> Warehouse:
-        return await self._run(_Call("GET", f"/v1/warehouses/{_p(warehouse_id)}", Warehouse))
+        return await self._run(_Calls.get_warehouse(warehouse_id))
 
     async def list_warehouses(self) -> list[Warehouse]:
-        return (await self._run(_Call("GET", "/v1/warehouses", _Warehouses))).warehouses
+        return await self._run(_Calls.list_warehouses())
 
+    # stock
     async def get_stock(self, product_id: str) -> ProductStock:
-        return await self._run(_Call("GET", f"/v1/products/{_p(product_id)}/stock", ProductStock))
+        return await self._run(_Calls.get_stock(product_id))
 
     async def get_stocks(self, product_ids: Sequence[str]) -> list[ProductStock]:
-        call = _Call("GET", "/v1/stock", _Stocks, params={"product_ids": ",".join(product_ids)})
-        return (await self._run(call)).products
+        return await self._run(_Calls.get_stocks(product_ids))
 
     async def adjust(self, product_id: str, warehouse_id: str, delta: int, **kw: Any) -> Level:
         return await self._run(_Calls.adjust(product_id, warehouse_id, delta, **kw))
@@ -780,35 +902,32 @@ class AsyncClient:
         return await self._run(_Calls.set_quantity(product_id, warehouse_id, quantity, **kw))
 
     async def movements(self, product_id: str, after: int = 0, limit: int = 100) -> Page[Movement]:
-        path = f"/v1/products/{_p(product_id)}/movements"
-        params = {"after": after, "limit": limit}
-        page = await self._run(_Call("GET", path, _Movements, params=params))
-        return Page(page.movements, page.next_after)
+        return await self._run(_Calls.movements(product_id, after, limit))
 
     async def bulk(self, items: Sequence[BulkItem], *, atomic: bool = False) -> list[BulkResult]:
-        return (await self._run(_Calls.bulk(items, atomic))).results
+        return await self._run(_Calls.bulk(items, atomic))
 
+    # products
     async def put_product(self, product_id: str, **settings: Any) -> Product:
-        return await self._run(_Calls.put_product(product_id, **settings))
+        return await self._run(_Calls.put_product(product_id, settings))
 
     async def get_product(self, product_id: str) -> Product:
-        return await self._run(_Call("GET", f"/v1/products/{_p(product_id)}", Product))
+        return await self._run(_Calls.get_product(product_id))
 
     async def list_products(self, after: str | None = None, limit: int = 100) -> Page[Product]:
-        params = _params(after=after, limit=limit)
-        page = await self._run(_Call("GET", "/v1/products", _Products, params=params))
-        return Page(page.products, page.next_after)
+        return await self._run(_Calls.list_products(after, limit))
 
     async def iter_products(self, limit: int = 1000) -> AsyncIterator[Product]:
-        after = None
-        while True:
-            page = await self.list_products(after, limit)
+        """Every product, page by page (bounded memory)."""
+        page = await self.list_products(None, limit)
+        for product in page.items:
+            yield product
+        while page.next_after is not None:
+            page = await self.list_products(page.next_after, limit)
             for product in page.items:
                 yield product
-            if page.next_after is None:
-                return
-            after = page.next_after
 
+    # reservations
     async def reserve(
         self,
         lines: Sequence[Line | Mapping[str, Any]],
@@ -818,12 +937,11 @@ class AsyncClient:
         idempotency_key: str | None = None,
         customer_id: str | None = None,
     ) -> Reservation:
-        return await self._run(
-            _Calls.reserve(lines, ttl_seconds, reference, idempotency_key, customer_id)
-        )
+        call = _Calls.reserve(lines, ttl_seconds, reference, idempotency_key, customer_id)
+        return await self._run(call)
 
     async def get_reservation(self, reservation_id: str) -> Reservation:
-        return await self._run(_Call("GET", f"/v1/reservations/{_p(reservation_id)}", Reservation))
+        return await self._run(_Calls.get_reservation(reservation_id))
 
     async def commit(self, reservation_id: str) -> Reservation:
         return await self._run(_Calls.finish(reservation_id, "commit"))
@@ -832,8 +950,7 @@ class AsyncClient:
         return await self._run(_Calls.finish(reservation_id, "release"))
 
     async def extend(self, reservation_id: str, ttl_seconds: int) -> Reservation:
-        path = f"/v1/reservations/{_p(reservation_id)}/extend"
-        return await self._run(_Call("POST", path, Reservation, {"ttl_seconds": ttl_seconds}))
+        return await self._run(_Calls.extend(reservation_id, ttl_seconds))
 
     async def list_reservations(
         self,
@@ -844,12 +961,10 @@ class AsyncClient:
         after: str | None = None,
         limit: int = 100,
     ) -> Page[Reservation]:
-        params = _params(
-            reference=reference, customer_id=customer_id, status=status, after=after, limit=limit
-        )
-        page = await self._run(_Call("GET", "/v1/reservations", _Reservations, params=params))
-        return Page(page.reservations, page.next_after)
+        filters = {"reference": reference, "customer_id": customer_id, "status": status}
+        return await self._run(_Calls.list_reservations(**filters, after=after, limit=limit))
 
+    # operations
     async def health(self) -> bool:
         return (await self.http.get("/health")).status_code == 200
 
@@ -863,56 +978,44 @@ class AsyncClient:
     ) -> AsyncIterator[StreamMessage]:
         """Live messages for ``product_ids``, resuming after a disconnect: WebSocket with
         ``since``, or SSE (fallback or ``transport="sse"``) dropping rows already seen."""
-        since = _Since()
-        use_sse = transport == "sse"
-        attempt = 0
+        resume = _Resume(transport, reconnect, max_backoff)
         while True:
-            source = self._sse(product_ids) if use_sse else self._ws(product_ids, since)
+            source = self._sse(product_ids) if resume.sse else self._ws(product_ids, resume)
+            error: Exception | None = None
             try:
                 async with contextlib.aclosing(source):
                     async for message in source:
-                        attempt = 0
-                        if since.fresh(message.data):
+                        if resume.fresh(message):
                             yield message
-            except _UseSse as refused:
-                if transport == "auto":
-                    use_sse = True
-                    continue
-                if not reconnect:
-                    raise refused.api_error() from None
-            except (ConnectionClosed, InvalidHandshake, OSError, httpx.TransportError):
-                if not reconnect:
-                    raise
-            if not reconnect:
+            except _DROPPED as exc:
+                error = exc
+            wait = resume.ended(error)
+            if wait is None:
                 return
-            await asyncio.sleep(_backoff(attempt, max_backoff))
-            attempt += 1
+            await asyncio.sleep(wait)
 
-    async def _ws(self, product_ids: Sequence[str], since: _Since) -> AsyncGenerator[StreamMessage]:
+    async def _ws(
+        self, product_ids: Sequence[str], resume: _Resume
+    ) -> AsyncGenerator[StreamMessage]:
         """One WebSocket connection's messages (subscribed with ``since``)."""
         try:
-            async with ws_aconnect(
-                _ws_url(self.base_url), additional_headers=_headers(self.token),
-                max_size=64 * 1024, compression=None,
-            ) as ws:  # fmt: skip
-                await ws.send(since.subscribe(product_ids).decode())
+            async with ws_aconnect(**_ws_options(self.base_url, self.token)) as ws:
+                await ws.send(resume.since.subscribe(product_ids).decode())
                 async for raw in ws:
                     yield _message(raw)
         except InvalidStatus as exc:
-            raise _refused(exc.response.status_code, exc.response.body) from None
+            raise _refused(exc) from None
 
     async def _sse(self, product_ids: Sequence[str]) -> AsyncGenerator[StreamMessage]:
         """One SSE response's messages (fresh snapshots first)."""
-        request = _sse_request(product_ids, self.token)
-        async with self.http.stream("GET", "/v1/stream", **request) as r:
-            if r.status_code != 200:
-                await r.aread()
-                _sse_check(r)
+        async with self.http.stream(**_sse_request(product_ids, self.token)) as response:
+            if response.status_code != 200:
+                await response.aread()
+                _sse_check(response)
             events = _SseEvents()
-            async for line in r.aiter_lines():
-                data = events.line(line)
-                if data is not None:
-                    yield _message(data)
+            async for line in response.aiter_lines():
+                if (message := events.line(line)) is not None:
+                    yield message
 
 
 # --- webhooks --------------------------------------------------------------------------

@@ -1,7 +1,12 @@
 """Settings: one frozen object built from the environment, overridden by CLI options.
 
-Every variable is documented in the README's configuration table. Invalid values raise
-:class:`ConfigError` with a one-line message (the CLI prints it and exits non-zero).
+:class:`Settings` is a msgspec Struct whose field types and ``Meta`` bounds are the schema
+of the ``INVENTORY_*`` variables; msgspec converts the environment's text (lax mode) and
+this module only adds what it cannot know: booleans spelled yes/no/on/off, case-insensitive
+choices, the JSON token table and the comma-separated origin list. Every variable is
+documented in the README's configuration table. Invalid values raise :class:`ConfigError`
+with a one-line message naming the variable, what it expects and what it got (the CLI
+prints it and exits non-zero).
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ import hashlib
 import importlib.util
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, cast, get_args
 
-import orjson
+import msgspec
+import msgspec.inspect as mi
+from msgspec import Meta
 
 from .logs import default_format as default_log_format
 
@@ -31,8 +37,8 @@ __all__ = [
     "trace_exporters",
 ]
 
-SCOPES = ("read", "reserve", "admin")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+Scope = Literal["read", "reserve", "admin"]
+SCOPES: tuple[str, ...] = get_args(Scope)
 
 
 class ConfigError(Exception):
@@ -45,62 +51,13 @@ def default_data_dir() -> Path:
     return Path(base) / "inventory"
 
 
-def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
+def _origins(raw: str) -> list[str]:
+    """``INVENTORY_CORS_ORIGINS``: comma-separated origins, lower-cased (each one is
+    checked against :data:`Origin` by the conversion)."""
+    return [item.lower() for item in (x.strip() for x in raw.split(",")) if item]
 
 
-def _float(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw == "":
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = (env.get(name) or default).lower()
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-    return value
-
-
-def _origins(raw: str) -> tuple[str, ...]:
-    """``INVENTORY_CORS_ORIGINS``: comma-separated ``scheme://host[:port]`` origins."""
-    origins = []
-    for item in (x.strip() for x in raw.split(",")):
-        if not item:
-            continue
-        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", item) or item.endswith("/"):
-            raise ConfigError(
-                f"INVENTORY_CORS_ORIGINS: {item!r} is not an origin like https://shop.example"
-            )
-        origins.append(item.lower())
-    return tuple(origins)
+_Tokens = dict[Annotated[str, Meta(min_length=1)], list[Scope]]
 
 
 def parse_tokens(raw: str) -> dict[str, frozenset[str]]:
@@ -110,27 +67,23 @@ def parse_tokens(raw: str) -> dict[str, frozenset[str]]:
     the running process never keeps a plain token. ``admin`` implies the other scopes.
     """
     try:
-        data: Any = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        data = msgspec.json.decode(raw, type=_Tokens)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(
+            f"INVENTORY_TOKENS must be a JSON object of token -> list of scopes from "
+            f"{', '.join(SCOPES)} ({exc})"
+        ) from None
+    except msgspec.DecodeError:
         raise ConfigError("INVENTORY_TOKENS must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise ConfigError("INVENTORY_TOKENS must be a JSON object of token -> [scopes]")
     tokens: dict[str, frozenset[str]] = {}
     for key, scopes in data.items():
-        if not key or not isinstance(scopes, list) or not all(s in SCOPES for s in scopes):
-            raise ConfigError(
-                f"INVENTORY_TOKENS: each token needs a list of scopes from {', '.join(SCOPES)}"
-            )
         if key.startswith("sha256:"):
             digest = key[len("sha256:") :].lower()
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            if not re.fullmatch("[0-9a-f]{64}", digest):
                 raise ConfigError("INVENTORY_TOKENS: a sha256: key needs 64 hex digits")
         else:
             digest = hashlib.sha256(key.encode()).hexdigest()
-        granted = set(scopes)
-        if "admin" in granted:
-            granted.update(SCOPES)
-        tokens[digest] = frozenset(granted)
+        tokens[digest] = frozenset(SCOPES if "admin" in scopes else scopes)
     return tokens
 
 
@@ -194,42 +147,62 @@ def check_tracing(env: Mapping[str, str]) -> None:
     trace_exporters(env)
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything a server process needs; picklable so uvicorn workers can rebuild it."""
+def _env_name(name: str) -> str | None:
+    """Each setting's variable is ``INVENTORY_<NAME>``; a few tuning knobs have none."""
+    return None if name in _NOT_FROM_ENV else f"INVENTORY_{name.upper()}"
+
+
+_NOT_FROM_ENV = frozenset({"sweep_batch", "idempotency_ttl_hours", "relay_poll_interval"})
+
+# An origin as browsers send it: ``scheme://host[:port]``, no path (not even ``/``).
+Origin = Annotated[
+    str,
+    Meta(
+        pattern=r"^https?://[a-z0-9.\-\[\]:]+$", description="an origin like https://shop.example"
+    ),
+]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
+    """Everything a server process needs; picklable so uvicorn workers can rebuild it.
+
+    The fields, their types and their bounds are the schema of the environment:
+    :meth:`from_env` converts the ``INVENTORY_*`` variables with msgspec, and a bad value
+    becomes a :class:`ConfigError` naming the variable and what it expects.
+    """
 
     database_url: str | None = None
     redis_url: str | None = None
-    data_dir: Path = field(default_factory=default_data_dir)
+    data_dir: Path = msgspec.field(default_factory=default_data_dir)
     host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    reserve_strategy: str = "optimistic"
-    tokens: dict[str, frozenset[str]] = field(default_factory=dict)
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    workers: Annotated[int, Meta(ge=1, le=64)] = 1
+    reserve_strategy: Literal["optimistic", "lock"] = "optimistic"
+    tokens: dict[str, frozenset[str]] = {}
     metrics_public: bool = True
     ready_public: bool = True
     redis_prefix: str = "inventory"
-    db_pool_min: int = 2
-    db_pool_max: int = 10
-    db_timeout: float = 5.0
-    lock_ttl: float = 10.0
-    lock_wait: float = 2.0
-    reserve_lanes: int = 4
-    sweep_interval: float = 0.25
+    db_pool_min: Annotated[int, Meta(ge=1, le=100)] = 2
+    db_pool_max: Annotated[int, Meta(ge=1, le=200)] = 10
+    db_timeout: Annotated[float, Meta(ge=0.1, le=300)] = 5.0
+    lock_ttl: Annotated[float, Meta(ge=0.1, le=3600)] = 10.0
+    lock_wait: Annotated[float, Meta(ge=0, le=60)] = 2.0
+    reserve_lanes: Annotated[int, Meta(ge=1, le=64)] = 4
+    sweep_interval: Annotated[float, Meta(ge=0.01, le=60)] = 0.25
     sweep_batch: int = 1000
     idempotency_ttl_hours: int = 48
     relay_poll_interval: float = 0.01
-    log_level: str = "info"
-    log_format: str = "json"
-    tracing: str = "off"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = msgspec.field(default_factory=default_log_format)
+    tracing: Literal["off", "on"] = "off"
     webhook_allow_private: bool = False
-    webhook_retry_base: float = 5.0
-    webhook_retry_max: float = 3600.0
-    webhook_retry_window: float = 86400.0
-    webhook_concurrency: int = 8
-    max_streams: int = 10_000  # open WebSocket/SSE connections per process
-    cors_origins: tuple[str, ...] = ()
-    header_timeout: float = 30.0
+    webhook_retry_base: Annotated[float, Meta(ge=0.01, le=3600)] = 5.0
+    webhook_retry_max: Annotated[float, Meta(ge=0.01, le=86400)] = 3600.0
+    webhook_retry_window: Annotated[float, Meta(ge=1, le=7 * 86400)] = 86400.0
+    webhook_concurrency: Annotated[int, Meta(ge=1, le=256)] = 8
+    max_streams: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000  # WebSocket/SSE per process
+    cors_origins: tuple[Origin, ...] = ()
+    header_timeout: Annotated[float, Meta(ge=0.1, le=3600)] = 30.0
 
     @property
     def process_lanes(self) -> int:
@@ -245,55 +218,27 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings the ``INVENTORY_*`` variables give (an empty variable means its
+        default); raises :class:`ConfigError` on the first bad one."""
         env = os.environ if env is None else env
-        strategy = env.get("INVENTORY_RESERVE_STRATEGY", "optimistic") or "optimistic"
-        if strategy not in ("optimistic", "lock"):
-            raise ConfigError(
-                f"INVENTORY_RESERVE_STRATEGY must be 'optimistic' or 'lock', got {strategy!r}"
-            )
-        tokens_raw = env.get("INVENTORY_TOKENS", "").strip()
-        tracing = _choice(env, "INVENTORY_TRACING", "off", ("off", "on"))
-        if tracing == "on":
+        raw = {
+            f.encode_name: _prepare(f, env[f.encode_name].strip())
+            for f in _ENV_FIELDS.values()
+            if env.get(f.encode_name, "").strip()
+        }
+        try:
+            settings = msgspec.convert(raw, cls, strict=False, dec_hook=_decode_path)
+        except msgspec.ValidationError as exc:
+            raise _config_error(exc, raw) from None
+        if settings.tracing == "on":
             check_tracing(env)  # the otel extra is installed, OTEL_TRACES_EXPORTER is valid
-        return cls(
-            database_url=env.get("INVENTORY_DATABASE_URL") or None,
-            redis_url=env.get("INVENTORY_REDIS_URL") or None,
-            data_dir=Path(env["INVENTORY_DATA_DIR"]).expanduser()
-            if env.get("INVENTORY_DATA_DIR")
-            else default_data_dir(),
-            host=env.get("INVENTORY_HOST", "127.0.0.1") or "127.0.0.1",
-            port=_int(env, "INVENTORY_PORT", 8000, 0, 65535),
-            workers=_int(env, "INVENTORY_WORKERS", 1, 1, 64),
-            reserve_strategy=strategy,
-            tokens=parse_tokens(tokens_raw) if tokens_raw else {},
-            metrics_public=_bool(env, "INVENTORY_METRICS_PUBLIC", True),
-            ready_public=_bool(env, "INVENTORY_READY_PUBLIC", True),
-            redis_prefix=env.get("INVENTORY_REDIS_PREFIX", "inventory") or "inventory",
-            db_pool_min=_int(env, "INVENTORY_DB_POOL_MIN", 2, 1, 100),
-            db_pool_max=_int(env, "INVENTORY_DB_POOL_MAX", 10, 1, 200),
-            db_timeout=_float(env, "INVENTORY_DB_TIMEOUT", 5.0, 0.1, 300),
-            lock_ttl=_float(env, "INVENTORY_LOCK_TTL", 10.0, 0.1, 3600),
-            lock_wait=_float(env, "INVENTORY_LOCK_WAIT", 2.0, 0.0, 60),
-            reserve_lanes=_int(env, "INVENTORY_RESERVE_LANES", 4, 1, 64),
-            sweep_interval=_float(env, "INVENTORY_SWEEP_INTERVAL", 0.25, 0.01, 60),
-            log_level=_choice(env, "INVENTORY_LOG_LEVEL", "info", LOG_LEVELS),
-            log_format=_choice(env, "INVENTORY_LOG_FORMAT", default_log_format(), ("json", "text")),
-            tracing=tracing,
-            webhook_allow_private=_bool(env, "INVENTORY_WEBHOOK_ALLOW_PRIVATE", False),
-            webhook_retry_base=_float(env, "INVENTORY_WEBHOOK_RETRY_BASE", 5.0, 0.01, 3600),
-            webhook_retry_max=_float(env, "INVENTORY_WEBHOOK_RETRY_MAX", 3600.0, 0.01, 86400),
-            webhook_retry_window=_float(
-                env, "INVENTORY_WEBHOOK_RETRY_WINDOW", 86400.0, 1, 7 * 86400
-            ),
-            webhook_concurrency=_int(env, "INVENTORY_WEBHOOK_CONCURRENCY", 8, 1, 256),
-            max_streams=_int(env, "INVENTORY_MAX_STREAMS", 10_000, 1, 1_000_000),
-            cors_origins=_origins(env.get("INVENTORY_CORS_ORIGINS", "")),
-            header_timeout=_float(env, "INVENTORY_HEADER_TIMEOUT", 30.0, 0.1, 3600),
-        )
+        return settings
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """Apply CLI options that were given (None means 'not given')."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        return msgspec.structs.replace(
+            self, **{k: v for k, v in overrides.items() if v is not None}
+        )
 
     def to_env(self) -> dict[str, str]:
         """The variables that make a worker process rebuild these settings' server URLs."""
@@ -305,3 +250,68 @@ class Settings:
         env["INVENTORY_RESERVE_STRATEGY"] = self.reserve_strategy
         env["INVENTORY_WORKERS"] = str(self.workers)
         return env
+
+
+# --- from the environment: what msgspec's lax conversion does not do by itself ---------
+
+_ENV_FIELDS = {
+    f.encode_name: f
+    for f in cast(mi.StructType, mi.type_info(Settings)).fields
+    if f.encode_name != f.name
+}
+# Variables that are not one scalar: their own parser turns the text into the field's shape.
+_PARSERS: dict[str, Callable[[str], object]] = {
+    "INVENTORY_TOKENS": parse_tokens,
+    "INVENTORY_CORS_ORIGINS": _origins,
+}
+# Besides the true/false/1/0 msgspec accepts.
+_BOOL_WORDS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
+
+
+def _prepare(field: mi.Field, value: str) -> object:
+    """A variable's text made ready for the conversion: choices and booleans are
+    case-insensitive, structured variables go through their parser."""
+    if field.encode_name in _PARSERS:
+        return _PARSERS[field.encode_name](value)
+    if isinstance(field.type, mi.LiteralType):
+        return value.lower()
+    if isinstance(field.type, mi.BoolType):
+        return _BOOL_WORDS.get(value.lower(), value)
+    return value
+
+
+def _decode_path(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, str):
+        return Path(value).expanduser()
+    raise NotImplementedError(kind)
+
+
+def _expected(kind: mi.Type) -> str:
+    """What a value of ``kind`` must be, in words."""
+    if isinstance(kind, mi.Metadata):
+        description = (kind.extra_json_schema or {}).get("description")
+        return str(description) if description else _expected(kind.type)
+    if isinstance(kind, mi.BoolType):
+        return "true or false"
+    if isinstance(kind, mi.LiteralType):
+        return f"one of {', '.join(map(str, kind.values))}"
+    if isinstance(kind, mi.IntType | mi.FloatType):
+        noun = "an integer" if isinstance(kind, mi.IntType) else "a number"
+        return f"{noun} between {kind.ge} and {kind.le}"
+    return f"a valid {type(kind).__name__.removesuffix('Type').lower()}"
+
+
+def _config_error(exc: msgspec.ValidationError, raw: Mapping[str, object]) -> ConfigError:
+    """msgspec's error ("... - at `$.INVENTORY_PORT`") as one line naming the variable,
+    what it expects and the value it got."""
+    where = re.search(r"- at `\$\.(\w+)(?:\[(\d+)\])?`$", str(exc))
+    field = _ENV_FIELDS.get(where[1]) if where else None
+    if where is None or field is None:
+        return ConfigError(str(exc))
+    value = raw[field.encode_name]
+    if where[2] is not None and isinstance(field.type, mi.VarTupleType):  # one list item
+        item = cast(list[str], value)[int(where[2])]
+        return ConfigError(
+            f"{field.encode_name}: {item!r} is not {_expected(field.type.item_type)}"
+        )
+    return ConfigError(f"{field.encode_name} must be {_expected(field.type)}, got {value!r}")

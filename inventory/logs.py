@@ -22,7 +22,7 @@ import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -162,6 +162,6 @@ def configure_logging(fmt: str, level: str) -> None:
     logging.config.dictConfig(uvicorn_log_config(fmt, level))
 
 
-def default_format() -> str:
+def default_format() -> Literal["text", "json"]:
     """Readable text on a terminal, JSON lines otherwise."""
     return "text" if sys.stderr.isatty() else "json"

@@ -6,6 +6,8 @@ Modules, one concept each:
   implemented on PostgreSQL by ``inventory/store/feed.py`` (this package imports
   nothing from ``inventory`` but the id rules of ``inventory.domain``).
 * :mod:`realtime.protocol`: the WebSocket wire protocol, pure (parse, validate, encode).
+* :mod:`realtime.feed`: the versioned data published on the stock channels, pure (the
+  publishers send it, the hub builds the clients' messages from it).
 * :mod:`realtime.conflation`: per-connection newest-state-per-row buffer, pure.
 * :mod:`realtime.session`: one connection's outbound side: direct writes, queues, limits.
 * :mod:`realtime.subscriber`: the process's Redis pub/sub connection, reconnecting itself.

@@ -1,20 +1,23 @@
 """The per-process WebSocket fan-out hub: Redis pub/sub in, per-connection buffers out.
 
 Data path: the outbox relay publishes each stock change to the product's stock channel
-(:meth:`realtime.keys.RedisKeys.stock_channel`);
-the hub holds one Redis subscription per product that has at least one local subscriber
-(one pub/sub connection per process, :class:`~realtime.subscriber.ChannelSubscriber`),
-keeps the newest state per row of the messages read in one burst, encodes each once
-(:class:`~realtime.protocol.Outgoing`: text and WebSocket frame) and offers the rows of a
-product together to every local session of it. Sessions conflate and write directly to
-the socket, or through a writer task while the socket pushes back (:mod:`realtime.session`).
+(:meth:`realtime.keys.RedisKeys.stock_channel`) as data (:mod:`realtime.feed`), not as
+a client message; the hub holds one Redis subscription per product that has at least one
+local subscriber (one pub/sub connection per process,
+:class:`~realtime.subscriber.ChannelSubscriber`), keeps the newest state per row of the
+messages read in one burst, builds each one's client message once
+(:mod:`realtime.protocol`; :class:`~realtime.protocol.Outgoing`: text and WebSocket
+frame) and offers the rows of a product together to every local session of it. Sessions
+conflate and write directly to the socket, or through a writer task while the socket
+pushes back (:mod:`realtime.session`).
 
 Consistency policy (no subscriber is left on a stale value):
 
 * The hub remembers the newest version it forwarded per (product, warehouse). An update
   not newer is dropped (duplicates after a relay retry, reordering); one that skips
   versions (``new > last + 1``) is forwarded and its product re-read from PostgreSQL,
-  since a lost message for one row may mean lost messages for others.
+  since a lost message for one row may mean lost messages for others. A message the hub
+  cannot read (a newer publisher's kind, see :mod:`realtime.feed`) re-reads its product.
 * After the pub/sub connection is re-established (all channels confirmed), every locally
   subscribed product is re-read from PostgreSQL and what changed is pushed (``event``
   ``resync``). With the subscriber's 0.5 s reconnect backoff this keeps clients within
@@ -54,8 +57,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
+from realtime import feed
+from realtime.feed import AlertData, KitData, StockData
 from realtime.keys import RedisKeys
 from realtime.ports import LevelReader, LevelState
 from realtime.protocol import (
@@ -67,8 +70,10 @@ from realtime.protocol import (
     Ping,
     ProtocolError,
     Subscribe,
-    decode_stock,
+    encode_alert,
+    encode_kit,
     encode_snapshot,
+    encode_stock,
     encode_subscribed,
     encode_unsubscribed,
     stock_from_level,
@@ -86,8 +91,6 @@ from realtime.sharded import RedisClient, make_subscriber
 from realtime.tasks import cancel_and_wait, spawn
 
 __all__ = [
-    "ALERT_KEY",
-    "KIT_KEY",
     "MAX_CONNECTIONS",
     "ExtraSnapshots",
     "Hub",
@@ -98,17 +101,20 @@ __all__ = [
 
 log = logging.getLogger("realtime.hub")
 
-#: Buffer keys of derived messages on a product's stream (no warehouse id has a space).
-KIT_KEY = " kit"
-ALERT_KEY = " alert"
-_KIT_PREFIX = b'{"type":"kit"'
-_ALERT_PREFIX = b'{"type":"alert"'
+# Buffer keys of derived messages on a product's stream (no warehouse id has a space).
+_KIT_KEY = " kit"
+_ALERT_KEY = " alert"
 
-#: Reads derived messages for new subscribers: ``(product_id, key, version, payload)``.
-ExtraSnapshots = Callable[[Sequence[str]], Awaitable[list[tuple[str, str, int, bytes]]]]
+#: Reads derived state for new subscribers: ``(product_id, kit data)`` per kit among them.
+ExtraSnapshots = Callable[[Sequence[str]], Awaitable[list[tuple[str, KitData]]]]
 
 SHUTDOWN_CLOSE = 1001
 MAX_CONNECTIONS = 10_000  # stream connections (WebSocket and SSE) per process, by default
+
+
+def _kit_update(product_id: str, kit: KitData) -> Update:
+    """A kit's message for the buffers: conflated per kit, ordered by its ``seq``."""
+    return (_KIT_KEY, kit.seq, Outgoing(encode_kit(product_id, kit)))
 
 
 class HubFull(Exception):
@@ -179,7 +185,8 @@ class Hub:
         )
         self._topics: dict[str, _Topic] = {}
         self._sessions: set[Session] = set()
-        self._burst: dict[str, dict[str, tuple[int, bytes]]] = {}  # product -> row -> newest
+        self._burst: dict[str, dict[str, StockData]] = {}  # product -> row -> newest
+        self._unreadable = 0  # published messages this version could not read
         self._fan_out_handle: asyncio.Handle | None = None
         self._resync_wanted: set[str] = set()
         self._resync_wake = asyncio.Event()
@@ -273,9 +280,10 @@ class Hub:
                 raise ProtocolError(
                     ErrorCode.UNAVAILABLE, "stock levels cannot be read right now; try again"
                 ) from None
+            since = command.since or {}
             for product_id in new:
                 await self._send_snapshot(
-                    session, product_id, levels.get(product_id, []), command.since.get(product_id)
+                    session, product_id, levels.get(product_id, []), since.get(product_id)
                 )
             if self._extra_snapshots is not None:
                 await self._send_extra_snapshots(session, new)
@@ -290,16 +298,16 @@ class Hub:
         except Exception:
             log.exception("extra snapshot read failed")
             return
-        for product_id, key, version, payload in extras:
-            session.offer(product_id, [(key, version, Outgoing(payload))])
+        for product_id, kit in extras:
+            session.offer(product_id, [_kit_update(product_id, kit)])
 
-    def _apply_extras(self, extras: Sequence[tuple[str, str, int, bytes]]) -> None:
+    def _apply_extras(self, extras: Sequence[tuple[str, KitData]]) -> None:
         """Push derived messages read on a resync to every local session of their
         products (each session drops what is not newer than what it has)."""
-        for product_id, key, version, payload in extras:
+        for product_id, kit in extras:
             topic = self._topics.get(product_id)
             if topic is not None:
-                self._offer(topic, [(key, version, Outgoing(payload))])
+                self._offer(topic, [_kit_update(product_id, kit)])
 
     async def _snapshot(self, products: Sequence[str]) -> dict[str, list[LevelState]]:
         """Current rows of ``products`` (joined already), read in the next snapshot round;
@@ -400,21 +408,33 @@ class Hub:
     # the stream
 
     def on_message(self, channel: bytes, data: bytes) -> None:
-        """Accept one published update; it is fanned out at the end of the current burst."""
+        """Accept one published message; stock is fanned out at the end of the burst."""
         product_id = self._keys.product_of_channel(channel)
         if product_id is None:
             return
         topic = self._topics.get(product_id)
         if topic is None:
             return
-        if data.startswith((_KIT_PREFIX, _ALERT_PREFIX)):
-            self._forward_extra(topic, data)
-            return
-        decoded = decode_stock(data)
-        if decoded is None:
-            log.warning("ignoring malformed stock message on %r", channel)
-            return
-        warehouse_id, version = decoded
+        message = feed.decode(data)
+        if isinstance(message, StockData):
+            self._accept_stock(topic, message)
+        elif isinstance(message, KitData):
+            self._offer(topic, [_kit_update(product_id, message)])
+        elif isinstance(message, AlertData):  # each one is news
+            alert = Outgoing(encode_alert(product_id, message))
+            self._offer(topic, [(_ALERT_KEY, next(self._extra_version), alert)])
+        else:
+            self._unreadable += 1
+            if self._unreadable % 1000 == 1:
+                log.warning(
+                    "unreadable message on %r (%d so far): re-reading the product",
+                    channel,
+                    self._unreadable,
+                )
+            self.resync((product_id,))
+
+    def _accept_stock(self, topic: _Topic, data: StockData) -> None:
+        warehouse_id, version = data.warehouse_id, data.version
         last = topic.versions.get(warehouse_id)
         if last is not None:
             if version <= last:
@@ -422,30 +442,16 @@ class Hub:
                 return
             if version > last + 1:
                 self.stats.gaps += 1
-                self.resync((product_id,))
+                self.resync((topic.product_id,))
         topic.versions[warehouse_id] = version
-        burst = self._burst.get(product_id)
+        burst = self._burst.get(topic.product_id)
         if burst is None:
-            burst = self._burst[product_id] = {}
+            burst = self._burst[topic.product_id] = {}
             if self._fan_out_handle is None:
                 self._fan_out_handle = asyncio.get_running_loop().call_soon(self._fan_out)
         elif warehouse_id in burst:
             self.stats.coalesced += 1
-        burst[warehouse_id] = (version, data)
-
-    def _forward_extra(self, topic: _Topic, data: bytes) -> None:
-        """A ``kit`` message (conflated per kit by its ``seq``) or an ``alert`` (each one
-        forwarded) published on the product's channel."""
-        if data.startswith(_KIT_PREFIX):
-            try:
-                version = orjson.loads(data)["seq"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                log.warning("ignoring malformed kit message for %r", topic.product_id)
-                return
-            key = KIT_KEY
-        else:
-            key, version = ALERT_KEY, next(self._extra_version)
-        self._offer(topic, [(key, version, Outgoing(data))])
+        burst[warehouse_id] = data
 
     def _fan_out(self) -> None:
         """Offer the newest state of each row of the burst to every local session.
@@ -463,8 +469,11 @@ class Hub:
             topic = self._topics.get(product_id)
             if topic is None:
                 continue
-            # Encoded once per process, shared by every session.
-            updates = [(w, version, Outgoing(data)) for w, (version, data) in rows.items()]
+            # Encoded once per row and process, shared by every session.
+            updates = [
+                (w, data.version, Outgoing(encode_stock(product_id, data)))
+                for w, data in rows.items()
+            ]
             self._offer(topic, updates)
 
     @staticmethod
@@ -521,7 +530,7 @@ class Hub:
                 self._resync_wanted.difference_update(batch)
                 try:
                     levels = await self._levels.read_levels(batch)
-                    extras: list[tuple[str, str, int, bytes]] = []
+                    extras: list[tuple[str, KitData]] = []
                     if self._extra_snapshots is not None:
                         extras = await self._extra_snapshots(batch)
                 except Exception as exc:

@@ -19,6 +19,8 @@ Policy:
   reads it, so ``/ready`` of every process reports a deployment without a publishing
   leader. The relay loop survives any error of its own (cleanup included) and runs under
   :func:`realtime.tasks.supervise`, which restarts it if it ends anyway.
+* What it publishes is data (:class:`realtime.feed.StockData`), not the client's
+  message: the hubs build that, so the WebSocket protocol can change without this process.
 * Order and completeness come from the outbox (final rows only, in stream order after a
   durable cursor). The cursor is saved only *after* a batch was published, so a crash
   between commit and publish loses nothing: the next leader publishes it again (a
@@ -54,9 +56,10 @@ import socket
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from realtime import feed
+from realtime.feed import StockData
 from realtime.keys import RedisKeys
 from realtime.ports import Outbox, OutboxLease, StockChange
-from realtime.protocol import stock_from_change
 from realtime.sharded import RedisClient, publish_sharded
 from realtime.tasks import cancel_and_wait, spawn
 
@@ -280,12 +283,9 @@ class Relay:
             await lease.advance(unsaved)
 
     async def _publish(self, batch: list[StockChange]) -> None:
+        channel, data = self._keys.stock_channel, StockData.from_change
+        pairs = [(channel(c.product_id), feed.encode(data(c))) for c in batch]
         if isinstance(self._redis, RedisCluster):
-            channel = self._keys.stock_channel
-            pairs = [(channel(c.product_id), stock_from_change(c)) for c in batch]
             await publish_sharded(self._redis, pairs)
-            return
-        args: list[str | bytes] = []
-        for change in batch:
-            args += (self._keys.stock_channel(change.product_id), stock_from_change(change))
-        await self._publish_all(args=args)
+        else:
+            await self._publish_all(args=[part for pair in pairs for part in pair])

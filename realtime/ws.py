@@ -41,7 +41,7 @@ from starlette.routing import WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from realtime.handoff import hand_off, sansio_protocol
+from realtime.handoff import abort_connection, hand_off, sansio_protocol
 from realtime.hub import Hub, HubFull
 from realtime.protocol import (
     MAX_FRAME_BYTES,
@@ -120,14 +120,10 @@ class AsgiTransport:
             raise TransportClosed from exc
 
     def abort(self) -> None:
-        # ASGI has no abort. When the server's receive callable is a method of its protocol
-        # object holding an asyncio transport (uvicorn's websocket protocols), drop the TCP
-        # connection; otherwise the socket lingers until the peer goes away, with only the
-        # server's bounded write buffer held (the session itself is already released).
-        protocol = getattr(self._receive, "__self__", None)
-        abort = getattr(getattr(protocol, "transport", None), "abort", None)
-        if callable(abort):  # uvloop's transports do not subclass asyncio.Transport
-            abort()
+        # ASGI has no abort: on uvicorn the TCP connection is dropped; elsewhere the socket
+        # lingers until the peer goes away, with only the server's bounded write buffer
+        # held (the session itself is already released).
+        abort_connection(self._receive)
 
 
 def _frame_too_big(text: str) -> bool:

@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 
+import httpx
 import pytest
 
 from inventory.client import (
@@ -97,6 +98,60 @@ async def test_every_route(server_factory: ServerFactory) -> None:
         first = await c.movements(product, after=0, limit=1)
         assert first.next_after == first.items[0].id
         assert first.items[0].quantity == 10
+
+
+def _scripted(*outcomes: int | type[httpx.TransportError]) -> tuple[list[str], httpx.MockTransport]:
+    """A transport answering each request with the next status, or raising the next error;
+    returns the request paths it saw."""
+    seen: list[str] = []
+    pending = list(outcomes)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        outcome = pending.pop(0)
+        if not isinstance(outcome, int):
+            raise outcome("scripted", request=request)
+        body = {"error": {"code": "unavailable", "message": "busy"}} if outcome >= 400 else LEVEL
+        return httpx.Response(outcome, json=body, headers={"Retry-After": "0"})
+
+    return seen, httpx.MockTransport(handle)
+
+
+LEVEL = {"warehouse_id": "w", "quantity": 1, "reserved": 0, "available": 1, "version": 1,
+         "updated_at": None}  # fmt: skip
+
+
+async def test_both_clients_share_one_retry_policy() -> None:
+    """503 and unsent requests are retried; a POST that may have arrived is not (no
+    server: a scripted transport)."""
+    for outcomes, calls, error in (
+        ((503, 503, 200), 3, None),
+        ((httpx.ConnectError, 200), 2, None),
+        ((httpx.ReadTimeout,), 1, httpx.ReadTimeout),  # adjust may have been applied
+        ((503, 503, 503), 3, ApiError),  # retries=2: the third answer is final
+    ):
+        seen, transport = _scripted(*outcomes)
+        http = httpx.Client(transport=transport, base_url="http://localhost")
+        with Client(retries=2, max_retry_wait=0.01, http=http) as c:
+            if error is None:
+                assert c.adjust("p", "w", 1).quantity == 1
+            else:
+                with pytest.raises(error):
+                    c.adjust("p", "w", 1)
+        assert len(seen) == calls
+        seen, transport = _scripted(*outcomes)
+        ahttp = httpx.AsyncClient(transport=transport, base_url="http://localhost")
+        async with AsyncClient(retries=2, max_retry_wait=0.01, http=ahttp) as a:
+            if error is None:
+                assert (await a.adjust("p", "w", 1)).quantity == 1
+            else:
+                with pytest.raises(error):
+                    await a.adjust("p", "w", 1)
+        assert len(seen) == calls
+    seen, transport = _scripted(httpx.ReadTimeout, 200)  # a PUT is harmless to repeat
+    with Client(http=httpx.Client(transport=transport, base_url="http://localhost")) as c:
+        assert c.set_quantity("p", "w", 1).version == 1
+    assert len(seen) == 2
 
 
 async def test_reserve_retries_keep_one_key(server_factory: ServerFactory) -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 import asyncpg
 import httpx
 import orjson
 import pytest
+from msgspec.structs import replace
 
 from inventory.config import ConfigError, Settings, parse_tokens
 from inventory.domain.model import MAX_ON_HAND, InventoryError, Unavailable, ValidationFailed

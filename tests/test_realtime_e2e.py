@@ -27,6 +27,7 @@ import psutil
 import pytest
 import redis
 import redis.cluster
+from msgspec import structs
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from websockets.asyncio.client import ClientConnection, connect
@@ -34,6 +35,7 @@ from websockets.exceptions import ConnectionClosed
 
 from inventory.ops.embedded import EmbeddedValkey
 from inventory.store.feed import PgOutbox
+from realtime import feed
 from realtime.keys import RedisKeys
 from realtime.relay import Relay
 from realtime.sharded import redis_from_url
@@ -588,13 +590,13 @@ async def channel_messages(
             while True:
                 message = await pubsub.get_sharded_message(True, timeout=1.0)
                 if message is not None:
-                    received.append(orjson.loads(message["data"]))
+                    received.append(structs.asdict(feed.decode(message["data"])))
     else:
         await pubsub.subscribe(channel)
 
         async def listen() -> None:
             async for message in pubsub.listen():
-                received.append(orjson.loads(message["data"]))
+                received.append(structs.asdict(feed.decode(message["data"])))
 
     task = asyncio.create_task(listen())
     try:

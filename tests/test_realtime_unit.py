@@ -29,8 +29,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Frame, Opcode
 
+from inventory.domain.model import PRODUCT_ID_RULE, WAREHOUSE_ID_RULE
+from realtime import feed
 from realtime.conflation import ConflationBuffer, Offer
-from realtime.hub import KIT_KEY, Hub, HubSettings
+from realtime.feed import AlertData, KitData, StockData
+from realtime.hub import Hub, HubSettings
 from realtime.keys import RedisKeys
 from realtime.ports import LevelState, StockChange
 from realtime.protocol import (
@@ -41,13 +44,16 @@ from realtime.protocol import (
     ProtocolError,
     Subscribe,
     Unsubscribe,
-    decode_stock,
+    encode_alert,
     encode_error,
+    encode_kit,
     encode_snapshot,
+    encode_stock,
     parse_command,
     stock_from_change,
     stock_from_level,
     text_frame,
+    validate_product_ids,
 )
 from realtime.session import HubStats, TransportClosed
 from realtime.ws import websocket_route
@@ -67,6 +73,8 @@ def test_parse_valid_commands() -> None:
 
 
 SINCE = '{"op":"subscribe","product_ids":["a"],"since":%s}'
+NO_IDS = "product_ids must be a non-empty list of product ids"
+MUST = f"must be {PRODUCT_ID_RULE}"
 
 
 @pytest.mark.parametrize(
@@ -95,13 +103,50 @@ SINCE = '{"op":"subscribe","product_ids":["a"],"since":%s}'
         (SINCE % '{"a":{"w":true}}', ErrorCode.INVALID_MESSAGE),
         (SINCE % '{"a":{"w":1.5}}', ErrorCode.INVALID_MESSAGE),
         (SINCE % '{"a":{"w:x":1}}', ErrorCode.INVALID_MESSAGE),
+        ('{"a":' * 5000 + "1" + "}" * 5000, ErrorCode.INVALID_JSON),  # too deep to find "op"
+        ('{"op":"subscribe","product_ids":' + "[" * 999 + "]" * 999 + "}",
+         ErrorCode.INVALID_PRODUCT_ID),  # quoted back without exhausting the stack
     ],
-)
+)  # fmt: skip
 def test_parse_rejects(text: str, code: ErrorCode) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_command(text)
     assert info.value.code is code
     assert info.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1]", "message must be a JSON object"),
+        ('{"product_ids":["a"]}', "message needs a string field 'op'"),
+        ('{"op":null}', "message needs a string field 'op'"),
+        ('{"op":"publish"}', "unknown op 'publish'; expected subscribe, unsubscribe or ping"),
+        ('{"op":"ping","b":1,"a":2}', "unknown field(s) for ping: ['a', 'b']"),
+        ('{"op":"unsubscribe"}', NO_IDS),
+        ('{"op":"subscribe","product_ids":[]}', NO_IDS),
+        ('{"op":"subscribe","product_ids":["a",null]}', f"product id None {MUST}"),
+        ('{"op":"subscribe","product_ids":["a\\n"]}', f"product id 'a\\n' {MUST}"),
+        (SINCE % "[]", "since must be an object {product_id: {warehouse_id: version}}"),
+        (SINCE % '{"b":{}}', "since names product 'b' that is not in product_ids"),
+        (SINCE % '{"a":1}', "since values must be objects {warehouse_id: version}"),
+        (SINCE % '{"a":{"w:x":1}}', f"warehouse id 'w:x' must be {WAREHOUSE_ID_RULE}"),
+        (SINCE % '{"a":{"w":9223372036854775808}}', "since versions must be integers from 0 to "
+                                                     "2^63-1"),
+    ],
+)  # fmt: skip
+def test_parse_error_messages(text: str, message: str) -> None:
+    """Each kind of refusal: msgspec's error location becomes the SPEC's message."""
+    with pytest.raises(ProtocolError) as info:
+        parse_command(text)
+    assert info.value.message == message
+
+
+def test_parse_accepts_null_since_and_the_largest_version() -> None:
+    assert parse_command(SINCE % "null") == Subscribe(("a",))
+    largest = parse_command(SINCE % '{"a":{"w":9223372036854775807}}')
+    assert largest == Subscribe(("a",), {"a": {"w": 2**63 - 1}})
+    assert validate_product_ids(["b", "a", "b"]) == ("b", "a")
 
 
 def test_parse_limits_product_count() -> None:
@@ -127,26 +172,44 @@ def test_error_messages_do_not_echo_large_input() -> None:
 
 def test_stock_message_from_change_and_level() -> None:
     change = StockChange(7, 9, "p", "w", "reserved", 10, 4, 3, T0)
-    message = orjson.loads(stock_from_change(change))
-    assert message == {
-        "type": "stock",
-        "product_id": "p",
-        "warehouse_id": "w",
-        "quantity": 10,
-        "reserved": 4,
-        "available": 6,
-        "version": 3,
-        "event": "reserved",
-        "ts": T0.timestamp(),
-    }
+    assert stock_from_change(change) == (
+        b'{"type":"stock","product_id":"p","warehouse_id":"w","quantity":10,"reserved":4,'
+        b'"available":6,"version":3,"event":"reserved","ts":1735787045.678}'
+    )
     level = LevelState("p", "w", 10, 4, 3, T0)
     assert orjson.loads(stock_from_level(level, "resync"))["event"] == "resync"
-    assert decode_stock(stock_from_change(change)) == ("w", 3)
 
 
-@pytest.mark.parametrize("data", [b"", b"[]", b"{}", b'{"warehouse_id":1,"version":2}', b"\xff"])
-def test_decode_stock_rejects_malformed(data: bytes) -> None:
-    assert decode_stock(data) is None
+def test_the_hub_builds_the_client_messages_from_published_data() -> None:
+    """What goes over Redis is versioned data; the client frame is the protocol's."""
+    change = StockChange(7, 9, "p", "w", "reserved", 10, 4, 3, T0)
+    data = feed.encode(StockData.from_change(change))
+    assert data == b'["stock.v1","w","reserved",10,4,3,1735787045.678]'
+    decoded = feed.decode(data)
+    assert isinstance(decoded, StockData)
+    assert encode_stock("p", decoded) == stock_from_change(change)
+    kit = feed.decode(feed.encode(KitData(5, 9)))
+    assert isinstance(kit, KitData)
+    assert encode_kit("k", kit) == b'{"type":"kit","product_id":"k","reservable":5,"seq":9}'
+    alert = feed.decode(feed.encode(AlertData("stock.low", 3, 1.5)))
+    assert isinstance(alert, AlertData)
+    assert encode_alert("p", alert) == (
+        b'{"type":"alert","product_id":"p","event":"stock.low","reservable":3,"ts":1.5}'
+    )
+
+
+def test_feed_versions_tolerate_added_fields() -> None:
+    """A newer publisher's extra trailing field is ignored; an unknown kind is unreadable."""
+    assert feed.decode(b'["kit.v1",5,9,"added later"]') == KitData(5, 9)
+    assert feed.decode(b'["kit.v2",5]') is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"[]", b"{}", b'{"type":"stock"}', b'["stock.v1","w",1]', b"\xff", b"[" * 5000],
+)
+def test_feed_decode_rejects_malformed(data: bytes) -> None:
+    assert feed.decode(data) is None
 
 
 def test_snapshot_message() -> None:
@@ -416,7 +479,7 @@ class FakeLevels:
     def set(self, product: str, warehouse: str, version: int, quantity: int = 10) -> bytes:
         self.rows[(product, warehouse)] = LevelState(product, warehouse, quantity, 0, version, T0)
         change = StockChange(1, 1, product, warehouse, "adjusted", quantity, 0, version, T0)
-        return stock_from_change(change)
+        return feed.encode(StockData.from_change(change))
 
     async def read_levels(self, product_ids: Sequence[str]) -> dict[str, list[LevelState]]:
         self.reads.append(list(product_ids))
@@ -547,18 +610,17 @@ async def test_hub_gap_triggers_resync(hub: Hub, levels: FakeLevels, direct: boo
 
 class FakeKits:
     """``extra_snapshots`` of one kit ``k``: its current number, ``seq`` counted per read
-    (as :class:`inventory.commerce_feed.KitSnapshots` counts it in Redis)."""
+    (as :class:`inventory.service.commerce_feed.KitSnapshots` counts it in Redis)."""
 
     def __init__(self) -> None:
         self.reservable = 3
         self.seq = 0
 
-    async def __call__(self, product_ids: Sequence[str]) -> list[tuple[str, str, int, bytes]]:
+    async def __call__(self, product_ids: Sequence[str]) -> list[tuple[str, KitData]]:
         if "k" not in product_ids:
             return []
         self.seq += 1
-        payload = {"type": "kit", "product_id": "k", "reservable": self.reservable, "seq": self.seq}
-        return [("k", KIT_KEY, self.seq, orjson.dumps(payload))]
+        return [("k", KitData(self.reservable, self.seq))]
 
 
 async def test_resync_after_a_reconnect_sends_kit_numbers_again(
@@ -582,6 +644,26 @@ async def test_resync_after_a_reconnect_sends_kit_numbers_again(
         await eventually(lambda: all(len(t.of_type("kit")) == 2 for t in transports))
         assert [t.of_type("kit")[-1]["reservable"] for t in transports] == [1, 1]
         assert hub.stats.redis_reconnects == 1
+    finally:
+        await hub.stop()
+
+
+async def test_hub_rereads_a_product_whose_message_it_cannot_read(
+    hub: Hub, levels: FakeLevels
+) -> None:
+    """A newer publisher's message kind (rolling upgrade): the row behind it is re-read
+    from the database, so the client is not left on a stale value."""
+    await hub.start()
+    try:
+        levels.set("p", "w", 1)
+        transport = FakeTransport(direct=True)
+        session = hub.open(transport)
+        await hub.execute(session, Subscribe(("p",)))
+        levels.set("p", "w", 2)
+        hub.on_message(channel("p"), b'["stock.v2","w",2]')
+        await eventually(lambda: bool(transport.of_type("stock")))
+        [resent] = transport.of_type("stock")
+        assert (resent["version"], resent["event"]) == (2, "resync")
     finally:
         await hub.stop()
 
@@ -827,7 +909,9 @@ async def test_uvicorn_connections_are_written_directly(levels: FakeLevels, tmp_
         finally:
             loop.set_task_factory(None)
         assert [(m["warehouse_id"], m["version"]) for m in received] == [("w", 2), ("x", 1)]
-        assert received[0] == orjson.loads(levels.set("p", "w", 2))
+        published = feed.decode(levels.set("p", "w", 2))
+        assert isinstance(published, StockData)
+        assert received[0] == orjson.loads(encode_stock("p", published))
         assert "Session._write_loop" not in created
         await client.send('{"op":"ping"}')
         assert orjson.loads(await client.recv()) == {"type": "pong"}

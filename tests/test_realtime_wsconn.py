@@ -12,6 +12,8 @@ import base64
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
 
-from realtime.handoff import check_compatible
+from realtime import handoff
+from realtime.handoff import abort_connection, check_compatible
 from realtime.hub import Hub, HubSettings
 from realtime.wsconn import WsConnection
 
@@ -121,6 +124,30 @@ def connections(hub: Hub) -> list[Any]:
 def test_uvicorn_is_compatible_with_the_handoff() -> None:
     """Fails loudly when a uvicorn upgrade changes what realtime/handoff.py relies on."""
     check_compatible()
+
+
+def test_an_incompatible_uvicorn_is_named_not_obscure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an upgrade that breaks the handoff looks like: a missing attribute, or the
+    private module gone (checked in a fresh interpreter, where importing fails)."""
+    monkeypatch.setattr(handoff, "_ATTRIBUTES", (*handoff._ATTRIBUTES, "renamed_in_0_99"))
+    with pytest.raises(RuntimeError, match=r"missing: renamed_in_0_99.*before upgrading uvicorn"):
+        check_compatible()
+    gone = "import sys; sys.modules['uvicorn.protocols.websockets.websockets_sansio_impl'] = None"
+    result = subprocess.run(
+        [sys.executable, "-c", f"{gone}; import realtime.handoff"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "uvicorn has no WebSocketsSansIOProtocol any more" in result.stderr
+
+
+def test_abort_without_uvicorn_underneath_does_nothing() -> None:
+    async def receive() -> dict[str, Any]:
+        return {}
+
+    abort_connection(receive)  # a plain function: no protocol object, nothing to drop
 
 
 async def test_connections_are_handed_off_and_idle_ones_have_no_task(

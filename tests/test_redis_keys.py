@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -10,6 +9,7 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 from redis.crc import key_slot
 
 from inventory.config import Settings
@@ -55,7 +55,7 @@ def test_relay_keys_share_one_slot_and_foreign_channels_are_not_products() -> No
 @pytest.fixture
 async def lock_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """An in-process app using the ``lock`` reservation strategy."""
-    app = create_app(dataclasses.replace(settings, reserve_strategy="lock"))
+    app = create_app(replace(settings, reserve_strategy="lock"))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:

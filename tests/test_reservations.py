@@ -11,13 +11,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from msgspec.structs import replace
 
 from inventory.config import Settings
 from inventory.ops.app import create_app

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+from msgspec.structs import replace
 
 from inventory.config import ConfigError, Settings, parse_tokens
 from inventory.ops.app import create_app

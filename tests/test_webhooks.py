@@ -14,7 +14,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -22,6 +22,7 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from msgspec.structs import replace
 
 from inventory.config import Settings
 from inventory.ops.app import create_app

@@ -1,9 +1,11 @@
 """Schemas that exist for ``/openapi.json`` only: the live-stream messages and the
 operational routes' answers.
 
-The WebSocket protocol is parsed by hand in :mod:`realtime.protocol` (its hot path
-encodes with orjson and shares frames between connections), so these declarations do not
-validate traffic; ``tests/test_openapi.py`` holds them to what a real server sends.
+The WebSocket commands are decoded by :mod:`realtime.protocol`'s own msgspec Structs
+(they check ids with the domain's regexes after decoding, faster than a per-item
+``pattern``, so their types carry no pattern for a schema) and its outbound messages are
+encoded with orjson, once per update; these declarations do not validate traffic, and
+``tests/test_openapi.py`` holds them to what a real server sends.
 """
 
 from __future__ import annotations

@@ -9,17 +9,17 @@ per (database, Redis, prefix), so deployments sharing a database but not a Redis
 publish to their own subscribers. A leader that finds another Redis id (a Redis restart
 that lost it, where another process asked first) steps down and campaigns again.
 
-For each batch it publishes, on the products' stream channels (the hub forwards them to
-subscribers like stock messages):
+For each batch it publishes data (:mod:`realtime.feed`) on the products' stream
+channels; the hubs turn it into the clients' ``alert`` and ``kit`` messages:
 
-- ``{"type": "alert", "product_id", "event", "reservable", "ts"}`` for every low-stock
-  crossing of the rows (:func:`inventory.service.alerts.crossings`, derived from the ledger, so a
-  batch replayed after a crash publishes the same alerts again rather than none);
-- ``{"type": "kit", "product_id", "reservable", "seq"}`` for each kit using a changed
-  product whose number differs from what this leader last published (only kits using
-  the changed products are recomputed). ``seq`` is a Redis counter per kit, so it only
-  goes up whichever process publishes; a subscriber also gets the current number and
-  ``seq`` when it subscribes (:class:`KitSnapshots`).
+- :class:`~realtime.feed.AlertData` for every low-stock crossing of the rows
+  (:func:`inventory.service.alerts.crossings`, derived from the ledger, so a batch
+  replayed after a crash publishes the same alerts again rather than none);
+- :class:`~realtime.feed.KitData` for each kit using a changed product whose number
+  differs from what this leader last published (only kits using the changed products are
+  recomputed). ``seq`` is a Redis counter per kit, so it only goes up whichever process
+  publishes; a subscriber also gets the current number and ``seq`` when it subscribes
+  (:class:`KitSnapshots`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-import orjson
-
-from realtime.hub import KIT_KEY
+from realtime import feed
+from realtime.feed import AlertData, KitData
 from realtime.keys import RedisKeys
 from realtime.ports import StockChange
 from realtime.relay import RedisIdentity
@@ -43,15 +42,9 @@ from ..store.feed import PgOutbox, PgOutboxLease
 from ..store.pg import Store
 from .alerts import crossings
 
-__all__ = ["CommerceFeed", "KitSnapshots", "encode_kit"]
+__all__ = ["CommerceFeed", "KitSnapshots"]
 
 log = logging.getLogger("inventory.commerce_feed")
-
-
-def encode_kit(product_id: str, reservable: int, seq: int) -> bytes:
-    return orjson.dumps(
-        {"type": "kit", "product_id": product_id, "reservable": reservable, "seq": seq}
-    )
 
 
 class CommerceFeed:
@@ -134,35 +127,32 @@ class CommerceFeed:
             parts = sorted({c.product_id for comps in kits.values() for c in comps})
             numbers = await reservables(conn, parts) if kits else {}
         at = {c.id: c.created_at.timestamp() for c in batch}
-        messages: list[tuple[str, bytes]] = [
-            (a.product_id, orjson.dumps({"type": "alert", "product_id": a.product_id,
-                                         "event": a.event, "reservable": a.reservable,
-                                         "ts": at[a.ledger_id]}))
-            for a in alerts
-        ]  # fmt: skip
+        messages: list[tuple[str, AlertData | KitData]] = [
+            (a.product_id, AlertData(a.event, a.reservable, at[a.ledger_id])) for a in alerts
+        ]
         for kit, components in sorted(kits.items()):
             n = kit_reservable(components, numbers)
             if self._last.get(kit) == n:
                 continue
             self._last[kit] = n
             seq = await self._redis.incr(self._keys.kit_seq(kit))
-            messages.append((kit, encode_kit(kit, n, seq)))
+            messages.append((kit, KitData(n, seq)))
         if messages:
-            await publish_all(
-                self._redis, [(self._keys.stock_channel(p), payload) for p, payload in messages]
-            )
+            channel = self._keys.stock_channel
+            await publish_all(self._redis, [(channel(p), feed.encode(m)) for p, m in messages])
 
 
 class KitSnapshots:
-    """The ``kit`` message a new subscriber of a kit gets first (for the hub)."""
+    """The kit data a new subscriber of a kit gets first (for the hub, which sends it as
+    the ``kit`` message)."""
 
     def __init__(self, store: Store, redis: RedisClient, prefix: str = "inventory") -> None:
         self._store = store
         self._redis = redis
         self._keys = RedisKeys(prefix)
 
-    async def __call__(self, product_ids: Sequence[str]) -> list[tuple[str, str, int, bytes]]:
-        """``(product_id, buffer key, version, payload)`` for each kit among the ids."""
+    async def __call__(self, product_ids: Sequence[str]) -> list[tuple[str, KitData]]:
+        """``(kit id, data)`` for each kit among the ids."""
         async with self._store.connection() as conn:
             kits = await kits_among_ids(conn, product_ids)
             if not kits:
@@ -173,6 +163,5 @@ class KitSnapshots:
         for kit, components in kits.items():
             # Counted like a change, so it is above anything sent before (and never 0).
             seq = await self._redis.incr(self._keys.kit_seq(kit))
-            payload = encode_kit(kit, kit_reservable(components, numbers), seq)
-            out.append((kit, KIT_KEY, seq, payload))
+            out.append((kit, KitData(kit_reservable(components, numbers), seq)))
         return out
