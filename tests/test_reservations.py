@@ -503,6 +503,9 @@ BAD_BODIES: list[tuple[str, Callable[[str], Any], int, str | None]] = [
     ),
     ("bad-product", lambda p: {"lines": [line("bad id", 1)]}, 422, "lines[0].product_id"),
     ("long-product", lambda p: {"lines": [line("x" * 129, 1)]}, 422, "lines[0].product_id"),
+    # A final newline: Python's ``$`` matches before one, the schema must not.
+    ("product-newline", lambda p: {"lines": [line(p + "\n", 1)]}, 422, "lines[0].product_id"),
+    ("warehouse-newline", lambda p: {"lines": [line(p, 1, "w\n")]}, 422, "lines[0].warehouse_id"),
     ("bad-warehouse", lambda p: {"lines": [line(p, 1, "bad!")]}, 422, "lines[0].warehouse_id"),
     ("long-ref", lambda p: {"lines": [line(p, 1)], "reference": "r" * 256}, 422, "reference"),
     ("not-object", lambda p: [line(p, 1)], 422, None),

@@ -53,6 +53,7 @@ __all__ = [
     "is_product_id",
     "is_warehouse_id",
     "row_deltas",
+    "schema_pattern",
 ]
 
 # The id rules, here only: the domain checks, the HTTP schemas, OpenAPI and the WebSocket
@@ -69,6 +70,13 @@ MAX_ON_HAND = 1_000_000_000  # per stock row; keeps every sum far inside bigint
 MAX_LINES = 100
 MIN_TTL_SECONDS = 1
 MAX_TTL_SECONDS = 24 * 3600
+
+
+def schema_pattern(rule: re.Pattern[str]) -> str:
+    """``rule`` as a whole-string pattern for JSON Schema and msgspec, which search with
+    it: ``^...$`` alone would let a final newline through (Python's ``$`` matches before
+    one); ``(?!\\n)`` refuses it and means the same to a JavaScript validator."""
+    return f"^{rule.pattern}$(?!\\n)"
 
 
 def is_warehouse_id(value: str) -> bool:

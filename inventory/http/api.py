@@ -41,6 +41,7 @@ from ..domain.model import (
     WarehouseStatus,
     is_product_id,
     is_warehouse_id,
+    schema_pattern,
 )
 from ..service.catalog import ProductSettings, get_settings
 from ..service.idempotency import Idempotency, Replay, body_hash
@@ -616,7 +617,7 @@ _READ = ("unavailable",)
 _WRITE = ("conflict", "contention", "unavailable")
 _STOCK_WRITE = ("not_found", "insufficient_stock", "version_conflict", "is_kit", *_WRITE)
 _FINISH = ("not_found", "invalid_state", *_WRITE)
-PRODUCT_ID_SCHEMA = {"type": "string", "pattern": f"^{PRODUCT_ID_RE.pattern}$"}
+PRODUCT_ID_SCHEMA = {"type": "string", "pattern": schema_pattern(PRODUCT_ID_RE)}
 PRODUCT_IDS_PARAM = QueryParam(
     "product_ids",
     {"type": "array", "items": PRODUCT_ID_SCHEMA, "minItems": 1, "maxItems": MAX_STOCK_QUERY},

@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from ..domain.model import IDEMPOTENCY_KEY_RE, PRODUCT_ID_RE, WAREHOUSE_ID_RE
+from ..domain.model import IDEMPOTENCY_KEY_RE, PRODUCT_ID_RE, WAREHOUSE_ID_RE, schema_pattern
 from .api import RouteDoc, status_of_code
 from .guards import ForbiddenOrigin
 from .schemas import STOCK_BODY_KINDS, ErrorOut
@@ -44,9 +44,9 @@ _STATUS_TEXT = {
     503: "Contention, or a dependency is down: retry after `Retry-After` seconds",
 }
 _PARAM_SCHEMAS = {
-    "product_id": {"type": "string", "pattern": f"^{PRODUCT_ID_RE.pattern}$"},
-    "warehouse_id": {"type": "string", "pattern": f"^{WAREHOUSE_ID_RE.pattern}$"},
-    "webhook_id": {"type": "string", "pattern": f"^{WAREHOUSE_ID_RE.pattern}$"},
+    "product_id": {"type": "string", "pattern": schema_pattern(PRODUCT_ID_RE)},
+    "warehouse_id": {"type": "string", "pattern": schema_pattern(WAREHOUSE_ID_RE)},
+    "webhook_id": {"type": "string", "pattern": schema_pattern(WAREHOUSE_ID_RE)},
     "reservation_id": {"type": "string", "format": "uuid"},
     "entry_id": {"type": "string", "format": "uuid"},
 }

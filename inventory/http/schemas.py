@@ -27,6 +27,7 @@ from ..domain.model import (
     WAREHOUSE_ID_RE,
     InventoryError,
     ValidationFailed,
+    schema_pattern,
 )
 
 __all__ = [
@@ -57,8 +58,8 @@ __all__ = [
 
 MAX_STOCK = MAX_ON_HAND
 
-ProductId = Annotated[str, Meta(pattern=f"^{PRODUCT_ID_RE.pattern}$")]
-WarehouseId = Annotated[str, Meta(pattern=f"^{WAREHOUSE_ID_RE.pattern}$")]
+ProductId = Annotated[str, Meta(pattern=schema_pattern(PRODUCT_ID_RE))]
+WarehouseId = Annotated[str, Meta(pattern=schema_pattern(WAREHOUSE_ID_RE))]
 # PostgreSQL text cannot hold U+0000: refuse it here (422) instead of failing the write
 # (a 500, and for reservations the whole combined batch of other clients).
 NO_NUL = r"^[^\x00]*$"
