@@ -288,7 +288,10 @@ async def test_kit_numbers_and_seq_stay_paired_when_readers_race(
     snapshot goes on. It must not come out as the older number with a higher ``seq`` (a
     hub would keep that over the feed's message until the next change): it answers the
     pair that stands. Then: a number recorded by a reader that died before publishing it
-    is published by the next reader; an unchanged number keeps its ``seq``."""
+    is published by the next reader; an unchanged number keeps its ``seq``; a reading
+    from another database origin (a restore) is news whatever its order."""
+    import dataclasses
+
     import orjson
     import redis.asyncio as aioredis
 
@@ -355,6 +358,18 @@ async def test_kit_numbers_and_seq_stay_paired_when_readers_race(
             assert (published[-1]["reservable"], published[-1]["seq"]) == (3, fed[1] + 1)
             # Unchanged: same seq, nothing published.
             assert kit_message(await snapshots([kit])) == (3, fed[1] + 1)
+            # A reading from another origin (a restored database) is news whatever its
+            # order; the next one from here too. Seq goes on going up.
+            numbers = KitNumbers(plain, prefix)
+            async with store.connection() as conn:
+                here = await read_kits(conn, [kit])
+            restored = dataclasses.replace(here, origin="restored", order=(1, 0))
+            [k] = await numbers.record(dataclasses.replace(restored, reservables={part: 9}))
+            assert (k.reservable, k.seq) == (9, fed[1] + 2)
+            await numbers.published([k])
+            [k] = await numbers.record(here)
+            assert (k.reservable, k.seq, k.publish) == (3, fed[1] + 3, True)
+            await numbers.published([k])
             await feed.publish([await _last_change(writer, part)])
             await plain.publish(RedisKeys(prefix).stock_channel(kit), b'{"type": "end"}')
             await wait_until(lambda: len(published) == 3, 5, "the end marker")

@@ -24,16 +24,16 @@ Kit numbers and ``seq`` (:class:`KitNumbers`): the feed and every process's snap
 read kit numbers from PostgreSQL, concurrently, and a hub keeps the message with the
 highest ``seq``. So a number and its ``seq`` are paired in Redis (one hash per kit,
 :meth:`realtime.keys.RedisKeys.kit`) by a script that accepts a reading only if its
-database snapshot is later in commit order than the stored one
-(:class:`~inventory.store.commerce.KitReading`); ``seq`` goes up by one exactly when an
-accepted reading changes the number. A reading that lost the race (taken before a
-change another reader already recorded) gets the stored pair back instead of its own
-number, so an older number can never come with a higher ``seq``, whichever process read
-it and in whichever order the reads and the Redis calls interleave. Whoever records a
-new number publishes it (a snapshot may see a change before the feed does), so every
-process's subscribers get it, and marks it published afterwards: a pair recorded by a
-reader that failed or died before publishing is published by the next reader of the kit.
-An unchanged number costs no message.
+database snapshot is later in commit order than the stored one, or comes from another
+database origin (a restore or a failover: :class:`~inventory.store.commerce.KitReading`);
+``seq`` goes up by one exactly when an accepted reading changes the number. A reading
+that lost the race (taken before a change another reader already recorded) gets the
+stored pair back instead of its own number, so an older number can never come with a
+higher ``seq``, whichever process read it and in whichever order the reads and the Redis
+calls interleave. Whoever records a new number publishes it (a snapshot may see a change
+before the feed does), so every process's subscribers get it, and marks it published
+afterwards: a pair recorded by a reader that failed or died before publishing is
+published by the next reader of the kit. An unchanged number costs no message.
 """
 
 from __future__ import annotations
@@ -63,26 +63,26 @@ __all__ = ["CommerceFeed", "KitNumber", "KitNumbers", "KitSnapshots", "encode_ki
 log = logging.getLogger("inventory.commerce_feed")
 
 
-# KEYS[1]: the kit's hash; ARGV: xmax, running (the reading's snapshot order, see
-# KitReading) and the number read. Returns the number and seq that stand, and 1 when they
-# are still to be published (just recorded, or recorded by a reader that did not get to
-# publish them), else 0.
+# KEYS[1]: the kit's hash; ARGV: origin, xmax, running (where the reading's snapshot
+# stands, see KitReading) and the number read. Returns the number and seq that stand, and
+# 1 when they are still to be published (just recorded, or recorded by a reader that did
+# not get to publish them), else 0.
 _RECORD = """
-local s = redis.call('HMGET', KEYS[1], 'xmax', 'running', 'n', 'seq', 'published')
-local xmax, running, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local s = redis.call('HMGET', KEYS[1], 'origin', 'xmax', 'running', 'n', 'seq', 'published')
+local xmax, running, n = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if s[1] then
-    local x, r = tonumber(s[1]), tonumber(s[2])
-    local older = xmax < x or (xmax == x and running >= r)
-    if older or tonumber(s[3]) == n then
+    local x, r = tonumber(s[2]), tonumber(s[3])
+    local older = s[1] == ARGV[1] and (xmax < x or (xmax == x and running >= r))
+    if older or tonumber(s[4]) == n then
         if not older then
-            redis.call('HSET', KEYS[1], 'xmax', ARGV[1], 'running', ARGV[2])
+            redis.call('HSET', KEYS[1], 'origin', ARGV[1], 'xmax', ARGV[2], 'running', ARGV[3])
         end
-        return {tonumber(s[3]), tonumber(s[4]), s[5] == '0' and 1 or 0}
+        return {tonumber(s[4]), tonumber(s[5]), s[6] == '0' and 1 or 0}
     end
 end
-local seq = tonumber(s[4] or 0) + 1
-redis.call('HSET', KEYS[1], 'xmax', ARGV[1], 'running', ARGV[2], 'n', ARGV[3], 'seq', seq,
-           'published', 0)
+local seq = tonumber(s[5] or 0) + 1
+redis.call('HSET', KEYS[1], 'origin', ARGV[1], 'xmax', ARGV[2], 'running', ARGV[3],
+           'n', ARGV[4], 'seq', seq, 'published', 0)
 return {n, seq, 1}
 """
 
@@ -128,7 +128,8 @@ class KitNumbers:
         out = []
         for kit, components in sorted(reading.kits.items()):
             n = kit_reservable(components, reading.reservables)
-            got = await self._record(keys=[self._keys.kit(kit)], args=[*reading.order, n])
+            args: list[str | int] = [reading.origin, *reading.order, n]
+            got = await self._record(keys=[self._keys.kit(kit)], args=args)
             out.append(KitNumber(kit, int(got[0]), int(got[1]), bool(got[2])))
         return out
 

@@ -230,15 +230,23 @@ class KitReading:
     grows; while it stays the same no transaction below it starts, so the in-progress
     list only shrinks), and two with equal orders saw the same commits: a reading with a
     greater order is at least as fresh.
+
+    Orders compare within one ``origin``: the database cluster's system identifier and
+    its WAL timeline. A restore from a backup or a failover continues on a new timeline,
+    whose transaction ids may restart below ones already seen, so a reading of another
+    origin is news whatever its order. (Copying an older data directory back in place
+    keeps the timeline: kit numbers then stand still until transaction ids pass the
+    recorded ones, or the kits' Redis keys are deleted.)
     """
 
+    origin: str
     order: tuple[int, int]
     kits: dict[str, tuple[KitComponent, ...]]
     reservables: dict[str, int]
 
 
 # One statement, so one snapshot: the kits, their components' reservable (after safety
-# stock; 0 without rows) and the snapshot's place in commit order.
+# stock; 0 without rows), the snapshot's place in commit order and its origin.
 _KIT_READ = """
 WITH kits AS (
     SELECT product_id, components FROM products
@@ -256,7 +264,9 @@ free AS (
                 JOIN warehouses w ON w.id = s.warehouse_id AND w.status = 'active'
                 WHERE s.product_id = x.product_id), 0) - coalesce(p.safety_stock, 0)) AS n
     FROM parts x LEFT JOIN products p ON p.product_id = x.product_id)
-SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax,
+SELECT (SELECT system_identifier FROM pg_control_system())::text || ':'
+           || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) AS origin,
+       pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax,
        (SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot())) AS running,
        (SELECT jsonb_object_agg(product_id, components) FROM kits) AS kits,
        (SELECT jsonb_object_agg(product_id, n) FROM free) AS reservables
@@ -271,6 +281,7 @@ async def read_kits(conn: Conn, among: Sequence[str] = (), using: Sequence[str] 
     kits = orjson.loads(row["kits"]) if row["kits"] is not None else {}
     free = orjson.loads(row["reservables"]) if row["reservables"] is not None else {}
     return KitReading(
+        row["origin"],
         (row["xmax"], -row["running"]),
         {k: tuple(KitComponent(c["product_id"], c["quantity"]) for c in comps)
          for k, comps in kits.items()},
