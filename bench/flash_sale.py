@@ -1,6 +1,6 @@
 """The ``flash-sale`` scenario: many buyers, bots and retriers on one limited product.
 
-``python -m bench.flash_sale [--buyers 10000] [--clients 128] [--rounds 1]``
+``python -m bench.flash_sale [--buyers 10000] [--clients 128] [--rounds 1] [--kill-returns 30]``
 
 Per round, against one ``inventory serve`` on scratch databases:
 
@@ -16,6 +16,17 @@ Per round, against one ``inventory serve`` on scratch databases:
 3. *hot ceiling*: the same number of requests as plain 1-line reservations of product
    ``hot`` (stock never runs out), same connections: the ratio is flash / hot
    requests per second, both measured in the same run.
+
+4. *offers after kill -9* (``--kill-returns``, 0 skips it): two more server processes on
+   the same databases and Redis; product ``crash`` has ``kill-returns`` units, each held
+   by a 1-unit reservation, and as many 1-unit entries wait for it. A third of the
+   reservations are released together through server A, which is killed with SIGKILL as
+   soon as they are answered (its offers for them pending: in flight or not yet begun);
+   the rest are released one by one through server B, 0.1 s apart. The k-th entry in
+   queue order is served by the k-th returned unit, so its offer latency is the offer
+   reservation's ``created_at`` (PostgreSQL's clock: the database must run on this
+   machine) minus the time that unit's release was sent: p50, p99 and max over all of
+   them, and the max over the units returned just before the kill.
 
 Then ``inventory check`` (limits, offers, kits, the ledger) must hold: zero oversell and
 zero limit breaches are verified, not assumed. The kit comparison (``--kits``) reserves
@@ -34,6 +45,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -42,7 +54,7 @@ from bench.loadgen import Client
 from bench.stack import ServerProcess, backing_servers, scratch_databases
 from inventory.ops.check import check_database
 
-__all__ = ["main", "run_round"]
+__all__ = ["main", "offers_after_kill", "run_round"]
 
 UNITS = 1000
 LIMIT = 2
@@ -221,6 +233,81 @@ async def _kit_round(host: str, port: int, clients: int, n: int) -> dict[str, An
             "kit_ratio": round(rates["kit"] / rates["explicit"], 3)}  # fmt: skip
 
 
+async def offers_after_kill(env: dict[str, str], returns: int) -> dict[str, Any]:
+    """Offer latency when a server process is killed with offers pending (module doc,
+    step 4); the warehouse ``wh-1`` exists already."""
+    servers = [ServerProcess.inventory(env, 1) for _ in range(2)]
+    try:
+        for server in servers:
+            await asyncio.to_thread(server.start)
+        a, b = servers
+        c = Client("127.0.0.1", b.port)
+        try:
+            status, body, _ = await _call(
+                c, "PUT", "/v1/products/crash/stock/wh-1", {"quantity": returns}
+            )
+            assert status == 200, body
+            held, entries = [], []
+            for _ in range(returns):
+                line = {"lines": [{"product_id": "crash", "quantity": 1}], "ttl_seconds": 3600}
+                status, body, _ = await _call(c, "POST", "/v1/reservations", line)
+                assert status == 201, body
+                held.append(body["id"])
+            for i in range(returns):  # one by one: queue order is list order
+                join = {"customer_id": f"crash-{i}", "quantity": 1}
+                status, body, _ = await _call(c, "POST", "/v1/products/crash/waitlist", join)
+                assert (status, body["status"]) == (201, "waiting"), body
+                entries.append(body["id"])
+
+            async def release(client: Client, reservation_id: str) -> None:
+                path = f"/v1/reservations/{reservation_id}/release"
+                status, body, _ = await _call(client, "POST", path)
+                assert status == 200, body
+
+            burst = max(1, returns // 3)
+            sent_at = [time.time()] * burst  # the units returned just before the kill
+            await _drive("127.0.0.1", a.port, burst, held[:burst], release)
+            assert a.proc is not None
+            a.proc.kill()  # SIGKILL: no cleanup, its pending offers die with it
+            for reservation_id in held[burst:]:
+                sent_at.append(time.time())
+                await release(c, reservation_id)
+                await asyncio.sleep(0.1)
+            offered_at = await _offer_times(c, entries, deadline=time.monotonic() + 10)
+        finally:
+            c.close()
+    finally:
+        for server in servers:
+            server.stop()
+    latencies = [t - s for t, s in zip(offered_at, sent_at, strict=True) if t is not None]
+    return {
+        "kill_returns": returns,
+        "kill_offers_made": len(latencies),
+        "kill_offer_p50_s": round(_pct(latencies, 0.5), 3),
+        "kill_offer_p99_s": round(_pct(latencies, 0.99), 3),
+        "kill_offer_max_s": round(max(latencies, default=0.0), 3),
+        "kill_pending_offer_max_s": round(max(latencies[:burst], default=0.0), 3),
+    }
+
+
+async def _offer_times(c: Client, entries: list[str], deadline: float) -> list[float | None]:
+    """When each entry's offer reservation was made (Unix seconds), waiting for the
+    offers until ``deadline`` (monotonic); None for an entry never offered."""
+    times: list[float | None] = [None] * len(entries)
+    while True:
+        for i, entry_id in enumerate(entries):
+            if times[i] is not None:
+                continue
+            _, entry, _ = await _call(c, "GET", f"/v1/waitlist/{entry_id}")
+            if entry["status"] == "offered":
+                path = f"/v1/reservations/{entry['reservation_id']}"
+                _, offer, _ = await _call(c, "GET", path)
+                times[i] = datetime.fromisoformat(offer["created_at"]).timestamp()
+        if all(t is not None for t in times) or time.monotonic() > deadline:
+            return times
+        await asyncio.sleep(0.1)
+
+
 async def _main(args: argparse.Namespace) -> int:
     results = []
     with backing_servers() as backing:
@@ -238,6 +325,8 @@ async def _main(args: argparse.Namespace) -> int:
                                              args.waitlist_share, args.kits)  # fmt: skip
                 finally:
                     server.stop()
+                if args.kill_returns:
+                    result.update(await offers_after_kill(env, args.kill_returns))
                 violations = {k: v for k, v in (await check_database(dbs.http)).items() if v}
                 result["invariant_violations"] = violations
                 results.append(result)
@@ -247,8 +336,17 @@ async def _main(args: argparse.Namespace) -> int:
         "median_ratio": statistics.median(r["ratio"] for r in results),
         "median_p99_ms": statistics.median(r["p99_ms"] for r in results),
     }
+    if args.kill_returns:
+        summary["median_kill_offer_p99_s"] = statistics.median(
+            r["kill_offer_p99_s"] for r in results
+        )
     print(json.dumps(summary, indent=2))
-    ok = all(not r["invariant_violations"] and r["flash_reserved"] <= UNITS for r in results)
+    ok = all(
+        not r["invariant_violations"]
+        and r["flash_reserved"] <= UNITS
+        and r.get("kill_offers_made") == r.get("kill_returns")  # every waiter served
+        for r in results
+    )
     return 0 if ok else 1
 
 
@@ -260,6 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--waitlist-share", type=float, default=0.05)
     parser.add_argument("--kits", action="store_true", help="also the kit vs 3 lines comparison")
+    parser.add_argument(
+        "--kill-returns", type=int, default=30,
+        help="units returned around a kill -9 of one of two servers (0: skip that step)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     return asyncio.run(_main(args))
 

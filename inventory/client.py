@@ -74,6 +74,7 @@ __all__ = [
     "BulkResult",
     "Client",
     "Component",
+    "KitComponentStock",
     "Level",
     "Line",
     "Movement",
@@ -111,12 +112,23 @@ class Level(Struct):
 
 
 class ProductStock(Struct):
+    """A stock body: a product's totals and levels, or a kit's (``kit`` true: only
+    ``reservable`` and its ``components``' bodies; a kit has no rows)."""
+
     product_id: str
-    quantity: int
-    reserved: int
-    available: int
-    reservable: int
-    levels: list[Level]
+    quantity: int = 0
+    reserved: int = 0
+    available: int = 0
+    reservable: int = 0
+    levels: list[Level] = []
+    kit: bool = False
+    components: list[KitComponentStock] | None = None
+
+
+class KitComponentStock(Struct):
+    product_id: str
+    quantity: int  # units per kit
+    stock: ProductStock | None  # None while the component has no stock row
 
 
 class Component(Struct):

@@ -27,8 +27,10 @@ Consistency policy (no subscriber is left on a stale value):
   every row; each session drops what it already has).
 * Derived state beyond rows (a kit's number, from ``extra_snapshots``) is re-read with
   every resync and pushed to all local subscribers of the product, like the rows: after a
-  reconnect, a gap or an overflow a kit's subscribers get its current number with a new
-  ``seq``. (Alerts are events, not state: a lost one is not sent again.)
+  reconnect, a gap or an overflow a kit's subscribers get its current number. A gap on a
+  product also re-reads the state derived from it (the hook's ``related``: the kits using
+  a component), since the messages lost with the gap may include theirs. (Alerts are
+  events, not state: a lost one is not sent again.)
 * No periodic full resync: every way a message can be lost ends in a detectable event
   (connection loss, caught by errors or the PING watchdog for half-open sockets; or a
   version gap), and a timer would cost a database read per subscribed product per period
@@ -105,8 +107,9 @@ log = logging.getLogger("realtime.hub")
 _KIT_KEY = " kit"
 _ALERT_KEY = " alert"
 
-#: Reads derived state for new subscribers: ``(product_id, kit data)`` per kit among them.
-ExtraSnapshots = Callable[[Sequence[str]], Awaitable[list[tuple[str, KitData]]]]
+#: Reads derived state ``(product_id, kit data)`` of the products of the first argument,
+#: and of the products derived from those of the second (``related``).
+ExtraSnapshots = Callable[[Sequence[str], Sequence[str]], Awaitable[list[tuple[str, KitData]]]]
 
 SHUTDOWN_CLOSE = 1001
 MAX_CONNECTIONS = 10_000  # stream connections (WebSocket and SSE) per process, by default
@@ -189,6 +192,7 @@ class Hub:
         self._unreadable = 0  # published messages this version could not read
         self._fan_out_handle: asyncio.Handle | None = None
         self._resync_wanted: set[str] = set()
+        self._resync_related: set[str] = set()  # of those: re-read what derives from them
         self._resync_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()  # unsubscribes, slow-client closes
@@ -294,7 +298,7 @@ class Hub:
         failure costs only that message (the next change sends it again)."""
         assert self._extra_snapshots is not None
         try:
-            extras = await self._extra_snapshots(products)
+            extras = await self._extra_snapshots(products, ())
         except Exception:
             log.exception("extra snapshot read failed")
             return
@@ -442,7 +446,7 @@ class Hub:
                 return
             if version > last + 1:
                 self.stats.gaps += 1
-                self.resync((topic.product_id,))
+                self.resync((topic.product_id,), related=True)
         topic.versions[warehouse_id] = version
         burst = self._burst.get(topic.product_id)
         if burst is None:
@@ -489,9 +493,13 @@ class Hub:
 
     # resync from the source of truth
 
-    def resync(self, product_ids: Iterable[str]) -> None:
-        """Re-read these products from the database soon and push what is newer."""
-        self._resync_wanted.update(product_ids)
+    def resync(self, product_ids: Iterable[str], *, related: bool = False) -> None:
+        """Re-read these products from the database soon and push what is newer; with
+        ``related`` also the derived state of other products that depends on them."""
+        products = set(product_ids)
+        self._resync_wanted.update(products)
+        if related:
+            self._resync_related.update(products)
         if self._resync_wanted:
             self._resync_wake.set()
 
@@ -524,18 +532,22 @@ class Hub:
             self._resync_wake.clear()
             while True:
                 self._resync_wanted.intersection_update(self._topics)
+                self._resync_related.intersection_update(self._resync_wanted)
                 batch = list(itertools.islice(self._resync_wanted, self.settings.resync_batch))
                 if not batch:
                     break
+                related = [p for p in batch if p in self._resync_related]
                 self._resync_wanted.difference_update(batch)
+                self._resync_related.difference_update(related)
                 try:
                     levels = await self._levels.read_levels(batch)
                     extras: list[tuple[str, KitData]] = []
                     if self._extra_snapshots is not None:
-                        extras = await self._extra_snapshots(batch)
+                        extras = await self._extra_snapshots(batch, related)
                 except Exception as exc:
                     failures += 1
                     self._resync_wanted.update(batch)
+                    self._resync_related.update(related)
                     log.warning("resync read failed (%s); retrying", exc)
                     await asyncio.sleep(min(1.0, 0.05 * 2**failures))
                     continue

@@ -5,6 +5,7 @@ Layout (``P`` is the encoded prefix, ``E`` the encoded product id)::
     P:lock:{E}      the product's lock (a string holding the holder's token)
     P:fence:{E}     the lock's fence counter (never expires)
     P:stock:{E}     the product's stock channel (PUBLISH, or SPUBLISH in a cluster)
+    P:kit:{E}       a kit's published number and seq (a hash)
     P:relay:{P}:X   relay state ``X`` (shared by every relay of the prefix)
 
 Encoding: ids are percent-encoded, every byte outside ``[A-Za-z0-9._-]`` written as
@@ -81,9 +82,10 @@ class RedisKeys:
         encoded = text[len(head) : -1]
         return unquote(encoded) if "%" in encoded else encoded
 
-    def kit_seq(self, kit_id: str) -> str:
-        """The counter behind a kit's ``seq`` (only goes up), in the kit's slot."""
-        return f"{self._prefix}:kitseq:{{{encode_part(kit_id)}}}"
+    def kit(self, kit_id: str) -> str:
+        """A hash of the kit's last published number, its ``seq`` (only goes up) and the
+        database snapshot it was read in, in the kit's slot."""
+        return f"{self._prefix}:kit:{{{encode_part(kit_id)}}}"
 
     def stream_ticket(self, digest: str) -> str:
         """A stream ticket, named by the SHA-256 hex digest of its value (never the value)."""

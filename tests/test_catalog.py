@@ -87,6 +87,11 @@ async def test_kit_rules(client: httpx.AsyncClient, make_stock: MakeStock, new_i
     assert (r.status_code, err(r)) == (409, "is_kit")
     kit_stock = (await client.get(f"/v1/products/{kit}/stock")).json()  # derived, no rows
     assert (kit_stock["kit"], "levels" in kit_stock) == (True, False)
+    assert kit_stock["reservable"] == 5
+    # The product body's ``stock`` is that same stock body, read alone or in a listing.
+    assert (await client.get(f"/v1/products/{kit}")).json()["stock"] == kit_stock
+    page = (await client.get("/v1/products", params={"after": kit[:-1], "limit": 1})).json()
+    assert [(p["product_id"], p["stock"]) for p in page["products"]] == [(kit, kit_stock)]
     # Kits of kits, either way round, and a product with stock rows cannot be a kit.
     r = await client.put(
         f"/v1/products/{new_id('kit')}", json={"components": [{"product_id": kit, "quantity": 1}]}
@@ -139,7 +144,7 @@ async def test_kit_and_first_row_race(
         loser = row_put if outcome == (201, 409) else kit_put
         assert err(loser) == ("is_kit" if loser is row_put else "has_stock")
         body = (await client.get(f"/v1/products/{pid}")).json()
-        assert (body["components"] is None) != (body["stock"] is None)
+        assert (body["components"] is None) == ("levels" in body["stock"])  # kit: no rows
 
 
 async def test_list_products_pages_in_byte_order(

@@ -69,6 +69,14 @@ async def test_every_route(server_factory: ServerFactory) -> None:
                                                                "quantity": 2}])  # fmt: skip
             assert kit.components is not None
             assert kit.components[0].quantity == 2
+            assert kit.stock is not None  # a kit's stock body
+            assert (kit.stock.kit, kit.stock.reservable, kit.stock.levels) == (True, 5, [])
+            assert kit.stock.components is not None
+            part = kit.stock.components[0]
+            assert (part.product_id, part.quantity) == (product, 2)
+            assert part.stock is not None
+            assert part.stock.available == 10
+            assert c.get_stock(product + "-kit") == kit.stock
             assert c.put_product(product, name="Tee", safety_stock=1).stock is not None
             assert c.get_product(product).name == "Tee"
             ids = [

@@ -294,3 +294,120 @@ async def test_commerce_feed_leads_per_database_and_redis(
             await r.delete(*relay_keys(prefix))
             await r.aclose()
         await store.close()
+
+
+async def _last_change(conn: asyncpg.Connection, product: str) -> Any:
+    """The product's newest ledger row as the commerce feed gets it from the outbox."""
+    from realtime.ports import StockChange
+
+    r = await conn.fetchrow(
+        """SELECT id, product_id, warehouse_id, kind, quantity, reserved, version, created_at
+           FROM movements WHERE product_id = $1 ORDER BY id DESC LIMIT 1""",
+        product,
+    )
+    assert r is not None
+    return StockChange(0, *r.values())
+
+
+async def test_kit_numbers_and_seq_stay_paired_when_readers_race(
+    database_url: str, redis_url: str, new_id: NewId
+) -> None:
+    """A subscriber's snapshot of kit ``k`` reads the database (1 kit), then stalls
+    before Redis; a component change commits (2 kits) and the feed publishes it; then the
+    snapshot goes on. It must not come out as the older number with a higher ``seq`` (a
+    hub would keep that over the feed's message until the next change): it answers the
+    pair that stands. Then: a number recorded by a reader that died before publishing it
+    is published by the next reader; an unchanged number keeps its ``seq``; a reading
+    from another database origin (a restore) is news whatever its order."""
+    import dataclasses
+
+    import redis.asyncio as aioredis
+    from msgspec import structs
+
+    from inventory.service.catalog import Component, ProductSettings, put_settings
+    from inventory.service.commerce_feed import CommerceFeed, KitNumbers, KitSnapshots
+    from inventory.store.commerce import read_kits
+    from inventory.store.feed import PgOutbox
+    from inventory.store.pg import connect
+    from realtime.feed import AlertData, KitData, encode
+    from realtime.keys import RedisKeys
+
+    from .conftest import wait_until
+    from .test_realtime_e2e import channel_messages, write_change
+
+    class GatedRedis(aioredis.Redis):
+        """Holds its first script or counter command until ``gate`` is set."""
+
+        gate = asyncio.Event()
+        reached = asyncio.Event()
+
+        async def execute_command(self, *args: Any, **options: Any) -> Any:
+            if args[0] in ("EVALSHA", "INCRBY") and not self.gate.is_set():
+                self.reached.set()
+                await self.gate.wait()
+            return await super().execute_command(*args, **options)
+
+    prefix, part, kit, wh = new_id("kitrace"), new_id("part"), new_id("kit"), new_id("wh")
+    plain, gated = aioredis.Redis.from_url(redis_url), GatedRedis.from_url(redis_url)
+    store = await connect(database_url, min_size=1, max_size=4, timeout=10)
+    writer = await asyncpg.connect(database_url)
+    feed = CommerceFeed(PgOutbox(store.pool), store, plain, prefix=prefix)
+
+    def kit_message(extras: list[tuple[str, KitData]]) -> tuple[int, int]:
+        [(product, data)] = extras
+        assert product == kit
+        return data.reservable, data.seq
+
+    try:
+        await put_settings(store, ProductSettings(kit, components=(Component(part, 1),)))
+        await write_change(writer, part, wh)  # 1 unit: 1 kit
+        async with channel_messages(redis_url, prefix, kit) as published:
+            snapshot = asyncio.create_task(KitSnapshots(store, gated, prefix)([kit]))
+            await asyncio.wait_for(GatedRedis.reached.wait(), 10)  # read 1, not yet recorded
+            await write_change(writer, part, wh)  # 2 units: 2 kits
+            await feed.publish([await _last_change(writer, part)])
+            await wait_until(lambda: bool(published), 5, "the feed's kit message")
+            GatedRedis.gate.set()
+            fed = (published[-1]["reservable"], published[-1]["seq"])
+            assert fed[0] == 2
+            assert kit_message(await snapshot) == fed  # not (1, a higher seq)
+            # A gap on the component re-reads the kits using it (the hub's ``related``).
+            snapshots = KitSnapshots(store, plain, prefix)
+            assert await snapshots([part]) == []
+            assert kit_message(await snapshots([part], [part])) == fed
+
+            # A reader records 3 and dies before publishing; the feed's next batch has the
+            # same number and publishes it.
+            await write_change(writer, part, wh)
+            async with store.connection() as conn:
+                [dead] = await KitNumbers(plain, prefix).record(await read_kits(conn, [kit]))
+            assert (dead.reservable, dead.seq, dead.publish) == (3, fed[1] + 1, True)
+            await feed.publish([await _last_change(writer, part)])
+            await wait_until(lambda: len(published) == 2, 5, "the dead reader's number")
+            assert (published[-1]["reservable"], published[-1]["seq"]) == (3, fed[1] + 1)
+            # Unchanged: same seq, nothing published.
+            assert kit_message(await snapshots([kit])) == (3, fed[1] + 1)
+            # A reading from another origin (a restored database) is news whatever its
+            # order; the next one from here too. Seq goes on going up.
+            numbers = KitNumbers(plain, prefix)
+            async with store.connection() as conn:
+                here = await read_kits(conn, [kit])
+            restored = dataclasses.replace(here, origin="restored", order=(1, 0))
+            [k] = await numbers.record(dataclasses.replace(restored, reservables={part: 9}))
+            assert (k.reservable, k.seq) == (9, fed[1] + 2)
+            await numbers.published([k])
+            [k] = await numbers.record(here)
+            assert (k.reservable, k.seq, k.publish) == (3, fed[1] + 3, True)
+            await numbers.published([k])
+            await feed.publish([await _last_change(writer, part)])
+            marker = AlertData("end", 0, 0.0)
+            await plain.publish(RedisKeys(prefix).stock_channel(kit), encode(marker))
+            await wait_until(lambda: len(published) == 3, 5, "the end marker")
+            assert published[-1] == structs.asdict(marker)  # and no kit message before it
+    finally:
+        GatedRedis.gate.set()
+        await writer.close()
+        await plain.delete(RedisKeys(prefix).kit(kit))
+        for client in (plain, gated):
+            await client.aclose()
+        await store.close()

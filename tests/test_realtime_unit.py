@@ -609,15 +609,18 @@ async def test_hub_gap_triggers_resync(hub: Hub, levels: FakeLevels, direct: boo
 
 
 class FakeKits:
-    """``extra_snapshots`` of one kit ``k``: its current number, ``seq`` counted per read
-    (as :class:`inventory.service.commerce_feed.KitSnapshots` counts it in Redis)."""
+    """``extra_snapshots`` of one kit ``k`` made of ``p``: its current number, ``seq``
+    counted per read (:class:`inventory.service.commerce_feed.KitSnapshots` counts it per
+    change of the number; a count per read is as good for these tests)."""
 
     def __init__(self) -> None:
         self.reservable = 3
         self.seq = 0
 
-    async def __call__(self, product_ids: Sequence[str]) -> list[tuple[str, KitData]]:
-        if "k" not in product_ids:
+    async def __call__(
+        self, product_ids: Sequence[str], related: Sequence[str] = ()
+    ) -> list[tuple[str, KitData]]:
+        if "k" not in product_ids and "p" not in related:
             return []
         self.seq += 1
         return [("k", KitData(self.reservable, self.seq))]
@@ -664,6 +667,31 @@ async def test_hub_rereads_a_product_whose_message_it_cannot_read(
         await eventually(lambda: bool(transport.of_type("stock")))
         [resent] = transport.of_type("stock")
         assert (resent["version"], resent["event"]) == (2, "resync")
+    finally:
+        await hub.stop()
+
+
+async def test_a_gap_on_a_component_resyncs_the_kits_using_it(
+    levels: FakeLevels, tmp_path: Path, direct: bool
+) -> None:
+    """Messages lost with a gap on component ``p`` may include those of kit ``k``: the
+    resync of ``p`` also re-reads ``k`` (the hook's ``related``) for ``k``'s subscribers."""
+    kits = FakeKits()
+    hub = Hub(no_redis(tmp_path), levels, prefix="t", extra_snapshots=kits)
+    await hub.start()
+    try:
+        levels.set("p", "w", 1)
+        watcher, kit_fan = FakeTransport(direct=direct), FakeTransport(direct=direct)
+        await hub.execute(hub.open(watcher), Subscribe(("p",), {}))
+        await hub.execute(hub.open(kit_fan), Subscribe(("k",), {}))
+        await eventually(lambda: bool(kit_fan.of_type("kit")))
+        kits.reservable = 2  # its kit message is lost, like p's version 2
+        levels.set("p", "w", 2)
+        hub.on_message(channel("p"), levels.set("p", "w", 3))  # gap: 1 -> 3
+        await eventually(lambda: len(kit_fan.of_type("kit")) == 2)
+        assert kit_fan.of_type("kit")[-1]["reservable"] == 2
+        assert watcher.of_type("kit") == []  # not subscribed to the kit
+        assert hub.stats.gaps == 1
     finally:
         await hub.stop()
 

@@ -121,6 +121,40 @@ async def test_a_locked_product_does_not_delay_offers_of_others(
         await foreign.close()
 
 
+async def test_a_join_answers_promptly_while_the_row_is_locked(
+    scratch_database: str, redis_url: str, new_id: NewId
+) -> None:
+    """A join whose entry fits at once, for a product whose stock row another session
+    holds: it does not wait for the lock up to the database timeout (30 s here) but
+    answers ``waiting`` after at most ``JOIN_OFFER_WAIT``; the offer follows once the
+    row is free."""
+    from inventory.config import Settings
+    from inventory.ops.app import create_app
+
+    settings = Settings(database_url=scratch_database, redis_url=redis_url,
+                        redis_prefix=new_id("joins"), db_timeout=30)  # fmt: skip
+    app = create_app(settings)
+    x, w = new_id("x"), new_id("wh")
+    foreign = await asyncpg.connect(scratch_database)
+    try:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+                await c.put(f"/v1/warehouses/{w}", json={"name": w, "status": "active"})
+                await c.put(f"/v1/products/{x}/stock/{w}", json={"quantity": 1})
+                async with foreign.transaction():
+                    await foreign.execute(
+                        "SELECT 1 FROM stock_levels WHERE product_id = $1 FOR UPDATE", x
+                    )
+                    r = await asyncio.wait_for(join(c, x, "cx", 1), 10)
+                    assert r.status_code == 201, r.text
+                    e = r.json()
+                    assert (e["status"], e["position"]) == ("waiting", 1)
+                await wait_until(lambda: _status(c, e["id"], "offered"), 5, "offered once free")
+    finally:
+        await foreign.close()
+
+
 async def _lock_waits(conn: asyncpg.Connection) -> bool:
     """Whether a session of the database waits for a row lock."""
     return bool(

@@ -393,6 +393,38 @@ class RouteHandlers:
     def _identity(self, request: Request, scope: str) -> str:
         return self.auth.check(bearer(request.headers), scope)
 
+    async def _stock_bodies(
+        self, ids: Sequence[str], settings: dict[str, ProductSettings] | None = None
+    ) -> dict[str, ProductStockOut | KitStockOut]:
+        """The stock body of each of ``ids`` that has one: its rows' body, or for a kit
+        its reservable and each component's body (read in the same queries). ``settings``:
+        those of ``ids``, when the caller has read them already."""
+        if settings is None:
+            settings = await get_settings(self.store, ids)
+        kits = [s for s in settings.values() if s.components is not None]
+        parts = {c.product_id for k in kits for c in k.components or ()}.difference(ids)
+        if parts:
+            settings = settings | await get_settings(self.store, sorted(parts))
+        levels, warehouses = await self.service.stock([*ids, *sorted(parts)])
+        by_product: dict[str, list[StockLevel]] = {}
+        for lv in levels:
+            by_product.setdefault(lv.product_id, []).append(lv)
+        products = {
+            p: product_stock(p, rows, warehouses, settings.get(p)) for p, rows in by_product.items()
+        }
+        bodies: dict[str, ProductStockOut | KitStockOut] = dict(products)
+        free = {p: b.reservable for p, b in products.items()}
+        for kit in kits:
+            assert kit.components is not None
+            bodies[kit.product_id] = KitStockOut(
+                kit.product_id,
+                True,
+                kit_reservable(kit.components, free),
+                [KitComponentStockOut(c.product_id, c.quantity, products.get(c.product_id))
+                 for c in kit.components],
+            )  # fmt: skip
+        return bodies
+
 
 class Handlers(RouteHandlers):
     """The stock, warehouse and reservation routes."""
@@ -424,34 +456,6 @@ class Handlers(RouteHandlers):
         if body is None:
             raise NotFound(f"product {product_id} has no stock", {"product_id": product_id})
         return json_response(body)
-
-    async def _stock_bodies(self, ids: Sequence[str]) -> dict[str, ProductStockOut | KitStockOut]:
-        """The stock body of each of ``ids`` that has one: its rows' body, or for a kit
-        its reservable and each component's body (read in the same queries)."""
-        settings = await get_settings(self.store, ids)
-        kits = [s for s in settings.values() if s.components is not None]
-        parts = {c.product_id for k in kits for c in k.components or ()}.difference(ids)
-        if parts:
-            settings |= await get_settings(self.store, sorted(parts))
-        levels, warehouses = await self.service.stock([*ids, *sorted(parts)])
-        by_product: dict[str, list[StockLevel]] = {}
-        for lv in levels:
-            by_product.setdefault(lv.product_id, []).append(lv)
-        products = {
-            p: product_stock(p, rows, warehouses, settings.get(p)) for p, rows in by_product.items()
-        }
-        bodies: dict[str, ProductStockOut | KitStockOut] = dict(products)
-        free = {p: b.reservable for p, b in products.items()}
-        for kit in kits:
-            assert kit.components is not None
-            bodies[kit.product_id] = KitStockOut(
-                kit.product_id,
-                True,
-                kit_reservable(kit.components, free),
-                [KitComponentStockOut(c.product_id, c.quantity, products.get(c.product_id))
-                 for c in kit.components],
-            )  # fmt: skip
-        return bodies
 
     async def stock_list(self, request: Request) -> Response:
         self._identity(request, "read")

@@ -15,7 +15,7 @@ from msgspec import Meta, Struct
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..domain.model import MAX_QUANTITY, NotFound, StockLevel, ValidationFailed, is_product_id
+from ..domain.model import MAX_QUANTITY, NotFound, ValidationFailed, is_product_id
 from ..service import bulk, catalog
 from .api import (
     _READ,
@@ -32,17 +32,18 @@ from .api import (
     _int_param,
     _product_id,
     json_response,
-    product_stock,
     read_body,
     reservation_out,
 )
 from .schemas import (
     MAX_STOCK,
     NO_NUL,
+    KitStockOut,
     LevelOut,
     ProductId,
     ProductStockOut,
     ReservationOut,
+    StockBodyOrNull,
     _In,
     decode,
 )
@@ -88,7 +89,7 @@ class ProductOut(Struct):
     low_stock_threshold: int | None
     max_per_customer: int | None
     components: list[ComponentOut] | None
-    stock: ProductStockOut | None
+    stock: StockBodyOrNull  # ProductStockOut, KitStockOut for a kit, or null
 
 
 class ProductsOut(Struct):
@@ -151,7 +152,7 @@ class BulkOut(Struct):
 def _product_out(
     product_id: str,
     settings: catalog.ProductSettings | None,
-    stock: ProductStockOut | None,
+    stock: ProductStockOut | KitStockOut | None,
 ) -> ProductOut:
     s = settings or catalog.ProductSettings(product_id)
     return ProductOut(
@@ -171,22 +172,14 @@ class CatalogHandlers(RouteHandlers):
     """The catalog, listing and bulk routes."""
 
     async def _products(self, ids: list[str]) -> list[ProductOut]:
-        """Bodies of ``ids`` (in that order), skipping ids with neither rows nor settings."""
+        """Bodies of ``ids`` (in that order), skipping ids with neither rows nor settings;
+        ``stock`` is what ``GET /v1/products/{id}/stock`` answers (a kit's body for a kit)."""
         settings = await catalog.get_settings(self.store, ids)
-        levels, warehouses = await self.service.stock(ids)
-        by_product: dict[str, list[StockLevel]] = {}
-        for lv in levels:
-            by_product.setdefault(lv.product_id, []).append(lv)
+        bodies = await self._stock_bodies(ids, settings)
         return [
-            _product_out(
-                p,
-                settings.get(p),
-                product_stock(p, by_product[p], warehouses, settings.get(p))
-                if p in by_product
-                else None,
-            )
+            _product_out(p, settings.get(p), bodies.get(p))
             for p in ids
-            if p in settings or p in by_product
+            if p in settings or p in bodies
         ]
 
     async def put_product(self, request: Request) -> Response:
@@ -316,11 +309,15 @@ def catalog_routes(backend: Backend, auth: Auth) -> list[Row]:
             operation_id="listProducts", tag="Products", errors=_READ,
             query=(after_product, limit),
             description="Every product with a stock row or settings, ordered by `product_id` "
-            "(byte order); `next_after` is null on the last page.",
+            "(byte order), in the body `getProduct` answers; `next_after` is null on the last "
+            "page.",
         )),
         ("/v1/products/{product_id}", "GET", h.get_product, RouteDoc(
             "Read a product's settings and stock", "read", None, ProductOut,
             operation_id="getProduct", tag="Products", errors=("not_found", *_READ),
+            description="`stock` is the body `getProductStock` answers (`KitStockOut` for a "
+            "kit), null while a product that is no kit has no stock row. 404 when the product "
+            "has neither settings nor a stock row.",
         )),
         ("/v1/products/{product_id}", "PUT", h.put_product, RouteDoc(
             "Create or replace a product's settings", "admin", ProductIn, ProductOut,

@@ -48,6 +48,7 @@ __all__ = [
     "ReserveLineIn",
     "SetQuantityIn",
     "StockBody",
+    "StockBodyOrNull",
     "StockListOut",
     "WarehouseIn",
     "WarehouseOut",
@@ -160,13 +161,11 @@ STOCK_BODY_KINDS = (ProductStockOut, KitStockOut)
 #: A product's stock body, or a kit's (``kit: true``). msgspec makes a schema for a union
 #: of Structs only when they are tagged, and these bodies have no tag, so the schema is
 #: written out (references into OpenAPI's components).
-StockBody = Annotated[
-    Any,
-    Meta(
-        extra_json_schema={
-            "anyOf": [{"$ref": f"#/components/schemas/{k.__name__}"} for k in STOCK_BODY_KINDS]
-        }
-    ),
+_STOCK_BODY_REFS = [{"$ref": f"#/components/schemas/{k.__name__}"} for k in STOCK_BODY_KINDS]
+StockBody = Annotated[Any, Meta(extra_json_schema={"anyOf": _STOCK_BODY_REFS})]
+#: The same or null (a product with settings and no stock row yet).
+StockBodyOrNull = Annotated[
+    Any, Meta(extra_json_schema={"anyOf": [*_STOCK_BODY_REFS, {"type": "null"}]})
 ]
 
 

@@ -334,12 +334,17 @@ class ReservationEngine:
         await self.lanes.close()
         await self.waiters.close()
 
-    async def reserve(self, request: ReserveRequest) -> Reservation | Replay:
+    async def reserve(
+        self, request: ReserveRequest, *, wait: float | None = None
+    ) -> Reservation | Replay:
         """Reserve every line of ``request`` or none; raises the request's
-        :class:`~inventory.domain.model.InventoryError`."""
+        :class:`~inventory.domain.model.InventoryError`. ``wait``: how long rows held by
+        other transactions are waited for before 503 ``contention`` (``wait_bound`` at
+        most, and by default)."""
         request = await self._prepare(request)
         self._refuse_sold_out(request)
-        deadline = time.monotonic() + self._wait_bound
+        bound = self._wait_bound if wait is None else min(wait, self._wait_bound)
+        deadline = time.monotonic() + bound
         waiting = frozenset(p for p in request.products if self._is_contended(p))
         if not waiting:
             lane = lane_of(request.products[0], self._lanes)

@@ -24,6 +24,12 @@ Policy:
   correctness, only the poll's cost (one indexed query) per process.
 - An entry whose offer would break the customer's purchase limit is ``cancelled`` (it
   could never be served, and would block everyone behind it).
+- A join tries the product's offers at once, so an entry that fits when nobody waits is
+  answered ``offered``, but waits at most ``JOIN_OFFER_WAIT`` (0.5 s) for stock rows
+  another transaction holds: then it answers the entry as it stands (``waiting``) and
+  leaves the offer to the offerer, which waits for the rows in its product's task. A
+  join never waits for a lock up to the database timeout, and never answers 503 for an
+  entry it has written.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from realtime.tasks import cancel_and_wait
 
 from ..domain.commerce import AlreadyWaiting, IsKit, PurchaseLimitExceeded
 from ..domain.model import (
+    Contention,
     IdempotencyKeyReused,
     InsufficientStock,
     InvalidState,
@@ -60,6 +67,7 @@ from .inventory import InventoryService
 from .webhooks.events import ProduceContext, make_event, register_producer
 
 __all__ = [
+    "JOIN_OFFER_WAIT",
     "Entry",
     "JoinRequest",
     "Offerer",
@@ -70,6 +78,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("inventory.waitlist")
+
+#: Seconds a join waits for rows held elsewhere when it tries the offers (module doc).
+JOIN_OFFER_WAIT = 0.5
 
 _COLS = """w.id, w.product_id, w.customer_id, w.quantity, w.status, w.reservation_id,
            w.created_at, w.seq, w.idem_scope, w.body_hash,
@@ -128,7 +139,9 @@ class Waitlist:
 
     async def join(self, req: JoinRequest) -> tuple[Entry, bool]:
         """Queue an entry (offered at once when its quantity is reservable and nobody
-        waits); returns it and whether it is a replay of an earlier ``Idempotency-Key``.
+        waits, unless the product's rows are held elsewhere for longer than
+        ``JOIN_OFFER_WAIT``: then it answers ``waiting`` and the offerer makes the offer);
+        returns it and whether it is a replay of an earlier ``Idempotency-Key``.
 
         Errors: unknown product or warehouse -> 404; a kit -> 409 ``is_kit``; a second
         waiting entry -> 409 ``already_waiting``; more than ``max_per_customer`` -> 409
@@ -160,7 +173,10 @@ class Waitlist:
                             {"product_id": req.product_id, "customer_id": req.customer_id},
                         ) from None
                     raise  # a racing request with the same key: the retry replays it
-        await self.offer_heads(req.product_id)
+        try:
+            await self.offer_heads(req.product_id, wait=JOIN_OFFER_WAIT)
+        except (Contention, Unavailable):  # rows held elsewhere: the offerer goes on
+            self.service.on_change()
         return await self.get(entry_id), False
 
     async def _by_key(self, conn: Conn, idem: tuple[str, str, bytes]) -> Entry | None:
@@ -280,10 +296,11 @@ class Waitlist:
                 rows = await conn.fetch(_OFFERABLE, product_id)
         return [dict(r) for r in rows]
 
-    async def offer_heads(self, product_id: str) -> int:
+    async def offer_heads(self, product_id: str, *, wait: float | None = None) -> int:
         """Offer every entry of the product's queue that fits, from the head on,
         repeating while offers are made; returns how many entries moved (offered or
-        cancelled).
+        cancelled). ``wait``: how long each offer waits for rows held elsewhere (the
+        engine's bound by default) before 503 ``contention``.
 
         The offers of one pass are submitted together in queue order, so the engine
         combines them into one batch; each may only take what lies beyond the entries
@@ -291,13 +308,13 @@ class Waitlist:
         """
         moved = 0
         while entries := await self.offerable(product_id):
-            done = await asyncio.gather(*(self._offer(e) for e in entries))
+            done = await asyncio.gather(*(self._offer(e, wait) for e in entries))
             moved += sum(done)
             if not any(done):
                 break
         return moved
 
-    async def _offer(self, entry: dict[str, Any]) -> int:
+    async def _offer(self, entry: dict[str, Any], wait: float | None) -> int:
         """Try one entry's offer; 1 when the queue moved (offered, or cancelled because
         its customer's limit can never let it be served), else 0."""
         request = ReserveRequest(
@@ -308,7 +325,7 @@ class Waitlist:
             offer=entry["id"],
         )
         try:
-            await self.service.engine.reserve(request)
+            await self.service.engine.reserve(request, wait=wait)
         except PurchaseLimitExceeded:
             await self._cancel_if_waiting(entry["id"])
             return 1

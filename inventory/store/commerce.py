@@ -9,6 +9,7 @@ around the store's transactions).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -20,11 +21,10 @@ from .db import Conn, Database, Row, _translated
 __all__ = [
     "COMMERCE_INVARIANTS",
     "CommerceStatements",
+    "KitReading",
     "kit_lock_sql",
     "kits_among",
-    "kits_among_ids",
-    "kits_using",
-    "reservables",
+    "read_kits",
 ]
 
 
@@ -226,38 +226,69 @@ COMMERCE_INVARIANTS: dict[str, str] = {
 }
 
 
-async def kits_using(conn: Conn, product_ids: Sequence[str]) -> dict[str, tuple[KitComponent, ...]]:
-    """The kits with one of ``product_ids`` among their components, and their components."""
-    rows = await conn.fetch(
-        """SELECT product_id, components FROM products
-           WHERE components IS NOT NULL AND components @> ANY(
-               SELECT jsonb_build_array(jsonb_build_object('product_id', x))
-               FROM unnest($1::text[]) AS x)""",
-        list(product_ids),
-    )
-    return {r["product_id"]: parse_components(r["components"]) or () for r in rows}
+@dataclass(frozen=True, slots=True)
+class KitReading:
+    """Kits and their components' ``reservable``, read in one snapshot of the database.
+
+    ``order`` places that snapshot in commit order: ``(xmax, -running)`` of
+    ``pg_current_snapshot()``. A snapshot taken later never compares lower (``xmax`` only
+    grows; while it stays the same no transaction below it starts, so the in-progress
+    list only shrinks), and two with equal orders saw the same commits: a reading with a
+    greater order is at least as fresh.
+
+    Orders compare within one ``origin``: the database cluster's system identifier and
+    its WAL timeline. A restore from a backup or a failover continues on a new timeline,
+    whose transaction ids may restart below ones already seen, so a reading of another
+    origin is news whatever its order. (Copying an older data directory back in place
+    keeps the timeline: kit numbers then stand still until transaction ids pass the
+    recorded ones, or the kits' Redis keys are deleted.)
+    """
+
+    origin: str
+    order: tuple[int, int]
+    kits: dict[str, tuple[KitComponent, ...]]
+    reservables: dict[str, int]
 
 
-async def kits_among_ids(
-    conn: Conn, product_ids: Sequence[str]
-) -> dict[str, tuple[KitComponent, ...]]:
-    """Those of ``product_ids`` that are kits, and their components."""
-    rows = await conn.fetch(
-        """SELECT product_id, components FROM products
-           WHERE product_id = ANY($1::text[]) AND components IS NOT NULL""",
-        list(product_ids),
-    )
-    return {r["product_id"]: parse_components(r["components"]) or () for r in rows}
-
-
-async def reservables(conn: Conn, product_ids: Sequence[str]) -> dict[str, int]:
-    """``reservable`` of each product (after safety stock; 0 without rows)."""
-    rows = await conn.fetch(
-        """SELECT x AS product_id, greatest(0, coalesce(
+# One statement, so one snapshot: the kits, their components' reservable (after safety
+# stock; 0 without rows), the snapshot's place in commit order and its origin.
+_KIT_READ = """
+WITH kits AS (
+    SELECT product_id, components FROM products
+    WHERE product_id = ANY($1::text[]) AND components IS NOT NULL
+    UNION
+    SELECT product_id, components FROM products
+    WHERE cardinality($2::text[]) > 0 AND components IS NOT NULL AND components @> ANY(
+        SELECT jsonb_build_array(jsonb_build_object('product_id', x)) FROM unnest($2::text[]) x)),
+parts AS (
+    SELECT DISTINCT c->>'product_id' AS product_id
+    FROM kits, jsonb_array_elements(kits.components) c),
+free AS (
+    SELECT x.product_id, greatest(0, coalesce(
                (SELECT sum(s.quantity - s.reserved) FROM stock_levels s
                 JOIN warehouses w ON w.id = s.warehouse_id AND w.status = 'active'
-                WHERE s.product_id = x), 0) - coalesce(p.safety_stock, 0))::bigint AS reservable
-           FROM unnest($1::text[]) AS x LEFT JOIN products p ON p.product_id = x""",
-        list(product_ids),
-    )
-    return {r["product_id"]: r["reservable"] for r in rows}
+                WHERE s.product_id = x.product_id), 0) - coalesce(p.safety_stock, 0)) AS n
+    FROM parts x LEFT JOIN products p ON p.product_id = x.product_id)
+SELECT (SELECT system_identifier FROM pg_control_system())::text || ':'
+           || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) AS origin,
+       pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax,
+       (SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot())) AS running,
+       (SELECT jsonb_object_agg(product_id, components) FROM kits) AS kits,
+       (SELECT jsonb_object_agg(product_id, n) FROM free) AS reservables
+"""
+
+
+async def read_kits(conn: Conn, among: Sequence[str] = (), using: Sequence[str] = ()) -> KitReading:
+    """The kits among the ids ``among`` and the kits using one of ``using`` as a
+    component, with what :func:`~inventory.domain.commerce.kit_reservable` needs."""
+    row = await conn.fetchrow(_KIT_READ, list(among), list(using))
+    assert row is not None
+    kits = orjson.loads(row["kits"]) if row["kits"] is not None else {}
+    free = orjson.loads(row["reservables"]) if row["reservables"] is not None else {}
+    return KitReading(
+        row["origin"],
+        (row["xmax"], -row["running"]),
+        {k: tuple(KitComponent(c["product_id"], c["quantity"]) for c in comps)
+         for k, comps in kits.items()},
+        free,
+    )  # fmt: skip
