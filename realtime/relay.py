@@ -28,6 +28,11 @@ Policy:
   most every ``save_interval`` (50 ms; at once when idle or stopping): one statement and
   one WAL flush fewer per batch, for at most 50 ms of duplicates after a crash. With no
   saved cursor the relay starts at the current tail; history is not replayed.
+* Followers (``followers``): callables the leader runs with every batch it published,
+  before saving the cursor past it, e.g. the alert and kit publisher: one read of the
+  ledger feeds every derived message, under the same lease and cursor, so a crash replays
+  the batch for them too. A follower that fails three times on a batch is skipped for
+  that batch (logged): it never holds up the stock messages.
 * Latency: poll every ``poll_interval`` (10 ms) when idle, immediately again after a full
   batch, and at once after :meth:`Relay.wake` (called by the local service after a commit).
 * Cost: a batch is published by one ``EVALSHA`` of a script that runs ``PUBLISH`` per
@@ -52,6 +57,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Callable, Sequence
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
@@ -63,7 +69,7 @@ from realtime.ports import Outbox, OutboxLease, StockChange
 from realtime.sharded import RedisClient, publish_sharded
 from realtime.tasks import cancel_and_wait, spawn
 
-__all__ = ["RedisIdentity", "Relay", "relay_keys"]
+__all__ = ["FOLLOW_ATTEMPTS", "Follower", "RedisIdentity", "Relay", "relay_keys"]
 
 # ARGV: channel, message, channel, message, ...
 _PUBLISH_ALL = """
@@ -96,6 +102,12 @@ return 1
 """
 
 log = logging.getLogger("realtime.relay")
+
+#: Work the leader does with every batch it published, before it saves the cursor past
+#: it (so a batch replayed after a crash is followed again): derived messages such as
+#: alerts, from the same read of the ledger instead of a consumer of its own.
+Follower = Callable[[Sequence[StockChange]], Awaitable[None]]
+FOLLOW_ATTEMPTS = 3
 
 
 def relay_keys(prefix: str) -> tuple[str, str]:
@@ -141,8 +153,10 @@ class Relay:
         heartbeat_interval: float = 1.0,
         heartbeat_ttl: float = 3.0,
         save_interval: float = 0.05,
+        followers: Sequence[Follower] = (),
     ) -> None:
         self._outbox = outbox
+        self._followers = tuple(followers)
         self._redis = redis
         self._publish_all = redis.register_script(_PUBLISH_ALL)
         self._keys = RedisKeys(prefix)
@@ -267,6 +281,8 @@ class Relay:
                 if failures:
                     log.info("relay publishing again after %d failed attempts", failures)
                     failures = 0
+                for follower in self._followers:
+                    await self._follow(follower, batch)
                 save = loop.time() >= next_save
                 await lease.advance(batch[-1].position, save=save)
                 if save:
@@ -281,6 +297,19 @@ class Relay:
                     await self._wake.wait()
         if unsaved is not None:  # stopping: hand over without republishing
             await lease.advance(unsaved)
+
+    async def _follow(self, follower: Follower, batch: list[StockChange]) -> None:
+        """Run ``follower`` on a published batch: retried twice after a failure, then the
+        batch is skipped for it, so a failing follower never stops the stock messages."""
+        for attempt in range(FOLLOW_ATTEMPTS):
+            try:
+                await follower(batch)
+                return
+            except Exception as exc:
+                if attempt + 1 == FOLLOW_ATTEMPTS:
+                    log.error("relay follower failed on a batch (%r); skipped for it", exc)
+                else:
+                    await asyncio.sleep(0.05 * 2**attempt)
 
     async def _publish(self, batch: list[StockChange]) -> None:
         channel, data = self._keys.stock_channel, StockData.from_change

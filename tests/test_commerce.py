@@ -239,20 +239,20 @@ async def test_kit_stock_in_the_batch_read(
     assert body["missing"] == [nothing]
 
 
-async def test_commerce_feed_leads_per_database_and_redis(
+async def test_commerce_messages_per_database_and_redis(
     scratch_database: str, redis_url: str, new_id: NewId
 ) -> None:
     """Two deployments share a database but not a Redis (here: two Redis databases, which
-    have separate keys and so separate ids): each has a commerce feed leading, and each
-    publishes the kit numbers (Redis pub/sub ignores the database number, so both reach
-    this one subscriber)."""
+    have separate keys and so separate ids): each has a relay leading, and each relay's
+    commerce follower publishes the kit numbers (Redis pub/sub ignores the database
+    number, so both reach this one subscriber)."""
     from urllib.parse import urlsplit
 
     from inventory.service.catalog import Component, ProductSettings, put_settings
     from inventory.service.commerce_feed import CommerceFeed
     from inventory.store.feed import PgOutbox
     from inventory.store.pg import connect
-    from realtime.relay import relay_keys
+    from realtime.relay import Relay, relay_keys
     from realtime.sharded import redis_from_url
 
     from .conftest import wait_until
@@ -263,32 +263,28 @@ async def test_commerce_feed_leads_per_database_and_redis(
     redises = [redis_from_url(redis_url), redis_from_url(other_url)]
     store = await connect(scratch_database, min_size=1, max_size=6, timeout=10)
     writer = await asyncpg.connect(scratch_database)
-    feeds = [CommerceFeed(PgOutbox(store.pool), store, r, prefix=prefix) for r in redises]
-    tasks = [asyncio.create_task(f.run()) for f in feeds]
+    relays = [
+        Relay(PgOutbox(store.pool), r, prefix=prefix, campaign_interval=0.1,
+              followers=[CommerceFeed(store, r, prefix=prefix).publish])
+        for r in redises
+    ]  # fmt: skip
     try:
+        for relay in relays:
+            await relay.start()
         await put_settings(store, ProductSettings(kit, components=(Component(part, 1),)))
         async with channel_messages(redis_url, prefix, kit) as published:
-            await wait_until(lambda: all(f.leader for f in feeds), 10, "both feeds leading")
+            await wait_until(lambda: all(r.leader for r in relays), 10, "both relays leading")
             ids = [(await r.get(relay_keys(prefix)[0])).decode() for r in redises]
             assert ids[0] != ids[1]
-            assert [f.lease_name for f in feeds] == [f"{prefix}:commerce@{i}" for i in ids]
+            assert [r.lease_name for r in relays] == [f"{prefix}:stock@{i}" for i in ids]
             await write_change(writer, part, new_id("wh"))
-            await wait_until(lambda: len(published) == 2, 5, "a kit message from each feed")
+            await wait_until(lambda: len(published) == 2, 5, "a kit message from each relay")
             assert [(set(m), m["reservable"]) for m in published] == [
                 ({"reservable", "seq"}, 1)
             ] * 2
-            # A Redis that came back with another id: its feed steps down and leads again
-            # under the new name (as the relay does).
-            await redises[0].set(relay_keys(prefix)[0], "another")
-            await wait_until(
-                lambda: feeds[0].leader and feeds[0].lease_name == f"{prefix}:commerce@another",
-                10,
-                "the feed leading under the new id",
-            )
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for relay in relays:
+            await relay.stop()
         await writer.close()
         for r in redises:
             await r.delete(*relay_keys(prefix))
@@ -327,7 +323,6 @@ async def test_kit_numbers_and_seq_stay_paired_when_readers_race(
     from inventory.service.catalog import Component, ProductSettings, put_settings
     from inventory.service.commerce_feed import CommerceFeed, KitNumbers, KitSnapshots
     from inventory.store.commerce import read_kits
-    from inventory.store.feed import PgOutbox
     from inventory.store.pg import connect
     from realtime.feed import AlertData, KitData, encode
     from realtime.keys import RedisKeys
@@ -351,7 +346,7 @@ async def test_kit_numbers_and_seq_stay_paired_when_readers_race(
     plain, gated = aioredis.Redis.from_url(redis_url), GatedRedis.from_url(redis_url)
     store = await connect(database_url, min_size=1, max_size=4, timeout=10)
     writer = await asyncpg.connect(database_url)
-    feed = CommerceFeed(PgOutbox(store.pool), store, plain, prefix=prefix)
+    feed = CommerceFeed(store, plain, prefix=prefix)
 
     def kit_message(extras: list[tuple[str, KitData]]) -> tuple[int, int]:
         [(product, data)] = extras

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -12,7 +13,8 @@ import redis.asyncio as aioredis
 from inventory.config import Settings
 from inventory.ops.app import create_app
 from inventory.store.feed import PgOutbox, PgOutboxLease
-from realtime.relay import Relay, relay_keys
+from realtime.ports import StockChange
+from realtime.relay import FOLLOW_ATTEMPTS, Relay, relay_keys
 
 from .conftest import wait_until
 from .test_realtime_e2e import channel_messages, unique, write_change
@@ -165,6 +167,45 @@ async def test_relay_follows_a_new_redis_id(scratch_database: str, redis_url: st
             assert first != relay.lease_name
             await write_change(writer, product, "w1")
             await wait_until(lambda: len(published) == 1, 3, "the change published")
+    finally:
+        await relay.stop()
+        await writer.close()
+        await redis.aclose()
+        await pool.close()
+
+
+async def test_followers_get_every_batch_and_a_failing_one_never_stops_the_stream(
+    scratch_database: str, redis_url: str
+) -> None:
+    """Each published batch goes to every follower; one that always fails is tried
+    ``FOLLOW_ATTEMPTS`` times per batch, then skipped, while stock messages and the other
+    follower go on."""
+    namespace, product = unique("rt-follow"), unique("rt-sku")
+    pool = await asyncpg.create_pool(scratch_database, min_size=1, max_size=2)
+    redis = aioredis.Redis.from_url(redis_url)
+    writer = await asyncpg.connect(scratch_database)
+    seen: list[int] = []
+    failed: list[int] = []
+
+    async def follower(batch: Sequence[StockChange]) -> None:
+        seen.extend(c.version for c in batch if c.product_id == product)
+
+    async def broken(batch: Sequence[StockChange]) -> None:
+        failed.extend(c.version for c in batch if c.product_id == product)
+        raise RuntimeError("follower bug")
+
+    relay = Relay(PgOutbox(pool), redis, prefix=namespace, campaign_interval=0.1,
+                  followers=[broken, follower])  # fmt: skip
+    try:
+        async with channel_messages(redis_url, namespace, product) as published:
+            await relay.start()
+            await wait_until(lambda: relay.leader, 5, "the relay to lead")
+            for _ in range(3):
+                await write_change(writer, product, "w1")
+            await wait_until(lambda: len(published) == 3, 5, "every change published")
+            await wait_until(lambda: sorted(seen) == [1, 2, 3], 5, "the follower's batches")
+        assert sorted(set(failed)) == [1, 2, 3]
+        assert all(failed.count(v) == FOLLOW_ATTEMPTS for v in (1, 2, 3))
     finally:
         await relay.stop()
         await writer.close()

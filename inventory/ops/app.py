@@ -272,11 +272,13 @@ def create_app(settings: Settings) -> Starlette:
         if settings.reserve_strategy == "lock":
             lock_products = _lock_factory(runtime.redis, settings)
         set_restart_hook(lambda name: metrics.TASK_RESTARTS.labels(name).inc())
+        feed = CommerceFeed(store, runtime.redis, prefix=settings.redis_prefix)
         relay = runtime.relay = Relay(
             PgOutbox(store.pool),
             runtime.redis,
             prefix=settings.redis_prefix,
             poll_interval=settings.relay_poll_interval,
+            followers=[feed.publish],
         )
         hub = runtime.hub = Hub(
             runtime.redis,
@@ -286,17 +288,10 @@ def create_app(settings: Settings) -> Starlette:
             extra_snapshots=KitSnapshots(store, runtime.redis, settings.redis_prefix),
         )
         runtime.tickets = TicketStore(runtime.redis, prefix=settings.redis_prefix)
-        feed = CommerceFeed(
-            PgOutbox(store.pool), store, runtime.redis, prefix=settings.redis_prefix
-        )
         offerer: Offerer | None = None
 
-        def on_reserved() -> None:
-            relay.wake()
-            feed.wake()
-
         def on_change() -> None:
-            on_reserved()
+            relay.wake()
             if offerer is not None:
                 offerer.wake()
 
@@ -305,7 +300,7 @@ def create_app(settings: Settings) -> Starlette:
             lock_products=lock_products,
             on_change=on_change,
             # A reservation only takes stock: it never lets a waitlist entry be offered.
-            on_reserved=on_reserved,
+            on_reserved=relay.wake,
             lanes=settings.process_lanes,
             wait_bound=settings.db_timeout,
             # Requests waiting for a busy row never take the lanes' connections.
@@ -314,7 +309,6 @@ def create_app(settings: Settings) -> Starlette:
         runtime.service = service
         offerer = Offerer(Waitlist(service, store))
         runtime.tasks.append(spawn("waitlist-offerer", offerer.run))
-        runtime.tasks.append(spawn("commerce-feed", feed.run))
         await hub.start()
         await relay.start()
         runtime.tasks.append(spawn("hub-metrics", lambda: _export_hub_stats(hub)))

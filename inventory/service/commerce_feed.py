@@ -1,13 +1,10 @@
-"""Alerts and kit numbers on the live stream: a ledger consumer of its own.
+"""Alerts and kit numbers on the live stream: a follower of the outbox relay.
 
-Like the relay, it reads committed ledger rows in outbox order under a lease with a
-durable cursor (:class:`~inventory.store.feed.PgOutbox`), so one process at a time does
-the work, a crash resumes from the cursor, and it never waits for unrelated transactions.
-The lease and cursor are named like the relay's, after the prefix and the Redis server
-(``{prefix}:commerce@{redis id}``, :class:`realtime.relay.RedisIdentity`): one publisher
-per (database, Redis, prefix), so deployments sharing a database but not a Redis each
-publish to their own subscribers. A leader that finds another Redis id (a Redis restart
-that lost it, where another process asked first) steps down and campaigns again.
+The relay leader (:mod:`realtime.relay`, one per database, Redis and prefix) hands it
+every batch of committed ledger rows it published, before saving its cursor past them
+(:data:`realtime.relay.Follower`): one read of the ledger feeds the stock, alert and kit
+messages, and a batch replayed after a crash is followed again. (It used to be a ledger
+consumer with a lease and cursor of its own: three more statements per batch.)
 
 For each batch it publishes data (:mod:`realtime.feed`) on the products' stream
 channels; the hubs turn it into the clients' ``alert`` and ``kit`` messages:
@@ -38,8 +35,6 @@ published by the next reader of the kit. An unchanged number costs no message.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,12 +43,10 @@ from realtime import feed
 from realtime.feed import AlertData, KitData
 from realtime.keys import RedisKeys
 from realtime.ports import StockChange
-from realtime.relay import RedisIdentity
 from realtime.sharded import RedisClient, publish_all
 
 from ..domain.commerce import kit_reservable
 from ..store.commerce import KitReading, read_kits
-from ..store.feed import PgOutbox, PgOutboxLease
 from ..store.pg import Store
 from .alerts import crossings
 
@@ -134,74 +127,13 @@ class KitNumbers:
 
 
 class CommerceFeed:
-    """The alert and kit publisher of this process (active while it holds the lease)."""
+    """The alert and kit publisher: :meth:`publish` is the relay's follower."""
 
-    def __init__(
-        self,
-        outbox: PgOutbox,
-        store: Store,
-        redis: RedisClient,
-        *,
-        prefix: str = "inventory",
-        poll_interval: float = 0.1,
-        batch_size: int = 1000,
-    ) -> None:
-        self._outbox = outbox
+    def __init__(self, store: Store, redis: RedisClient, *, prefix: str = "inventory") -> None:
         self._store = store
         self._redis = redis
         self._keys = RedisKeys(prefix)
-        self._identity = RedisIdentity(redis, prefix)
-        self._namespace = f"{prefix}:commerce"
-        self._poll_interval = poll_interval
-        self._batch_size = batch_size
-        self._wake = asyncio.Event()
         self._kits = KitNumbers(redis, prefix)
-        self.lease_name: str | None = None  # once the Redis id is known
-        self.leader = False
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    async def run(self) -> None:
-        while True:
-            lease = None
-            try:
-                redis_id = await self._identity.resolve()
-                self.lease_name = f"{self._namespace}@{redis_id}"
-                lease = await self._outbox.acquire(self.lease_name)
-                if lease is not None:
-                    self.leader = True
-                    await self._lead(lease, redis_id)
-                    log.warning("redis has another id now; the commerce feed campaigns again")
-            except Exception as exc:  # database or Redis away: campaign again
-                log.warning("commerce feed interrupted (%s); retrying", exc)
-            finally:
-                self.leader = False
-                if lease is not None:
-                    with contextlib.suppress(Exception):
-                        await lease.release()
-            await asyncio.sleep(1.0)
-
-    async def _lead(self, lease: PgOutboxLease, redis_id: str) -> None:
-        """Publish batches until Redis has another id than ``redis_id`` (checked every
-        second, like the relay's heartbeat)."""
-        loop = asyncio.get_running_loop()
-        next_check = loop.time() + 1.0
-        while True:
-            if loop.time() >= next_check:
-                next_check = loop.time() + 1.0
-                if await self._identity.resolve(keep=redis_id) != redis_id:
-                    return
-            self._wake.clear()
-            batch = await lease.fetch(self._batch_size)
-            if batch:
-                await self.publish(batch)
-                await lease.advance(batch[-1].position)
-                if len(batch) >= self._batch_size:
-                    continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_interval):
-                    await self._wake.wait()
 
     async def publish(self, batch: Sequence[StockChange]) -> None:
         """Publish the alerts and changed kit numbers of one ledger batch."""
