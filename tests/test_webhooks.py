@@ -438,7 +438,9 @@ async def test_failing_receiver_gets_retries_with_backoff_then_delivery(
                 delay = datetime.fromisoformat(d["next_retry_at"]) - datetime.fromisoformat(d["at"])
                 base, most = webhook_settings.webhook_retry_base, webhook_settings.webhook_retry_max
                 cap = min(most, base * 2 ** (d["attempt"] - 1))
-                assert 0 <= delay.total_seconds() <= cap + 0.05
+                # Capped; not bounded below: ``at`` is when the attempt was logged,
+                # which on a busy machine can come after a short retry time.
+                assert delay.total_seconds() <= cap + 0.05
 
 
 async def test_event_given_up_after_the_retry_window_unblocks_the_product(
