@@ -34,7 +34,10 @@ Policy:
   the batch for them too. A follower that fails three times on a batch is skipped for
   that batch (logged): it never holds up the stock messages.
 * Latency: poll every ``poll_interval`` (10 ms) when idle, immediately again after a full
-  batch, and at once after :meth:`Relay.wake` (called by the local service after a commit).
+  batch, and at once after :meth:`Relay.wake` (called by the local service after a commit),
+  but not sooner than ``coalesce`` (5 ms) after a batch: under load the commits of that
+  time are read, published and followed together (one fence, one read and the followers'
+  statements per 5 ms instead of per commit), for at most 5 ms more latency.
 * Cost: a batch is published by one ``EVALSHA`` of a script that runs ``PUBLISH`` per
   row, so the client packs one command and reads one reply per batch instead of one per
   row (a redis-py pipeline spent ~14 us of CPU per message at 64 messages a batch, the
@@ -154,9 +157,11 @@ class Relay:
         heartbeat_ttl: float = 3.0,
         save_interval: float = 0.05,
         followers: Sequence[Follower] = (),
+        coalesce: float = 0.005,
     ) -> None:
         self._outbox = outbox
         self._followers = tuple(followers)
+        self._coalesce = coalesce
         self._redis = redis
         self._publish_all = redis.register_script(_PUBLISH_ALL)
         self._keys = RedisKeys(prefix)
@@ -292,6 +297,8 @@ class Relay:
                 batch = []
                 if full:
                     continue
+                # Busy: let the next commits gather for one read rather than one each.
+                await asyncio.sleep(self._coalesce)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_interval):
                     await self._wake.wait()
