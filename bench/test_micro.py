@@ -10,13 +10,18 @@ a few microseconds each.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
 from datetime import UTC, datetime
+from typing import Any, cast
 
 import msgspec
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
+from starlette.types import Message
 
+from inventory.config import Settings
 from inventory.domain.model import (
     RequestedLine,
     Reservation,
@@ -29,6 +34,8 @@ from inventory.domain.model import (
 )
 from inventory.http.api import reservation_out
 from inventory.http.schemas import ReserveIn, decode
+from inventory.ops.app import create_app, tune_gc
+from inventory.service.inventory import InventoryService
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 RID = uuid.UUID(int=42)
@@ -92,6 +99,60 @@ def test_encode_reservation_response(benchmark: BenchmarkFixture) -> None:
 
     body = benchmark(encode)
     assert body.startswith(b'{"id":"')
+
+
+class _Reserved:
+    """A service whose ``reserve`` answers at once: what is left is the HTTP layer."""
+
+    async def reserve(self, *args: Any) -> Reservation:
+        return Reservation(
+            RID, ReservationStatus.ACTIVE, (ReservationLine("sku-1", "wh-1", 2),), None, NOW, NOW
+        )
+
+
+@pytest.mark.parametrize("tokens", [True, False], ids=["token", "loopback"])
+def test_reserve_request_through_the_app(benchmark: BenchmarkFixture, tokens: bool) -> None:
+    """100 ``POST /v1/reservations`` through the whole ASGI app (middleware, guards,
+    routing, the scope check, body decoding and encoding) with a service that answers at
+    once: the server's own per-request cost, without the network and the database."""
+    token = b"bench-token"
+    granted = {hashlib.sha256(token).hexdigest(): frozenset({"read", "reserve"})}
+    app = create_app(Settings(tokens=granted if tokens else {}))
+    app.state.runtime.service = cast(InventoryService, _Reserved())
+    body = b'{"lines":[{"product_id":"sku-1","quantity":2}],"ttl_seconds":600}'
+    headers = [
+        (b"host", b"localhost:8000"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *([(b"authorization", b"Bearer " + token)] if tokens else []),
+    ]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/reservations", "raw_path": b"/v1/reservations",
+        "query_string": b"", "root_path": "", "headers": headers,
+        "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    request: Message = {"type": "http.request", "body": body, "more_body": False}
+    statuses: list[int] = []
+
+    async def receive() -> Message:
+        return request
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def hundred() -> None:
+        for _ in range(100):
+            await app(dict(scope), receive, send)
+
+    tune_gc()  # as in a server process
+    loop = asyncio.new_event_loop()
+    try:
+        benchmark(lambda: loop.run_until_complete(hundred()))
+    finally:
+        loop.close()
+    assert set(statuses) == {201}
 
 
 def test_conflation_offer_and_pop(benchmark: BenchmarkFixture) -> None:

@@ -1,6 +1,6 @@
 """Property-based fuzzing of the HTTP API from its own OpenAPI document (schemathesis).
 
-The document is built without any server (:func:`inventory.http.app_docs.api_document`), so
+The document is built without any server (:func:`inventory.http.app_routes.api_document`), so
 the operations are known at collection time and each one is a test of its own; the
 requests go to a live ``inventory serve`` process started once for the module (shared
 session database and Redis) with a bearer token configured, so authentication is
@@ -53,7 +53,7 @@ import pytest
 import schemathesis
 from schemathesis.config import SchemathesisConfig
 
-from inventory.http.app_docs import api_document
+from inventory.http.app_routes import api_document
 from tests import fuzz_checks  # noqa: F401  (registers the project's checks)
 from tests.conftest import ROOT, ServerProcess
 

@@ -316,7 +316,7 @@ def test_cors_origins_config() -> None:
     ],
 )
 def test_unavailability_is_503_with_retry_after(exc: Exception) -> None:
-    from inventory.http.api import error_response
+    from inventory.http.errors import error_response
     from inventory.store.db import _translated
 
     with pytest.raises(Unavailable) as caught, _translated():
@@ -338,7 +338,7 @@ def test_unavailability_is_503_with_retry_after(exc: Exception) -> None:
     ],
 )
 def test_database_text_never_reaches_a_body(exc: Exception, status: int) -> None:
-    from inventory.http.api import error_response
+    from inventory.http.errors import error_response
     from inventory.store.db import _translated
 
     with pytest.raises(InventoryError) as caught, _translated():

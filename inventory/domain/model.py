@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 from uuid import UUID
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "WarehouseStatus",
     "WarehouseUnavailable",
     "allocate",
+    "error_classes",
     "is_product_id",
     "is_warehouse_id",
     "row_deltas",
@@ -92,17 +94,44 @@ def is_product_id(value: str) -> bool:
 # --- errors ---------------------------------------------------------------------------
 
 
+_ERRORS: dict[str, type[InventoryError]] = {}
+
+
 class InventoryError(Exception):
     """Base of every rule violation a caller can handle: ``code`` is the API error code,
-    ``status`` its HTTP status. Every concrete subclass sets both (a test checks it)."""
+    ``status`` its HTTP status, both declared in the body of each subclass, nowhere else.
 
-    code = "inventory_error"
-    status: int
+    Defining a subclass registers it under its code (:func:`error_classes`). One that does
+    not declare both, declares a status outside 400-599 or takes another class's code
+    fails when its module is imported, so no error can leave as a 500 for want of a
+    status and no code answers with two statuses. The base itself is never raised.
+    """
+
+    code: ClassVar[str]
+    status: ClassVar[int]
 
     def __init__(self, message: str, details: Any = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        code, status = vars(cls).get("code"), vars(cls).get("status")
+        if not isinstance(code, str) or not isinstance(status, int) or not 400 <= status <= 599:
+            raise TypeError(f"{cls.__qualname__} must declare its code and a status 400-599")
+        known = _ERRORS.get(code)
+        where = (cls.__module__, cls.__qualname__)
+        if known is not None and (known.__module__, known.__qualname__) != where:  # not a reload
+            raise TypeError(f"{cls.__qualname__}: the code {code!r} is {known.__qualname__}'s")
+        _ERRORS[code] = cls
+
+
+def error_classes() -> Mapping[str, type[InventoryError]]:
+    """Every error class defined so far, by code (read-only). A class is defined when its
+    module is imported: a caller that needs all of them imports every module first (the
+    tests do); documentation refers to the classes themselves, which imports them."""
+    return MappingProxyType(_ERRORS)
 
 
 class ValidationFailed(InventoryError):

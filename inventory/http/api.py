@@ -1,27 +1,29 @@
-"""HTTP API of stock, warehouses and reservations, and the helpers every route module
-shares (errors, auth, route table; :mod:`.catalog`, :mod:`.waitlist` and
-:mod:`.webhooks` hold the other routes). Handlers are thin: check the token, parse,
-call the service, encode. Every error leaves through :func:`error_response` in the
-spec's shape ``{"error": {"code", "message", "details"}}``.
+"""HTTP API of stock, warehouses and reservations, and the request helpers every route
+module shares (:mod:`.catalog`, :mod:`.waitlist` and :mod:`.webhooks` hold the other
+routes). Handlers are thin: parse, call the service, encode. Each operation is a row of
+:func:`api_routes`'s table, its scope declared in its :class:`~.routing.RouteDoc`
+(:mod:`.routing` enforces it); every error leaves through :mod:`.errors`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import re
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Protocol
 from uuid import UUID
 
 import msgspec
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
 
-from ..domain.commerce import active_available, kit_reservable, reservable
+from ..domain.commerce import (
+    CustomerRequired,
+    IsKit,
+    PurchaseLimitExceeded,
+    active_available,
+    kit_reservable,
+    reservable,
+)
 from ..domain.model import (
     IDEMPOTENCY_KEY_RE,
     IDEMPOTENCY_KEY_RULE,
@@ -29,6 +31,8 @@ from ..domain.model import (
     PRODUCT_ID_RULE,
     WAREHOUSE_ID_RULE,
     Contention,
+    InsufficientStock,
+    InvalidState,
     InventoryError,
     NotFound,
     RequestedLine,
@@ -37,8 +41,10 @@ from ..domain.model import (
     StockLevel,
     Unavailable,
     ValidationFailed,
+    VersionConflict,
     Warehouse,
     WarehouseStatus,
+    WarehouseUnavailable,
     is_product_id,
     is_warehouse_id,
     schema_pattern,
@@ -46,11 +52,18 @@ from ..domain.model import (
 from ..service.catalog import ProductSettings, get_settings
 from ..service.idempotency import Idempotency, Replay, body_hash
 from ..service.inventory import InventoryService
+from ..store.db import StoreIntegrityError
 from ..store.pg import Store
+from .errors import (
+    ClientDisconnected,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    error_body,
+    json_response,
+)
+from .routing import Errors, Link, QueryParam, RouteDoc, Row
 from .schemas import (
     AdjustmentIn,
-    ErrorBody,
-    ErrorOut,
     ExtendIn,
     KitComponentStockOut,
     KitStockOut,
@@ -74,156 +87,20 @@ __all__ = [
     "MAX_BODY",
     "PRODUCT_IDS_PARAM",
     "PRODUCT_ID_SCHEMA",
-    "Auth",
+    "READ_ERRORS",
+    "WRITE_ERRORS",
     "Backend",
-    "Forbidden",
-    "Handler",
-    "Link",
-    "Messages",
-    "MethodNotAllowed",
-    "PayloadTooLarge",
-    "QueryParam",
-    "RouteDoc",
     "RouteHandlers",
-    "Unauthorized",
-    "UnsupportedMediaType",
     "api_routes",
-    "bearer",
-    "error_response",
-    "error_statuses",
     "idempotency_key",
-    "json_response",
     "product_ids_param",
-    "status_for",
-    "status_of_code",
+    "read_body",
+    "reservation_out",
 ]
 
 MAX_BODY = 64 * 1024
 MAX_STOCK_QUERY = 500
 MAX_PAGE = 1000
-
-
-class Unauthorized(InventoryError):
-    code = "unauthorized"
-    status = 401
-
-
-class Forbidden(InventoryError):
-    code = "forbidden"
-    status = 403
-
-
-class PayloadTooLarge(InventoryError):
-    code = "payload_too_large"
-    status = 413
-
-
-class ClientDisconnected(InventoryError):
-    """The client went away before its whole body arrived (not a server error)."""
-
-    code = "client_disconnected"
-    status = 400
-
-
-class MethodNotAllowed(InventoryError):
-    code = "method_not_allowed"
-    status = 405
-
-
-class UnsupportedMediaType(InventoryError):
-    """A body sent as anything but ``application/json``: browsers send ``text/plain`` and
-    form bodies cross-site without a preflight, so only JSON is ever read."""
-
-    code = "unsupported_media_type"
-    status = 415
-
-
-def status_for(exc: InventoryError) -> int:
-    return exc.status
-
-
-def status_of_code(code: str) -> int:
-    """The HTTP status of an error code (for OpenAPI); ``KeyError`` for an unknown code."""
-    return error_statuses()[code]
-
-
-def error_statuses() -> dict[str, int]:
-    """Every error code of the loaded :class:`InventoryError` subclasses -> its status."""
-    found: dict[str, int] = {}
-    pending: list[type[InventoryError]] = [InventoryError]
-    while pending:
-        cls = pending.pop()
-        pending += cls.__subclasses__()
-        if "status" in vars(cls):
-            found[cls.code] = cls.status
-    return found
-
-
-def json_response(
-    payload: Any, status_code: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    return Response(
-        msgspec.json.encode(payload), status_code, headers, media_type="application/json"
-    )
-
-
-def _error_bytes(exc: InventoryError) -> bytes:
-    return msgspec.json.encode(ErrorOut(ErrorBody(exc.code, exc.message, exc.details)))
-
-
-def error_response(exc: InventoryError) -> Response:
-    headers = {}
-    if isinstance(exc, Contention | Unavailable):
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-    if isinstance(exc, Unauthorized):
-        headers["WWW-Authenticate"] = "Bearer"
-    return Response(_error_bytes(exc), status_for(exc), headers, media_type="application/json")
-
-
-# --- authentication -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Auth:
-    """Bearer tokens with scopes; empty ``tokens`` means authentication is off.
-
-    Tokens are kept only as SHA-256 digests and compared with :func:`hmac.compare_digest`
-    against every configured digest, so timing says nothing about which one is close.
-    """
-
-    tokens: dict[str, frozenset[str]]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.tokens)
-
-    def scopes_for(self, token: str | None) -> tuple[str, frozenset[str]] | None:
-        if token is None:
-            return None
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        found = None
-        for known, scopes in self.tokens.items():
-            if hmac.compare_digest(known, digest):
-                found = (known, scopes)
-        return found
-
-    def check(self, token: str | None, scope: str) -> str:
-        """The caller's identity (token digest; ``""`` when auth is off) or an error."""
-        if not self.enabled:
-            return ""
-        match = self.scopes_for(token)
-        if match is None:
-            raise Unauthorized("a valid bearer token is required")
-        if scope not in match[1]:
-            raise Forbidden(f"this token lacks the {scope!r} scope")
-        return match[0]
-
-
-def bearer(headers: Any) -> str | None:
-    value: str | None = headers.get("authorization")
-    if value and value[:7].lower() == "bearer ":
-        return value[7:].strip() or None
-    return None
 
 
 # --- request helpers ------------------------------------------------------------------
@@ -357,8 +234,6 @@ def reservation_out(r: Reservation) -> ReservationOut:
 
 # --- handlers -------------------------------------------------------------------------
 
-Handler = Callable[[Request], Awaitable[Response]]
-
 
 class Backend(Protocol):
     """What route handlers reach per request: the process's service and its PostgreSQL
@@ -375,12 +250,11 @@ class Backend(Protocol):
 
 
 class RouteHandlers:
-    """Route handlers bound to one authenticator and the process's backend (the base of
-    every route module's handlers)."""
+    """Route handlers bound to the process's backend (the base of every route module's
+    handlers)."""
 
-    def __init__(self, backend: Backend, auth: Auth) -> None:
+    def __init__(self, backend: Backend) -> None:
         self._backend = backend
-        self.auth = auth
 
     @property
     def service(self) -> InventoryService:
@@ -389,9 +263,6 @@ class RouteHandlers:
     @property
     def store(self) -> Store:
         return self._backend.get_store()
-
-    def _identity(self, request: Request, scope: str) -> str:
-        return self.auth.check(bearer(request.headers), scope)
 
     async def _stock_bodies(
         self, ids: Sequence[str], settings: dict[str, ProductSettings] | None = None
@@ -430,7 +301,6 @@ class Handlers(RouteHandlers):
     """The stock, warehouse and reservation routes."""
 
     async def put_warehouse(self, request: Request) -> Response:
-        self._identity(request, "admin")
         warehouse_id = _warehouse_id(request)
         body, _ = decode(await read_body(request), WarehouseIn)
         warehouse, created = await self.service.put_warehouse(
@@ -439,18 +309,15 @@ class Handlers(RouteHandlers):
         return json_response(warehouse_out(warehouse), 201 if created else 200)
 
     async def list_warehouses(self, request: Request) -> Response:
-        self._identity(request, "read")
         found = await self.service.list_warehouses()
         return json_response(WarehousesOut([warehouse_out(w) for w in found]))
 
     async def get_warehouse(self, request: Request) -> Response:
-        self._identity(request, "read")
         return json_response(
             warehouse_out(await self.service.get_warehouse(_warehouse_id(request)))
         )
 
     async def product_stock(self, request: Request) -> Response:
-        self._identity(request, "read")
         product_id = _product_id(request)
         body = (await self._stock_bodies([product_id])).get(product_id)
         if body is None:
@@ -458,7 +325,6 @@ class Handlers(RouteHandlers):
         return json_response(body)
 
     async def stock_list(self, request: Request) -> Response:
-        self._identity(request, "read")
         ids = product_ids_param(request)
         bodies = await self._stock_bodies(ids)
         return json_response(
@@ -468,7 +334,6 @@ class Handlers(RouteHandlers):
         )
 
     async def adjust(self, request: Request) -> Response:
-        self._identity(request, "admin")
         product_id, warehouse_id = _product_id(request), _warehouse_id(request)
         body, _ = decode(await read_body(request), AdjustmentIn)
         if body.delta == 0:
@@ -480,7 +345,6 @@ class Handlers(RouteHandlers):
         return json_response(level_out(level))
 
     async def set_quantity(self, request: Request) -> Response:
-        self._identity(request, "admin")
         product_id, warehouse_id = _product_id(request), _warehouse_id(request)
         body, _ = decode(await read_body(request), SetQuantityIn)
         level = await self.service.change_stock(
@@ -490,7 +354,6 @@ class Handlers(RouteHandlers):
         return json_response(level_out(level))
 
     async def movements(self, request: Request) -> Response:
-        self._identity(request, "read")
         product_id = _product_id(request)
         after = _int_param(request, "after", 0, 0, 2**63 - 1)
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
@@ -500,7 +363,7 @@ class Handlers(RouteHandlers):
         return json_response(MovementsOut(items, next_after))
 
     async def reserve(self, request: Request) -> Response:
-        identity = self._identity(request, "reserve")
+        identity: str = request.user.identity
         key = idempotency_key(request)
         body, raw = decode(await read_body(request), ReserveIn)
         idempotency = None
@@ -520,7 +383,6 @@ class Handlers(RouteHandlers):
         return json_response(reservation_out(result), 201)
 
     async def get_reservation(self, request: Request) -> Response:
-        self._identity(request, "read")
         return json_response(
             reservation_out(await self.service.get_reservation(_reservation_id(request)))
         )
@@ -532,12 +394,10 @@ class Handlers(RouteHandlers):
         return await self._finish(request, ReservationStatus.RELEASED)
 
     async def _finish(self, request: Request, target: ReservationStatus) -> Response:
-        self._identity(request, "reserve")
         reservation_id = _reservation_id(request)
         return json_response(reservation_out(await self.service.finish(reservation_id, target)))
 
     async def extend(self, request: Request) -> Response:
-        self._identity(request, "reserve")
         reservation_id = _reservation_id(request)
         body, _ = decode(await read_body(request), ExtendIn)
         return json_response(
@@ -547,80 +407,15 @@ class Handlers(RouteHandlers):
 
 def _render_reservation(outcome: Reservation | InventoryError) -> tuple[int, bytes]:
     if isinstance(outcome, InventoryError):
-        return status_for(outcome), _error_bytes(outcome)
+        return outcome.status, error_body(outcome)
     return 201, msgspec.json.encode(reservation_out(outcome))
 
 
-@dataclass(frozen=True, slots=True)
-class QueryParam:
-    """A documented query parameter (``schema`` is JSON Schema; arrays are comma-separated)."""
-
-    name: str
-    schema: dict[str, Any]
-    description: str = ""
-    required: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    """An OpenAPI link from a route's success answer to the operation ``operation_id``.
-
-    ``parameters`` and ``request_body`` hold runtime expressions (``$response.body#/id``,
-    ``$request.path.product_id``); clients and the stateful fuzzer follow them.
-    """
-
-    operation_id: str
-    parameters: dict[str, str] = field(default_factory=dict)
-    request_body: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class Messages:
-    """A message type (or a union of tagged ones) of a streaming route, documented as the
-    component ``name``."""
-
-    name: str
-    kind: Any
-
-
-@dataclass(frozen=True, slots=True)
-class RouteDoc:
-    """Everything OpenAPI says about one operation, declared next to its handler.
-
-    :mod:`inventory.http.openapi` derives the rest from these facts: a ``scope`` means 401/403,
-    parameters or a body mean 422, a body means 400/413/415, ``idempotent`` means the
-    ``Idempotency-Key``/``Idempotent-Replayed`` headers and ``idempotency_key_reused``.
-    ``errors`` lists the other error codes the operation can answer (their statuses come
-    from :func:`status_of_code`); nothing else is listed, so a client sees exactly what
-    each call can return. ``scope`` ``None`` is an open route; ``optional_auth`` one that
-    is open unless configured otherwise (``/ready``, ``/metrics``).
-    """
-
-    summary: str
-    scope: str | None
-    request: type | None = None
-    response: type | None = None
-    status: int = 200
-    operation_id: str = ""
-    tag: str = ""
-    description: str = ""
-    errors: tuple[str, ...] = ()
-    query: tuple[QueryParam, ...] = ()
-    also: tuple[int, ...] = ()  # further success statuses with the same body
-    idempotent: bool = False
-    links: tuple[Link, ...] = ()
-    media_type: str = "application/json"
-    optional_auth: bool = False
-    tickets: bool = False  # also accepts a stream ticket (``?ticket=``) instead of a token
-    example: Any = None  # a request body to show (and for the fuzzer's examples phase)
-    # Streaming routes: their messages by direction ("client", "server"), as ``x-messages``.
-    messages: dict[str, Messages] = field(default_factory=dict)
-
-
-_READ = ("unavailable",)
-_WRITE = ("conflict", "contention", "unavailable")
-_STOCK_WRITE = ("not_found", "insufficient_stock", "version_conflict", "is_kit", *_WRITE)
-_FINISH = ("not_found", "invalid_state", *_WRITE)
+# The errors most operations can answer, beyond those their doc's facts imply.
+READ_ERRORS: Errors = (Unavailable,)
+WRITE_ERRORS: Errors = (StoreIntegrityError, Contention, Unavailable)
+_STOCK_WRITE: Errors = (NotFound, InsufficientStock, VersionConflict, IsKit, *WRITE_ERRORS)
+_FINISH: Errors = (NotFound, InvalidState, *WRITE_ERRORS)
 PRODUCT_ID_SCHEMA = {"type": "string", "pattern": schema_pattern(PRODUCT_ID_RE)}
 PRODUCT_IDS_PARAM = QueryParam(
     "product_ids",
@@ -647,22 +442,17 @@ _STOCK_LINKS = (
 )
 
 
-def api_routes(
-    backend: Backend,
-    auth: Auth,
-    extra: Sequence[tuple[str, str, Handler, RouteDoc]] = (),
-) -> tuple[list[BaseRoute], dict[str, dict[str, RouteDoc]]]:
-    """The ``/v1`` routes and their documentation (for :mod:`inventory.http.openapi`);
-    ``extra`` rows come from feature modules (webhooks)."""
-    h = Handlers(backend, auth)
-    table: list[tuple[str, str, Handler, RouteDoc]] = [
+def api_routes(backend: Backend) -> list[Row]:
+    """The stock, warehouse and reservation operations."""
+    h = Handlers(backend)
+    return [
         (
             "/v1/warehouses",
             "GET",
             h.list_warehouses,
             RouteDoc(
                 "List warehouses", "read", None, WarehousesOut,
-                operation_id="listWarehouses", tag="Warehouses", errors=_READ,
+                operation_id="listWarehouses", tag="Warehouses", errors=READ_ERRORS,
                 description="Every warehouse, ordered by id.",
             ),
         ),
@@ -672,7 +462,7 @@ def api_routes(
             h.get_warehouse,
             RouteDoc(
                 "Read a warehouse", "read", None, WarehouseOut,
-                operation_id="getWarehouse", tag="Warehouses", errors=("not_found", *_READ),
+                operation_id="getWarehouse", tag="Warehouses", errors=(NotFound, *READ_ERRORS),
             ),
         ),
         (
@@ -681,7 +471,7 @@ def api_routes(
             h.put_warehouse,
             RouteDoc(
                 "Create or update a warehouse", "admin", WarehouseIn, WarehouseOut,
-                operation_id="putWarehouse", tag="Warehouses", errors=_WRITE, also=(201,),
+                operation_id="putWarehouse", tag="Warehouses", errors=WRITE_ERRORS, also=(201,),
                 example={"name": "Main", "location": "Berlin", "status": "active"},
                 description="201 when the warehouse was created, 200 when it was updated. "
                 "Only `active` warehouses are allocated from; status does not affect "
@@ -698,7 +488,7 @@ def api_routes(
             h.stock_list,
             RouteDoc(
                 "Stock of up to 500 products", "read", None, StockListOut,
-                operation_id="listStock", tag="Stock", errors=_READ,
+                operation_id="listStock", tag="Stock", errors=READ_ERRORS,
                 query=(PRODUCT_IDS_PARAM,),
                 description="The bodies `getProductStock` answers, in request order (a kit's "
                 "is `KitStockOut`); products with neither a stock row nor kit components are "
@@ -711,7 +501,7 @@ def api_routes(
             h.product_stock,
             RouteDoc(
                 "Stock of one product (a kit: KitStockOut)", "read", None, StockBody,
-                operation_id="getProductStock", tag="Stock", errors=("not_found", *_READ),
+                operation_id="getProductStock", tag="Stock", errors=(NotFound, *READ_ERRORS),
                 description="404 when the product has no stock row anywhere. `reservable` "
                 "sums `available` over active warehouses only, less `safety_stock` (a new "
                 "reservation takes only what lies beyond the waitlist's waiting units). A kit "
@@ -752,7 +542,7 @@ def api_routes(
             h.movements,
             RouteDoc(
                 "Movement ledger of a product", "read", None, MovementsOut,
-                operation_id="listMovements", tag="Stock", errors=("not_found", *_READ),
+                operation_id="listMovements", tag="Stock", errors=(NotFound, *READ_ERRORS),
                 query=(
                     QueryParam(
                         "after", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
@@ -778,8 +568,8 @@ def api_routes(
                     "ttl_seconds": 600, "reference": "order-42",
                 },
                 errors=(
-                    "not_found", "insufficient_stock", "warehouse_unavailable",
-                    "customer_required", "purchase_limit_exceeded", *_WRITE,
+                    NotFound, InsufficientStock, WarehouseUnavailable, CustomerRequired,
+                    PurchaseLimitExceeded, *WRITE_ERRORS,
                 ),
                 description="Lines without `warehouse_id` are allocated from active "
                 "warehouses (the one with the most available first, split when none holds "
@@ -800,7 +590,7 @@ def api_routes(
             h.get_reservation,
             RouteDoc(
                 "Read a reservation", "read", None, ReservationOut,
-                operation_id="getReservation", tag="Reservations", errors=("not_found", *_READ),
+                operation_id="getReservation", tag="Reservations", errors=(NotFound, *READ_ERRORS),
                 description="A reservation past `expires_at` reads as `expired` at once.",
             ),
         ),
@@ -841,39 +631,4 @@ def api_routes(
                 links=_READ_BACK,
             ),
         ),
-        *extra,
     ]  # fmt: skip
-    by_path: dict[str, dict[str, Handler]] = {}
-    docs: dict[str, dict[str, RouteDoc]] = {}
-    for path, method, handler, doc in table:
-        by_path.setdefault(path, {})[method] = handler
-        if not doc.operation_id:
-            doc = replace(doc, operation_id=_camel(handler.__name__))
-        docs.setdefault(path, {})[method.lower()] = doc
-    # Starlette tries routes in order: the busiest paths first (none of them overlap).
-    busiest = sorted(
-        by_path,
-        key=lambda p: (
-            not p.startswith("/v1/reservations"),
-            p != "/v1/products/{product_id}/stock",
-        ),
-    )
-    routes: list[BaseRoute] = [
-        Route(path, _dispatch(by_path[path]), methods=list(by_path[path])) for path in busiest
-    ]
-    return routes, docs
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
-def _dispatch(methods: dict[str, Handler]) -> Handler:
-    async def endpoint(request: Request) -> Response:
-        handler = methods.get("GET" if request.method == "HEAD" else request.method)
-        if handler is None:
-            raise HTTPException(405)
-        return await handler(request)
-
-    return endpoint

@@ -1,8 +1,8 @@
 """HTTP handlers for product settings, listings and bulk stock changes.
 
-Kept apart from :mod:`.api` (which mounts them through :func:`catalog_routes`) so the
-routes can grow without touching the hot handlers. Same conventions: check the token,
-parse with msgspec, call :mod:`inventory.service.catalog` / :mod:`inventory.service.bulk`,
+Kept apart from :mod:`.api` so the routes can grow without touching the hot handlers.
+Same conventions: rows of a route table (:func:`catalog_routes`), handlers that parse
+with msgspec, call :mod:`inventory.service.catalog` / :mod:`inventory.service.bulk` and
 encode.
 """
 
@@ -15,26 +15,24 @@ from msgspec import Meta, Struct
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..domain.commerce import IsKit
 from ..domain.model import MAX_QUANTITY, NotFound, ValidationFailed, is_product_id
 from ..service import bulk, catalog
 from .api import (
-    _READ,
-    _WRITE,
     MAX_PAGE,
     PRODUCT_ID_SCHEMA,
-    Auth,
+    READ_ERRORS,
+    WRITE_ERRORS,
     Backend,
-    Handler,
-    Link,
-    QueryParam,
-    RouteDoc,
     RouteHandlers,
     _int_param,
     _product_id,
-    json_response,
+    level_out,
     read_body,
     reservation_out,
 )
+from .errors import json_response
+from .routing import Link, QueryParam, RouteDoc, Row
 from .schemas import (
     MAX_STOCK,
     NO_NUL,
@@ -183,7 +181,6 @@ class CatalogHandlers(RouteHandlers):
         ]
 
     async def put_product(self, request: Request) -> Response:
-        self._identity(request, "admin")
         product_id = _product_id(request)
         body, _ = decode(await read_body(request), ProductIn)
         components = None
@@ -205,7 +202,6 @@ class CatalogHandlers(RouteHandlers):
         return json_response(out, 201 if created else 200)
 
     async def get_product(self, request: Request) -> Response:
-        self._identity(request, "read")
         product_id = _product_id(request)
         found = await self._products([product_id])
         if not found:
@@ -215,7 +211,6 @@ class CatalogHandlers(RouteHandlers):
         return json_response(found[0])
 
     async def list_products(self, request: Request) -> Response:
-        self._identity(request, "read")
         after = request.query_params.get("after")
         if after is not None and not is_product_id(after):
             raise ValidationFailed("after must be a product id", {"field": "after"})
@@ -225,7 +220,6 @@ class CatalogHandlers(RouteHandlers):
         return json_response(ProductsOut(products, ids[-1] if len(ids) == limit else None))
 
     async def list_reservations(self, request: Request) -> Response:
-        self._identity(request, "read")
         q = request.query_params
         status = q.get("status") or None
         if status is not None and status not in ("active", "committed", "released", "expired"):
@@ -247,7 +241,6 @@ class CatalogHandlers(RouteHandlers):
         return json_response(ReservationsOut([reservation_out(r) for r in page], next_after))
 
     async def bulk_stock(self, request: Request) -> Response:
-        self._identity(request, "admin")
         body, _ = decode(await read_body(request, BULK_MAX_BODY), BulkIn)
         items = []
         for i, item in enumerate(body.items):
@@ -277,24 +270,19 @@ class CatalogHandlers(RouteHandlers):
 
 
 def _result_out(r: bulk.BulkResult) -> BulkResultOut:
-    from .api import level_out, status_for
-
     if r.error is not None:
         return BulkResultOut(
             r.index,
-            status_for(r.error),
+            r.error.status,
             error={"code": r.error.code, "message": r.error.message, "details": r.error.details},
         )
     assert r.level is not None
     return BulkResultOut(r.index, 200, level=level_out(r.level))
 
 
-Row = tuple[str, str, Handler, RouteDoc]
-
-
-def catalog_routes(backend: Backend, auth: Auth) -> list[Row]:
-    """``(path, method, handler, doc)`` for :func:`inventory.http.api.api_routes`'s table."""
-    h = CatalogHandlers(backend, auth)
+def catalog_routes(backend: Backend) -> list[Row]:
+    """The product, reservation listing and bulk operations."""
+    h = CatalogHandlers(backend)
     after_product = QueryParam(
         "after",
         {"type": "string", "pattern": PRODUCT_ID_SCHEMA["pattern"]},
@@ -306,7 +294,7 @@ def catalog_routes(backend: Backend, auth: Auth) -> list[Row]:
     return [
         ("/v1/products", "GET", h.list_products, RouteDoc(
             "List products (byte order of product_id)", "read", None, ProductsOut,
-            operation_id="listProducts", tag="Products", errors=_READ,
+            operation_id="listProducts", tag="Products", errors=READ_ERRORS,
             query=(after_product, limit),
             description="Every product with a stock row or settings, ordered by `product_id` "
             "(byte order), in the body `getProduct` answers; `next_after` is null on the last "
@@ -314,7 +302,7 @@ def catalog_routes(backend: Backend, auth: Auth) -> list[Row]:
         )),
         ("/v1/products/{product_id}", "GET", h.get_product, RouteDoc(
             "Read a product's settings and stock", "read", None, ProductOut,
-            operation_id="getProduct", tag="Products", errors=("not_found", *_READ),
+            operation_id="getProduct", tag="Products", errors=(NotFound, *READ_ERRORS),
             description="`stock` is the body `getProductStock` answers (`KitStockOut` for a "
             "kit), null while a product that is no kit has no stock row. 404 when the product "
             "has neither settings nor a stock row.",
@@ -322,7 +310,7 @@ def catalog_routes(backend: Backend, auth: Auth) -> list[Row]:
         ("/v1/products/{product_id}", "PUT", h.put_product, RouteDoc(
             "Create or replace a product's settings", "admin", ProductIn, ProductOut,
             operation_id="putProduct", tag="Products", also=(201,),
-            errors=("is_kit", "has_stock", "is_component", *_WRITE),
+            errors=(IsKit, catalog.HasStock, catalog.IsComponent, *WRITE_ERRORS),
             example={"name": "Blue mug", "safety_stock": 2, "low_stock_threshold": 10},
             description="201 when the product had no settings yet, 200 when they were "
             "replaced (an omitted field takes its default).",
@@ -330,7 +318,7 @@ def catalog_routes(backend: Backend, auth: Auth) -> list[Row]:
         )),
         ("/v1/reservations", "GET", h.list_reservations, RouteDoc(
             "List reservations, oldest first", "read", None, ReservationsOut,
-            operation_id="listReservations", tag="Reservations", errors=_READ,
+            operation_id="listReservations", tag="Reservations", errors=READ_ERRORS,
             query=(
                 QueryParam(
                     "reference",
@@ -352,7 +340,7 @@ def catalog_routes(backend: Backend, auth: Auth) -> list[Row]:
         )),
         ("/v1/stock/bulk", "POST", h.bulk_stock, RouteDoc(
             "Up to 1,000 adjustments and sets", "admin", BulkIn, BulkOut,
-            operation_id="bulkChangeStock", tag="Stock", errors=("bulk_failed", *_WRITE),
+            operation_id="bulkChangeStock", tag="Stock", errors=(bulk.BulkFailed, *WRITE_ERRORS),
             example={"items": [{"product_id": "mug", "warehouse_id": "w1", "delta": 5}]},
             description="Items are applied in order, each with the usual rules; `status` per "
             "item is what it alone would have answered. With `atomic: true`, any failing "

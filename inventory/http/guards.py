@@ -36,12 +36,11 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from ..domain.model import InventoryError
+from .errors import ForbiddenOrigin, error_response
 
 __all__ = [
     "STREAM_PATHS",
     "Cors",
-    "ForbiddenOrigin",
     "LoopbackGuard",
     "is_loopback_host",
     "is_loopback_name",
@@ -52,11 +51,6 @@ STREAM_PATHS = frozenset({"/v1/stream"})
 """GET routes that open a live stream: their handshake is checked like a WebSocket's."""
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
-
-class ForbiddenOrigin(InventoryError):
-    code = "forbidden_origin"
-    status = 403
 
 
 def is_loopback_host(host: str) -> bool:
@@ -130,7 +124,7 @@ class LoopbackGuard:
                     self._verdicts.clear()
                 refusal = self._verdicts[key] = self._refusal(*key)
             if refusal is not None:
-                response = _error_response(ForbiddenOrigin(refusal))
+                response = error_response(ForbiddenOrigin(refusal))
                 if kind == "websocket":
                     await WebSocket(scope, receive, send).send_denial_response(response)
                 else:
@@ -179,13 +173,7 @@ class Cors(CORSMiddleware):
         if response.status_code == 200:
             return response
         refused = ForbiddenOrigin(f"CORS preflight refused: {bytes(response.body).decode()}")
-        json = _error_response(refused)
+        json = error_response(refused)
         json.status_code = response.status_code
         json.headers.update({k: v for k, v in response.headers.items() if k.startswith("vary")})
         return json
-
-
-def _error_response(exc: InventoryError) -> Response:
-    from .api import error_response  # api imports the schemas; keep this module light
-
-    return error_response(exc)

@@ -47,14 +47,19 @@ import functools
 import inspect
 from typing import Any
 
-import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ..domain.model import InventoryError
+from .errors import error_body
 
 __all__ = [
     "LINGER_BYTES",
     "LINGER_SECONDS",
     "MAX_HEAD",
+    "HeadTimeout",
+    "HeadTooLarge",
     "LimitedHttpToolsProtocol",
+    "UriTooLong",
     "check_compatible",
 ]
 
@@ -65,14 +70,37 @@ LINGER_SECONDS = 2.0
 LINGER_BYTES = 1 << 20
 """After a refusal, input is read and dropped for at most this long and this much."""
 
-_REASONS = {
-    408: ("Request Timeout", "request_timeout", "the request head did not arrive in time"),
-    414: ("URI Too Long", "uri_too_long", f"the request line exceeds {MAX_HEAD} bytes"),
-    431: (
-        "Request Header Fields Too Large",
-        "request_header_fields_too_large",
-        f"the request line and headers exceed {MAX_HEAD} bytes",
-    ),
+
+# The refusals' errors: answered by the protocol before there is a request, so no
+# operation documents them (SPEC "Input limits" and the README do).
+
+
+class HeadTimeout(InventoryError):
+    code = "request_timeout"
+    status = 408
+
+
+class UriTooLong(InventoryError):
+    code = "uri_too_long"
+    status = 414
+
+
+class HeadTooLarge(InventoryError):
+    code = "request_header_fields_too_large"
+    status = 431
+
+
+_REFUSALS = {
+    error.status: (reason, error(message, {"limit": MAX_HEAD}))
+    for error, reason, message in (
+        (HeadTimeout, "Request Timeout", "the request head did not arrive in time"),
+        (UriTooLong, "URI Too Long", f"the request line exceeds {MAX_HEAD} bytes"),
+        (
+            HeadTooLarge,
+            "Request Header Fields Too Large",
+            f"the request line and headers exceed {MAX_HEAD} bytes",
+        ),
+    )
 }
 
 _OVERRIDDEN = (
@@ -116,10 +144,8 @@ class _Refused(Exception):
 
 
 def _refusal(status: int) -> bytes:
-    reason, code, message = _REASONS[status]
-    body = msgspec.json.encode(
-        {"error": {"code": code, "message": message, "details": {"limit": MAX_HEAD}}}
-    )
+    reason, error = _REFUSALS[status]
+    body = error_body(error)
     return (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"

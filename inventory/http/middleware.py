@@ -26,16 +26,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..logs import request_id_var
 from ..metrics import HTTP_LATENCY, HTTP_REQUESTS
-from .api import json_response
+from .errors import InternalError, error_response
 
 __all__ = ["RequestMiddleware"]
 
 log = logging.getLogger("inventory.app")
 
-_INTERNAL_ERROR = json_response(
-    {"error": {"code": "internal_error", "message": "internal server error", "details": None}},
-    500,
-)
+_INTERNAL_ERROR = error_response(InternalError("internal server error"))
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 

@@ -1,14 +1,15 @@
 """``/openapi.json``: an OpenAPI 3.1 document built from the route table.
 
-Every operation comes from one :class:`~inventory.http.api.RouteDoc` (declared next to its
-handler); nothing here knows a path. From a doc's facts this module derives:
+Every operation comes from one :class:`~inventory.http.routing.RouteDoc` (declared next to
+its handler); nothing here knows a path. From a doc's facts this module derives:
 
 - parameters: path ids with the patterns the handlers enforce, the declared query
   parameters, ``Idempotency-Key`` for idempotent routes, ``X-Request-ID`` everywhere;
 - responses: the success statuses with their schema and links, then one response per
-  error status the operation can answer, whose ``error.code`` is an enum of exactly the
-  codes it can carry there; ``X-Request-ID`` on every response, ``Retry-After`` on 503,
-  ``WWW-Authenticate`` on 401, ``Idempotent-Replayed`` on idempotent successes;
+  error status the operation can answer (each error class declares its code and status),
+  whose ``error.code`` is an enum of exactly the codes it can carry there;
+  ``X-Request-ID`` on every response, ``Retry-After`` on 503, ``WWW-Authenticate`` on
+  401, ``Idempotent-Replayed`` on idempotent successes;
 - streaming routes' message schemas (``x-messages``) as named components.
 
 Schemas come from the msgspec types that validate requests and encode answers, so the
@@ -24,14 +25,28 @@ from typing import Any
 
 import msgspec
 
-from ..domain.model import IDEMPOTENCY_KEY_RE, PRODUCT_ID_RE, WAREHOUSE_ID_RE, schema_pattern
-from .api import RouteDoc, status_of_code
-from .guards import ForbiddenOrigin
-from .schemas import STOCK_BODY_KINDS, ErrorOut
+from ..domain.model import (
+    IDEMPOTENCY_KEY_RE,
+    PRODUCT_ID_RE,
+    WAREHOUSE_ID_RE,
+    IdempotencyKeyReused,
+    InventoryError,
+    ValidationFailed,
+    schema_pattern,
+)
+from .errors import (
+    ClientDisconnected,
+    Forbidden,
+    ForbiddenOrigin,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from .routing import RouteDoc
+from .schemas import STOCK_BODY_KINDS, ErrorOut, InvalidJson
 
 __all__ = ["openapi_document"]
 
-# Codes raised outside the route handlers (protocol guards), with their status.
 _STATUS_TEXT = {
     400: "Malformed JSON, or the client left before its body arrived",
     401: "Missing or unknown bearer token",
@@ -113,26 +128,25 @@ def _headers(*names: str) -> dict[str, Any]:
     return {name: _ref(name, "headers") for name in names}
 
 
-def _error_codes(doc: RouteDoc, has_input: bool) -> list[str]:
-    """Every error code the operation can answer, in a stable order."""
-    codes = [ForbiddenOrigin.code]  # loopback mode's Host/Origin guard sees every request
+def _errors(doc: RouteDoc, has_input: bool) -> list[type[InventoryError]]:
+    """Every error the operation can answer, in a stable order."""
+    errors: list[type[InventoryError]] = [ForbiddenOrigin]  # loopback mode's Host guard
     if doc.scope is not None:
-        codes += ["unauthorized", "forbidden"]
+        errors += [Unauthorized, Forbidden]
     if has_input:
-        codes.append("validation_error")
+        errors.append(ValidationFailed)
     if doc.request is not None:
-        codes += ["invalid_json", "client_disconnected", "payload_too_large"]
-        codes.append("unsupported_media_type")
+        errors += [InvalidJson, ClientDisconnected, PayloadTooLarge, UnsupportedMediaType]
     if doc.idempotent:
-        codes.append("idempotency_key_reused")
-    codes += doc.errors
-    return list(dict.fromkeys(codes))
+        errors.append(IdempotencyKeyReused)
+    errors += doc.errors
+    return list(dict.fromkeys(errors))
 
 
-def _error_responses(codes: list[str]) -> dict[str, Any]:
+def _error_responses(errors: list[type[InventoryError]]) -> dict[str, Any]:
     by_status: dict[int, list[str]] = {}
-    for code in codes:
-        by_status.setdefault(status_of_code(code), []).append(code)
+    for error in errors:
+        by_status.setdefault(error.status, []).append(error.code)
     responses: dict[str, Any] = {}
     for status in sorted(by_status):
         schema = {
@@ -207,7 +221,7 @@ def _operation(path: str, doc: RouteDoc, register: Any) -> dict[str, Any]:
         str(status): {**success, "description": HTTPStatus(status).phrase}
         for status in (doc.status, *doc.also)
     }
-    for status, response in _error_responses(_error_codes(doc, has_input)).items():
+    for status, response in _error_responses(_errors(doc, has_input)).items():
         responses.setdefault(status, response)
 
     op: dict[str, Any] = {

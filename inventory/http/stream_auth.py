@@ -26,13 +26,16 @@ from starlette.responses import Response
 from realtime.tickets import TicketStore
 
 from ..domain.model import InventoryError, Unavailable
-from .api import Auth, Unauthorized, bearer, error_response, json_response
+from .auth import TokenAuth, bearer
+from .errors import Unauthorized, error_response, json_response
 
-__all__ = ["StreamAuth"]
+__all__ = ["STREAM_SCOPE", "StreamAuth"]
 
 log = logging.getLogger("inventory.stream_auth")
 
 _URL_TOKEN_PARAMS = ("token", "access_token")
+STREAM_SCOPE = "read"
+"""What a stream handshake needs, and a ticket (whose route declares it) stands for."""
 
 
 class StreamAuth:
@@ -40,7 +43,7 @@ class StreamAuth:
 
     __slots__ = ("_auth", "_tickets")
 
-    def __init__(self, auth: Auth, tickets: Callable[[], TicketStore]) -> None:
+    def __init__(self, auth: TokenAuth, tickets: Callable[[], TicketStore]) -> None:
         self._auth = auth
         self._tickets = tickets  # created in the lifespan, after the routes
 
@@ -59,10 +62,9 @@ class StreamAuth:
                 "a token is never accepted in a URL: send it in the Authorization header, "
                 "or put a ticket from POST /v1/stream-tickets in ?ticket="
             )
-        token = bearer(connection.headers)
         ticket = params.get("ticket")
-        if token is not None or ticket is None:
-            self._auth.check(token, "read")
+        if ticket is None or bearer(connection.headers) is not None:
+            self._auth.require(connection, STREAM_SCOPE)
             return
         try:
             identity = await self._tickets().redeem(ticket)
@@ -73,10 +75,10 @@ class StreamAuth:
             raise Unauthorized("the ticket is unknown, already used or expired")
 
     async def create_ticket(self, request: Request) -> Response:
-        """``POST /v1/stream-tickets`` (read scope) -> 201 ``{ticket, expires_at}``."""
-        identity = self._auth.check(bearer(request.headers), "read")
+        """``POST /v1/stream-tickets`` -> 201 ``{ticket, expires_at}`` (the route declares
+        :data:`STREAM_SCOPE`: a ticket carries that scope check)."""
         try:
-            ticket = await self._tickets().issue(identity)
+            ticket = await self._tickets().issue(request.user.identity)
         except (aioredis.RedisError, OSError) as exc:
             log.warning("stream ticket not issued: Redis failed (%s)", type(exc).__name__)
             raise Unavailable("stream tickets cannot be issued right now; retry") from None

@@ -1,5 +1,5 @@
-"""HTTP handlers of the waitlist (SPEC "Flash-sale protections"), mounted through
-:func:`inventory.http.api.api_routes`'s ``extra`` rows like the webhook routes.
+"""HTTP handlers of the waitlist (SPEC "Flash-sale protections"), rows of the route table
+(:func:`waitlist_routes`) like the other feature modules.
 
 ``POST /v1/products/{id}/waitlist`` takes an ``Idempotency-Key`` as reservations do: a
 repeat with the same body answers 201 with the entry as it is now (header
@@ -16,28 +16,25 @@ from msgspec import Meta, Struct
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..domain.model import MAX_QUANTITY, ValidationFailed
+from ..domain.commerce import AlreadyWaiting, IsKit, PurchaseLimitExceeded
+from ..domain.model import MAX_QUANTITY, InsufficientStock, InvalidState, NotFound, ValidationFailed
 from ..service.idempotency import body_hash
 from ..service.waitlist import JoinRequest, Waitlist, WaitlistEntryOut
 from .api import (
-    _READ,
-    _WRITE,
     MAX_PAGE,
     PRODUCT_IDS_PARAM,
-    Auth,
+    READ_ERRORS,
+    WRITE_ERRORS,
     Backend,
-    Handler,
-    Link,
-    QueryParam,
-    RouteDoc,
     RouteHandlers,
     _int_param,
     _product_id,
     idempotency_key,
-    json_response,
     product_ids_param,
     read_body,
 )
+from .errors import json_response
+from .routing import Link, QueryParam, RouteDoc, Row
 from .schemas import NO_NUL, WarehouseId, _In, decode
 
 __all__ = [
@@ -87,7 +84,7 @@ class WaitlistHandlers(RouteHandlers):
         return Waitlist(self.service, self.store)
 
     async def join(self, request: Request) -> Response:
-        identity = self._identity(request, "reserve")
+        identity: str = request.user.identity
         product_id = _product_id(request)
         key = idempotency_key(request)
         body, raw = decode(await read_body(request), WaitlistIn)
@@ -104,15 +101,12 @@ class WaitlistHandlers(RouteHandlers):
         return json_response(entry.out(), 201, headers)
 
     async def get(self, request: Request) -> Response:
-        self._identity(request, "read")
         return json_response((await self.waitlist.get(_entry_id(request))).out())
 
     async def cancel(self, request: Request) -> Response:
-        self._identity(request, "reserve")
         return json_response((await self.waitlist.cancel(_entry_id(request))).out())
 
     async def lengths(self, request: Request) -> Response:
-        self._identity(request, "read")
         ids = product_ids_param(request)
         found = await self.waitlist.lengths(ids)
         return json_response(
@@ -120,7 +114,6 @@ class WaitlistHandlers(RouteHandlers):
         )
 
     async def list(self, request: Request) -> Response:
-        self._identity(request, "admin")
         product_id = _product_id(request)
         after = _int_param(request, "after", 0, 0, 2**63 - 1)
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
@@ -129,15 +122,15 @@ class WaitlistHandlers(RouteHandlers):
         return json_response(WaitlistOut([e.out() for e in page], next_after))
 
 
-def waitlist_routes(backend: Backend, auth: Auth) -> list[tuple[str, str, Handler, RouteDoc]]:
-    """``(path, method, handler, doc)`` rows for :func:`inventory.http.api.api_routes`."""
-    h = WaitlistHandlers(backend, auth)
+def waitlist_routes(backend: Backend) -> list[Row]:
+    """The waitlist operations."""
+    h = WaitlistHandlers(backend)
     return [
         ("/v1/products/{product_id}/waitlist", "POST", h.join, RouteDoc(
             "Join a product's waitlist", "reserve", WaitlistIn, WaitlistEntryOut, 201,
             operation_id="joinWaitlist", tag="Waitlist", idempotent=True,
-            errors=("not_found", "is_kit", "already_waiting", "purchase_limit_exceeded",
-                    "insufficient_stock", *_WRITE),
+            errors=(NotFound, IsKit, AlreadyWaiting, PurchaseLimitExceeded, InsufficientStock,
+                    *WRITE_ERRORS),
             example={"customer_id": "c-1", "quantity": 1},
             description="201 `waiting` with its `position`, or `offered` at once when enough "
             "is reservable and nobody waits (the reservation is in `reservation_id`). One "
@@ -147,7 +140,7 @@ def waitlist_routes(backend: Backend, auth: Auth) -> list[tuple[str, str, Handle
         )),
         ("/v1/products/{product_id}/waitlist", "GET", h.list, RouteDoc(
             "Waiting entries of a product, in queue order", "admin", None, WaitlistOut,
-            operation_id="listWaitlist", tag="Waitlist", errors=_READ,
+            operation_id="listWaitlist", tag="Waitlist", errors=READ_ERRORS,
             query=(
                 QueryParam("after", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
                            "`next_after` of the previous page."),
@@ -157,7 +150,7 @@ def waitlist_routes(backend: Backend, auth: Auth) -> list[tuple[str, str, Handle
         )),
         ("/v1/waitlists", "GET", h.lengths, RouteDoc(
             "Waitlist lengths of up to 500 products", "read", None, WaitlistLengthsOut,
-            operation_id="listWaitlistLengths", tag="Waitlist", errors=_READ,
+            operation_id="listWaitlistLengths", tag="Waitlist", errors=READ_ERRORS,
             query=(PRODUCT_IDS_PARAM,),
             description="How many entries wait for each product, and their units, in "
             "request order (0 for a product nobody waits for, known or not). No customer "
@@ -165,12 +158,12 @@ def waitlist_routes(backend: Backend, auth: Auth) -> list[tuple[str, str, Handle
         )),
         ("/v1/waitlist/{entry_id}", "GET", h.get, RouteDoc(
             "Read a waitlist entry", "read", None, WaitlistEntryOut,
-            operation_id="getWaitlistEntry", tag="Waitlist", errors=("not_found", *_READ),
+            operation_id="getWaitlistEntry", tag="Waitlist", errors=(NotFound, *READ_ERRORS),
         )),
         ("/v1/waitlist/{entry_id}", "DELETE", h.cancel, RouteDoc(
             "Cancel a waiting entry", "reserve", None, WaitlistEntryOut,
             operation_id="cancelWaitlistEntry", tag="Waitlist",
-            errors=("not_found", "invalid_state", *_WRITE),
+            errors=(NotFound, InvalidState, *WRITE_ERRORS),
             description="Only while `waiting`; later 409 `invalid_state`.",
         )),
     ]  # fmt: skip

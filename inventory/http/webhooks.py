@@ -1,4 +1,5 @@
-"""The webhook registration routes (admin scope), added to the ``/v1`` route table.
+"""The webhook registration routes (admin scope), rows of the route table
+(:func:`webhook_routes`).
 
 A webhook's secret is write-only: it is stored to sign deliveries and never appears in
 an answer, an error message or a log line (validation messages name the field, never
@@ -14,23 +15,13 @@ from msgspec import Meta, Struct
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..domain.model import WAREHOUSE_ID_RULE, ValidationFailed, is_warehouse_id
+from ..domain.model import WAREHOUSE_ID_RULE, NotFound, ValidationFailed, is_warehouse_id
 from ..service.webhooks.events import EVENT_TYPES
 from ..service.webhooks.targets import MAX_URL, TargetRefused, parse_url, resolve
 from ..store.webhooks import Delivery, Webhook, WebhookStore
-from .api import (
-    MAX_PAGE,
-    Auth,
-    Backend,
-    Handler,
-    Link,
-    QueryParam,
-    RouteDoc,
-    _int_param,
-    bearer,
-    json_response,
-    read_body,
-)
+from .api import MAX_PAGE, READ_ERRORS, Backend, _int_param, read_body
+from .errors import json_response
+from .routing import Link, QueryParam, RouteDoc, Row
 from .schemas import decode
 
 __all__ = [
@@ -42,7 +33,6 @@ __all__ = [
     "webhook_routes",
 ]
 
-_READ = ("unavailable",)  # documented error codes every webhook route can answer
 URL_PATTERN = (
     r"^[hH][tT][tT][pP][sS]?://[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.?"
     r"(?::(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
@@ -99,17 +89,16 @@ class WebhookHandlers:
     """The webhook routes; the store is built on the backend's pool per request (the
     pool exists only once the lifespan has run)."""
 
-    def __init__(self, backend: Backend, auth: Auth, allow_private: bool) -> None:
+    def __init__(self, backend: Backend, allow_private: bool) -> None:
         self._backend = backend
-        self._auth = auth
         self._allow_private = allow_private
 
-    def _store(self, request: Request) -> WebhookStore:
-        self._auth.check(bearer(request.headers), "admin")
+    @property
+    def _store(self) -> WebhookStore:
         return WebhookStore(self._backend.get_store().pool)
 
     async def put(self, request: Request) -> Response:
-        store = self._store(request)
+        store = self._store
         webhook_id = _webhook_id(request)
         body, _ = decode(await read_body(request), WebhookIn)
         url = parse_url(body.url)
@@ -122,20 +111,17 @@ class WebhookHandlers:
         return json_response(_out(webhook), 201 if created else 200)
 
     async def list_webhooks(self, request: Request) -> Response:
-        store = self._store(request)
-        return json_response(WebhooksOut([_out(w) for w in await store.list_all()]))
+        return json_response(WebhooksOut([_out(w) for w in await self._store.list_all()]))
 
     async def get(self, request: Request) -> Response:
-        store = self._store(request)
-        return json_response(_out(await store.get(_webhook_id(request))))
+        return json_response(_out(await self._store.get(_webhook_id(request))))
 
     async def delete(self, request: Request) -> Response:
-        store = self._store(request)
-        await store.delete(_webhook_id(request))
+        await self._store.delete(_webhook_id(request))
         return Response(status_code=204)
 
     async def deliveries(self, request: Request) -> Response:
-        store = self._store(request)
+        store = self._store
         webhook_id = _webhook_id(request)
         after = _int_param(request, "after", 0, 0, 2**63 - 1)
         limit = _int_param(request, "limit", 100, 1, MAX_PAGE)
@@ -144,11 +130,9 @@ class WebhookHandlers:
         return json_response(DeliveriesOut(page, next_after))
 
 
-def webhook_routes(
-    backend: Backend, auth: Auth, allow_private: bool
-) -> list[tuple[str, str, Handler, RouteDoc]]:
-    """Rows for the ``/v1`` route table of :func:`inventory.http.api.api_routes`."""
-    h = WebhookHandlers(backend, auth, allow_private)
+def webhook_routes(backend: Backend, allow_private: bool) -> list[Row]:
+    """The webhook operations."""
+    h = WebhookHandlers(backend, allow_private)
     one = "/v1/webhooks/{webhook_id}"
     return [
         (
@@ -157,21 +141,21 @@ def webhook_routes(
             h.list_webhooks,
             RouteDoc(
                 "List webhooks", "admin", None, WebhooksOut,
-                operation_id="listWebhooks", tag="Webhooks", errors=_READ,
+                operation_id="listWebhooks", tag="Webhooks", errors=READ_ERRORS,
             ),
         ),
         (
             one, "GET", h.get,
             RouteDoc(
                 "Read a webhook", "admin", None, WebhookOut,
-                operation_id="getWebhook", tag="Webhooks", errors=("not_found", *_READ),
+                operation_id="getWebhook", tag="Webhooks", errors=(NotFound, *READ_ERRORS),
             ),
         ),
         (
             one, "PUT", h.put,
             RouteDoc(
                 "Create or update a webhook", "admin", WebhookIn, WebhookOut,
-                operation_id="putWebhook", tag="Webhooks", also=(201,), errors=_READ,
+                operation_id="putWebhook", tag="Webhooks", also=(201,), errors=READ_ERRORS,
                 description="201 when created, 200 when updated. A `url` whose host does "
                 "not resolve, or resolves to a loopback, private or link-local address, is "
                 "422 (unless `INVENTORY_WEBHOOK_ALLOW_PRIVATE=true`). Receives the events "
@@ -192,7 +176,7 @@ def webhook_routes(
             one, "DELETE", h.delete,
             RouteDoc(
                 "Delete a webhook", "admin", None, None, 204,
-                operation_id="deleteWebhook", tag="Webhooks", errors=("not_found", *_READ),
+                operation_id="deleteWebhook", tag="Webhooks", errors=(NotFound, *READ_ERRORS),
             ),
         ),
         (
@@ -202,7 +186,7 @@ def webhook_routes(
             RouteDoc(
                 "Delivery attempts, newest first", "admin", None, DeliveriesOut,
                 operation_id="listWebhookDeliveries", tag="Webhooks",
-                errors=("not_found", *_READ),
+                errors=(NotFound, *READ_ERRORS),
                 query=(
                     QueryParam(
                         "after", {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from ..http.app_docs import api_document
+from ..http.app_routes import api_document
 
 __all__ = ["openapi", "render"]
 

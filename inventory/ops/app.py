@@ -19,7 +19,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -36,24 +35,16 @@ from realtime.ws import websocket_route
 
 from .. import metrics
 from ..config import Settings
-from ..domain.model import InventoryError, NotFound, Unavailable
-from ..http.api import (
-    Auth,
-    MethodNotAllowed,
-    api_routes,
-    bearer,
-    error_response,
-    json_response,
-    reservation_out,
-)
-from ..http.app_docs import APP_DOCS
-from ..http.catalog import catalog_routes
+from ..domain.model import InventoryError, Unavailable
+from ..http.api import reservation_out
+from ..http.app_routes import OpsHandlers, app_routes
+from ..http.auth import TokenAuth
+from ..http.errors import json_response
 from ..http.guards import Cors, LoopbackGuard
 from ..http.middleware import RequestMiddleware
 from ..http.openapi import openapi_document
+from ..http.routing import EXCEPTION_HANDLERS, build_routes, route_docs
 from ..http.stream_auth import StreamAuth
-from ..http.waitlist import waitlist_routes
-from ..http.webhooks import webhook_routes
 from ..service.alerts import install as install_alerts
 from ..service.commerce_feed import CommerceFeed, KitSnapshots
 from ..service.expiry import Expiry
@@ -72,31 +63,6 @@ __all__ = ["app_from_env", "create_app", "tune_gc"]
 log = logging.getLogger("inventory.app")
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-
-
-async def _inventory_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, InventoryError)
-    return error_response(exc)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    if exc.status_code == 405:
-        # Every route answers OPTIONS with what it allows (a CORS preflight, when
-        # INVENTORY_CORS_ORIGINS is set, is answered before routing).
-        declared = (exc.headers or {}).get("Allow", "GET, HEAD").split(",")
-        allow = ", ".join(sorted({m.strip() for m in declared} | {"OPTIONS"}))
-        if request.method == "OPTIONS":
-            return Response(status_code=204, headers={"Allow": allow})
-        response = error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
-        response.headers["Allow"] = allow
-        return response
-    if exc.status_code == 404:
-        return error_response(NotFound(f"no route for {request.url.path}"))
-    return json_response(
-        {"error": {"code": "http_error", "message": str(exc.detail), "details": None}},
-        exc.status_code,
-    )
 
 
 class Runtime:
@@ -214,25 +180,13 @@ def create_app(settings: Settings) -> Starlette:
     install_reservation_events(reservation_out)
     install_alerts()
     install_offered()
-    auth = Auth(settings.tokens)
-
-    routes, docs = api_routes(
-        runtime,
-        auth,
-        [
-            *webhook_routes(runtime, auth, settings.webhook_allow_private),
-            *catalog_routes(runtime, auth),
-            *waitlist_routes(runtime, auth),
-        ],
-    )
+    auth = TokenAuth(settings.tokens)
     stream_auth = StreamAuth(auth, runtime.get_tickets)
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        if not settings.ready_public:
-            auth.check(bearer(request.headers), "read")
         checks = {"postgres": False, "redis": False, "relay": False}
         if runtime.store is not None:
             with contextlib.suppress(InventoryError, OSError):
@@ -249,8 +203,6 @@ def create_app(settings: Settings) -> Starlette:
         return json_response(
             {"status": "ready" if ok else "unavailable", "checks": checks}, 200 if ok else 503
         )
-
-    document = openapi_document({**docs, **APP_DOCS})
 
     async def openapi(request: Request) -> Response:
         return json_response(document)
@@ -341,33 +293,33 @@ def create_app(settings: Settings) -> Starlette:
             await store.close()
 
     async def metrics_endpoint(request: Request) -> Response:
-        if not settings.metrics_public:
-            auth.check(bearer(request.headers), "read")
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
 
     async def dashboard(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
 
+    rows = app_routes(
+        runtime,
+        OpsHandlers(health, ready, metrics_endpoint, openapi, stream_auth.create_ticket),
+        settings.webhook_allow_private,
+    )
+    document = openapi_document(route_docs(rows))
+    opened = [
+        operation
+        for operation, public in (
+            ("getReadiness", settings.ready_public),
+            ("getMetrics", settings.metrics_public),
+        )
+        if public
+    ]
     all_routes: list[BaseRoute] = [
-        *routes,
+        *build_routes(rows, auth, opened),
         Route("/", dashboard, methods=["GET"]),
         Mount("/static", app=StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-        Route("/v1/stream-tickets", stream_auth.create_ticket, methods=["POST"]),
         websocket_route(runtime.get_hub, stream_auth.authenticate),
         sse_route(runtime.get_hub, stream_auth.authenticate),
     ]
-    app = Starlette(
-        routes=all_routes,
-        lifespan=lifespan,
-        exception_handlers={
-            InventoryError: _inventory_error,
-            HTTPException: _http_error,
-        },
-    )
+    app = Starlette(routes=all_routes, lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     if settings.cors_origins:
         app.add_middleware(Cors, origins=settings.cors_origins)
     if not auth.enabled:

@@ -672,11 +672,10 @@ class _Keys:
             idem, outcome = self.requests[i].idempotency, self.results[i]
             assert idem is not None
             assert isinstance(outcome, Reservation | InventoryError)
-            status, body = idem.render(outcome)
-            if status == 422:  # customer_required found in the batch: not stored
+            if isinstance(outcome, CustomerRequired):  # found in the batch: not stored
                 unstored.append((idem.scope, idem.key))
             else:
-                answers.append((idem.scope, idem.key, status, body))
+                answers.append((idem.scope, idem.key, *idem.render(outcome)))
         if answers:
             await store.store_idempotent_responses(conn, answers)
         if unstored:
