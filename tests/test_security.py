@@ -24,7 +24,7 @@ TOKENS = {
 BY_SCOPE = {"read": "reader-secret", "reserve": "reserver-secret", "admin": ADMIN}
 UUID0 = "00000000-0000-4000-8000-000000000000"
 
-# (method, path, body, scope the route needs)
+# (method, path, body, scopes that grant the route: "a|b" is either)
 ROUTES: list[tuple[str, str, Any, str]] = [
     ("GET", "/v1/warehouses", None, "read"),
     ("GET", "/v1/warehouses/sec-wh", None, "read"),
@@ -35,7 +35,7 @@ ROUTES: list[tuple[str, str, Any, str]] = [
     ("PUT", "/v1/products/sec-p/stock/sec-wh", {"quantity": 5}, "admin"),
     ("GET", "/v1/products/sec-p/movements", None, "read"),
     ("POST", "/v1/reservations", {"lines": [{"product_id": "sec-p", "quantity": 1}]}, "reserve"),
-    ("GET", f"/v1/reservations/{UUID0}", None, "read"),
+    ("GET", f"/v1/reservations/{UUID0}", None, "read|reserve"),
     ("POST", f"/v1/reservations/{UUID0}/commit", None, "reserve"),
     ("POST", f"/v1/reservations/{UUID0}/release", None, "reserve"),
     ("POST", f"/v1/reservations/{UUID0}/extend", {"ttl_seconds": 60}, "reserve"),
@@ -66,7 +66,7 @@ async def test_route_matrix(
         assert r.headers["www-authenticate"] == "Bearer"
     for granted, token in BY_SCOPE.items():
         r = await secured.request(method, path, json=body, headers=_auth(token))
-        allowed = granted == scope or granted == "admin"
+        allowed = granted in scope.split("|") or granted == "admin"
         if allowed:
             assert r.status_code not in (401, 403), (granted, r.text)
         else:
@@ -97,18 +97,30 @@ async def test_every_operation_refuses_what_its_document_says(
             security = op["security"]
             if not security or {} in security or path in ("/v1/ws", "/v1/stream"):
                 continue
-            [scope] = security[0]["bearer"]
+            scopes = {s for alternative in security for s in alternative.get("bearer", ())}
             url = path.format(**PATH_VALUES)
             r = await secured.request(method, url)
             assert r.status_code == 401, (method, path, r.text)
             assert r.json()["error"]["code"] == "unauthorized"
             for granted in SCOPES:
-                if granted != scope and granted != "admin":
+                if granted not in scopes and granted != "admin":
                     r = await secured.request(method, url, headers=_auth(BY_SCOPE[granted]))
                     assert r.status_code == 403, (method, path, granted, r.text)
                     assert r.json()["error"]["code"] == "forbidden"
             checked += 1
     assert checked >= 29
+
+
+async def test_a_reserve_token_reads_its_reservations_and_waitlist_entries(
+    secured: httpx.AsyncClient,
+) -> None:
+    """SPEC: ``reserve`` lets a client read the reservations and waitlist entries it
+    works with (the reads are granted; unknown ids answer 404, not 403)."""
+    for path in (f"/v1/reservations/{UUID0}", f"/v1/waitlist/{UUID0}"):
+        r = await secured.get(path, headers=_auth("reserver-secret"))
+        assert r.status_code == 404, (path, r.text)
+    r = await secured.get("/v1/warehouses", headers=_auth("reserver-secret"))
+    assert r.status_code == 403
 
 
 async def test_nothing_written_without_scope(secured: httpx.AsyncClient) -> None:

@@ -591,6 +591,7 @@ def api_routes(backend: Backend) -> list[Row]:
             RouteDoc(
                 "Read a reservation", "read", None, ReservationOut,
                 operation_id="getReservation", tag="Reservations", errors=(NotFound, *READ_ERRORS),
+                or_scope="reserve",
                 description="A reservation past `expires_at` reads as `expired` at once.",
             ),
         ),

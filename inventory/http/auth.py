@@ -81,23 +81,24 @@ class TokenAuth:
                 found = grant
         return found
 
-    def require(self, conn: HTTPConnection, scope: str) -> None:
-        """Refuse ``conn`` unless its token grants ``scope``; else set ``conn.user`` and
-        ``conn.auth``."""
+    def require(self, conn: HTTPConnection, scope: str, or_scope: str | None = None) -> None:
+        """Refuse ``conn`` unless its token grants ``scope`` (or ``or_scope``); else set
+        ``conn.user`` and ``conn.auth``."""
         grant = self._grant(conn.headers)
         if grant is None:
             raise Unauthorized("a valid bearer token is required")
-        if scope not in grant[0].scopes:
+        scopes = grant[0].scopes
+        if scope not in scopes and (or_scope is None or or_scope not in scopes):
             raise Forbidden(f"this token lacks the {scope!r} scope")
         conn.scope["auth"], conn.scope["user"] = grant
 
-    def guard(self, handler: Handler, scope: str) -> Handler:
-        """``handler`` behind :meth:`require` of ``scope``."""
+    def guard(self, handler: Handler, scope: str, or_scope: str | None = None) -> Handler:
+        """``handler`` behind :meth:`require` of ``scope`` (or ``or_scope``)."""
         require = self.require
 
         @functools.wraps(handler)
         async def guarded(request: Request) -> Response:
-            require(request, scope)
+            require(request, scope, or_scope)
             return await handler(request)
 
         return guarded

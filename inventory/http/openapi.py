@@ -237,6 +237,8 @@ def _operation(path: str, doc: RouteDoc, register: Any) -> dict[str, Any]:
     security: list[dict[str, list[str]]] = []
     if doc.scope is not None:
         security.append({"bearer": [doc.scope]})
+        if doc.or_scope is not None:
+            security.append({"bearer": [doc.or_scope]})
         if doc.tickets:
             security.append({"ticket": []})
         if doc.optional_auth:

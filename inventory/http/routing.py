@@ -90,7 +90,9 @@ class RouteDoc:
     ``errors`` lists the other errors the operation can answer, as their classes (which
     carry code and status); nothing else is listed, so a client sees exactly what each
     call can return. ``scope`` ``None`` is an open route; ``optional_auth`` one that the
-    configuration may open (``/ready``, ``/metrics``: ``build_routes``'s ``opened``).
+    configuration may open (``/ready``, ``/metrics``: ``build_routes``'s ``opened``);
+    ``or_scope`` a second scope that grants it too (SPEC: ``reserve`` reads the
+    reservations and waitlist entries it works with).
     """
 
     summary: str
@@ -108,6 +110,7 @@ class RouteDoc:
     links: tuple[Link, ...] = ()
     media_type: str = "application/json"
     optional_auth: bool = False
+    or_scope: str | None = None
     tickets: bool = False  # also accepts a stream ticket (``?ticket=``) instead of a token
     example: Any = None  # a request body to show (and for the fuzzer's examples phase)
     # Streaming routes: their messages by direction ("client", "server"), as ``x-messages``.
@@ -132,7 +135,7 @@ def build_routes(
             continue
         endpoint = handler
         if doc.scope is not None and doc.operation_id not in opened:
-            endpoint = auth.guard(handler, doc.scope)
+            endpoint = auth.guard(handler, doc.scope, doc.or_scope)
         routes.append(Route(path, endpoint, methods=[method], name=doc.operation_id))
     return routes
 

@@ -159,6 +159,7 @@ def waitlist_routes(backend: Backend) -> list[Row]:
         ("/v1/waitlist/{entry_id}", "GET", h.get, RouteDoc(
             "Read a waitlist entry", "read", None, WaitlistEntryOut,
             operation_id="getWaitlistEntry", tag="Waitlist", errors=(NotFound, *READ_ERRORS),
+            or_scope="reserve",
         )),
         ("/v1/waitlist/{entry_id}", "DELETE", h.cancel, RouteDoc(
             "Cancel a waiting entry", "reserve", None, WaitlistEntryOut,
