@@ -16,8 +16,8 @@ Policy:
   fresh snapshots (the messages are full state, so nothing is lost by that). A browser's
   ``EventSource`` reconnects to the same URL by itself; with a ticket (single use) that
   reconnect is refused, so a browser client gets a new ticket and opens a new stream.
-* Handshake: the connection cap (503), then ``authenticate`` (401/403), before the
-  response starts; the same checks as the WebSocket's.
+* Handshake: the connection cap (503), then ``authenticate`` (401/403), then the
+  products (422), before the response starts; the same checks as the WebSocket's.
 * Writes go through the ASGI ``send`` of the HTTP server (chunked body), from the
   session's writer task, one event per send: the server's flow control makes a send
   wait while the client does not read, and meanwhile the session's bounded buffer keeps
@@ -80,19 +80,17 @@ class _StreamEndpoint(StreamEndpoint):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hub = self.hub()
         request = Request(scope, receive)
-        raw = request.query_params.get("product_ids", "")
-        try:
-            product_ids = validate_product_ids(raw.split(",") if raw else None)
-        except ProtocolError as error:
-            await refusal(422, "validation_error", f"product_ids: {error.message}")(
-                scope, receive, send
-            )
-            return
         denial = None
         if hub.full:
             denial = capacity_refusal(hub)
         elif self._authenticate is not None:
             denial = await self._authenticate(request)
+        if denial is None:  # who asks first, then what: 401/403 before 422
+            raw = request.query_params.get("product_ids", "")
+            try:
+                product_ids = validate_product_ids(raw.split(",") if raw else None)
+            except ProtocolError as error:
+                denial = refusal(422, "validation_error", f"product_ids: {error.message}")
         del request
         transport = _SseTransport(receive, send)
         session: Session | None = None

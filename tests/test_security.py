@@ -89,13 +89,12 @@ async def test_every_operation_refuses_what_its_document_says(
 ) -> None:
     """Every operation the document gives a scope (and no open alternative) answers 401
     without a token and 403 to a token without the scope, before reading anything else
-    (no body, no query is sent). The live streams are realtime's routes, which check
-    their query first (test_streams covers their authentication)."""
+    (no body, no query is sent). The WebSocket handshake is test_streams'."""
     checked = 0
     for path, item in api_document()["paths"].items():
         for method, op in item.items():
             security = op["security"]
-            if not security or {} in security or path in ("/v1/ws", "/v1/stream"):
+            if not security or {} in security or path == "/v1/ws":
                 continue
             scopes = {s for alternative in security for s in alternative.get("bearer", ())}
             url = path.format(**PATH_VALUES)
