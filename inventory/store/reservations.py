@@ -66,7 +66,8 @@ SELECT (SELECT count(*) FROM u) AS updated, (SELECT at FROM t) AS at
 
 # Set-based expiry (policy: inventory/service/expiry.py). $1 batch size, $2 reservation
 # ids to leave alone this round. One row per due reservation: released (all its rows
-# were locked) or not, and its products.
+# were locked) or not, and its products. A ledger row is never dated before the
+# expires_at it records (the transaction may have begun just before it).
 _EXPIRE = """
 WITH due AS (
     SELECT id, expires_at FROM reservations
@@ -90,7 +91,7 @@ WITH due AS (
         SELECT 1 FROM lines l LEFT JOIN locked k USING (product_id, warehouse_id)
         WHERE l.reservation_id = d.id AND k.product_id IS NULL)
 ), moves AS (
-    SELECT l.reservation_id, l.product_id, l.warehouse_id, l.n, k.quantity,
+    SELECT l.reservation_id, l.expires_at, l.product_id, l.warehouse_id, l.n, k.quantity,
            k.reserved - sum(l.n) OVER w AS reserved,
            k.version + row_number() OVER w AS version
     FROM lines l
@@ -106,9 +107,9 @@ WITH due AS (
     WHERE s.product_id = t.product_id AND s.warehouse_id = t.warehouse_id
 ), ledger AS (
     INSERT INTO movements (product_id, warehouse_id, kind, quantity_delta, reserved_delta,
-                           quantity, reserved, version, reservation_id)
+                           quantity, reserved, version, reservation_id, created_at)
     SELECT product_id, warehouse_id, 'expired', 0, -n, quantity, reserved, version,
-           reservation_id
+           reservation_id, greatest(now(), expires_at)
     FROM moves ORDER BY product_id, warehouse_id, version
 ), done AS (
     UPDATE reservations r SET status = 'expired', updated_at = now()
