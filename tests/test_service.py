@@ -224,6 +224,46 @@ async def test_an_idempotency_key_replays_its_answer_and_refuses_another_body(
     assert level.reserved == 2
 
 
+async def test_a_keyed_request_for_a_sold_out_product_is_refused_without_a_batch(
+    service: InventoryService, ids: Callable[[str], str]
+) -> None:
+    """Refused from memory, its 409 stored by one statement: a retry replays it (also
+    after a restock), another body is 422, and a key answered before the sell-out keeps
+    its first answer."""
+    p, w = ids("p"), ids("w")
+    await stock(service, p, w, 1)
+    lines = [RequestedLine(p, 1)]
+    early = await service.reserve(lines, 600, None, _idempotency(ids("early"), 1))
+    assert isinstance(early, Reservation)
+    with pytest.raises(InsufficientStock):  # this batch leaves p sold out
+        await service.reserve(lines, 600, None)
+    lanes = service.engine.lanes
+    batches = lanes.batches
+    late = ids("late")
+    with pytest.raises(InsufficientStock):
+        await service.reserve(lines, 600, None, _idempotency(late, 1))
+    replay = await service.reserve(lines, 600, None, _idempotency(ids("early"), 1))
+    assert replay == Replay(201, str(early.id).encode())
+    with pytest.raises(IdempotencyKeyReused):
+        await service.reserve([RequestedLine(p, 2)], 600, None, _idempotency(late, 2))
+    # the same new key several times at once (one refusal batch): one stored answer
+    twice = ids("twice")
+    outcomes = await asyncio.gather(
+        *(service.reserve(lines, 600, None, _idempotency(twice, 1)) for _ in range(3)),
+        service.reserve([RequestedLine(p, 2)], 600, None, _idempotency(twice, 2)),
+        return_exceptions=True,
+    )
+    assert [type(o).__name__ for o in outcomes] == [
+        "InsufficientStock", "Replay", "Replay", "IdempotencyKeyReused",
+    ]  # fmt: skip
+    assert lanes.batches == batches  # none of these took a place in a batch
+    await service.change_stock(p, w, delta=5)
+    again = await service.reserve(lines, 600, None, _idempotency(late, 1))
+    assert again == Replay(409, b"insufficient_stock")
+    [level], _ = await service.stock([p])
+    assert level.reserved == 1
+
+
 async def test_first_use_of_a_key_by_several_requests_at_once_reserves_once(
     service: InventoryService, ids: Callable[[str], str]
 ) -> None:

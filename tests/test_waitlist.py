@@ -74,6 +74,29 @@ async def test_queue_is_served_in_order_and_nobody_jumps_it(
     assert (await entry(client, a["id"]))["status"] == "offered"  # it does not queue again
 
 
+async def test_joins_while_sold_out_are_one_statement_and_still_served(
+    app: Any, client: httpx.AsyncClient, make_stock: MakeStock
+) -> None:
+    """A join for a product this process just saw sold out skips the offer pass: its
+    answer is what a later read says (status, position, seq order), and a restock
+    serves the queue in order."""
+    pid, [w] = await make_stock(1)
+    body = {"lines": [{"product_id": pid, "quantity": 1}]}
+    assert (await client.post("/v1/reservations", json=body)).status_code == 201
+    assert (await client.post("/v1/reservations", json=body)).status_code == 409
+    engine = app.state.runtime.service.engine
+    assert engine.sold_out(pid)
+    joined = [(await join(client, pid, f"c{i}", 1)).json() for i in range(3)]
+    assert [(e["status"], e["position"]) for e in joined] == [("waiting", i) for i in (1, 2, 3)]
+    for e in joined:
+        assert await entry(client, e["id"]) == e
+    r = await client.post(f"/v1/products/{pid}/stock/{w}/adjustments", json={"delta": 2})
+    assert r.status_code == 200
+    for e in joined[:2]:
+        await wait_until(lambda e=e: _status(client, e["id"], "offered"), 1.5, "offered in order")
+    assert (await entry(client, joined[2]["id"]))["position"] == 1
+
+
 async def _status(client: httpx.AsyncClient, entry_id: str, status: str) -> bool:
     return (await entry(client, entry_id))["status"] == status
 

@@ -47,10 +47,14 @@ locks only for slices of ``WAIT_SLICE`` seconds, so a lane batch that needs one 
 locks waits at most that long.
 
 Sold-out refusal: after a batch leaves a product with nothing reservable, unpinned
-single-line requests without an ``Idempotency-Key`` are refused from memory for
-``sold_out_ttl`` seconds (default 0.2 s) instead of queueing behind the database. A
-restock or release through this process clears that at once; one through another
-process is seen after at most ``sold_out_ttl``. A refusal is never an oversell.
+single-line requests are refused from memory for ``sold_out_ttl`` seconds (default
+0.2 s) instead of queueing behind the database. A request with an ``Idempotency-Key``
+has its 409 stored under the key (or the key's first answer found) by a batch of such
+refusals (two autocommit statements, no row lock) instead of a place in the product's
+batches: a flash sale's retrying clients would
+otherwise queue there behind each other, several round trips per batch. A restock or
+release through this process clears the memory at once; one through another process is
+seen after at most ``sold_out_ttl``. A refusal is never an oversell.
 
 :class:`BatchState` is the batch's running state (rows as allocated so far, the planned
 reservations and their ledger rows): per-batch rules (safety stock, per-customer totals,
@@ -117,6 +121,8 @@ CONTENDED_TTL: Final = 0.5
 #: How long the engine trusts its memory of a product's kit components and purchase limit
 #: (used before a batch: expanding kit lines, refusing lines without a customer early).
 SETTINGS_TTL: Final = 1.0
+#: Batches of keyed sold-out refusals stored at once (by key hash), each on one connection.
+REFUSAL_SHARDS: Final = 4
 
 LockFactory = Callable[[Sequence[str]], contextlib.AbstractAsyncContextManager[Any]]
 
@@ -152,6 +158,8 @@ class _Busy:
 
 
 Outcome = Reservation | Replay | InventoryError
+#: A refusal to store under its key: scope, key, body hash, status, rendered body.
+_Refusal = tuple[str, str, bytes, int, bytes]
 MemberOutcome = Outcome | _Busy
 
 
@@ -328,11 +336,15 @@ class ReservationEngine:
         self.waiters: Combiner[tuple[str, ...], _Member, MemberOutcome] = Combiner(
             self._run_waiting, max_batch=max_batch
         )
+        self.refusals: Combiner[int, _Refusal, IdempotencyRecord | None] = Combiner(
+            self._store_refusals, max_batch=max_batch
+        )
 
     async def close(self) -> None:
         """Stop the combining workers (at shutdown)."""
         await self.lanes.close()
         await self.waiters.close()
+        await self.refusals.close()
 
     async def reserve(
         self, request: ReserveRequest, *, wait: float | None = None
@@ -342,7 +354,10 @@ class ReservationEngine:
         other transactions are waited for before 503 ``contention`` (``wait_bound`` at
         most, and by default)."""
         request = await self._prepare(request)
-        self._refuse_sold_out(request)
+        if (refusal := self._sold_out_refusal(request)) is not None:
+            if request.idempotency is None:
+                raise refusal
+            return await self._refuse_keyed(request.idempotency, refusal)
         bound = self._wait_bound if wait is None else min(wait, self._wait_bound)
         deadline = time.monotonic() + bound
         waiting = frozenset(p for p in request.products if self._is_contended(p))
@@ -353,6 +368,12 @@ class ReservationEngine:
                 return _answer(outcome)
             waiting = outcome.products
         return await self._wait(_Member(request, deadline, waiting))
+
+    def sold_out(self, product_id: str) -> bool:
+        """Whether a batch of this process left the product with nothing reservable in
+        the last ``sold_out_ttl`` seconds (and no change here since)."""
+        until = self._sold_out.get(product_id)
+        return until is not None and until > time.monotonic()
 
     def forget(self, product_id: str) -> None:
         """Stock of the product changed here: stop refusing it from memory."""
@@ -443,18 +464,53 @@ class ReservationEngine:
         for product_id in products:
             self._contended[product_id] = now + CONTENDED_TTL
 
-    def _refuse_sold_out(self, request: ReserveRequest) -> None:
-        if request.idempotency is not None or request.offer is not None or len(request.lines) != 1:
-            return
+    def _sold_out_refusal(self, request: ReserveRequest) -> InsufficientStock | None:
+        if request.offer is not None or len(request.lines) != 1:
+            return None
         [line] = request.lines
         if line.warehouse_id is not None:
-            return
-        until = self._sold_out.get(line.product_id)
-        if until is not None and until > time.monotonic():
-            raise InsufficientStock(
-                "not enough stock for every line",
-                [{"product_id": line.product_id, "requested": line.quantity, "available": 0}],
-            )
+            return None
+        if not self.sold_out(line.product_id):
+            return None
+        return InsufficientStock(
+            "not enough stock for every line",
+            [{"product_id": line.product_id, "requested": line.quantity, "available": 0}],
+        )
+
+    async def _refuse_keyed(
+        self, idem: Idempotency, refusal: InsufficientStock
+    ) -> Reservation | Replay:
+        """Refuse a keyed request from memory: its 409 is stored under the key with the
+        other refusals that arrived meanwhile, outside the product's batches (no row
+        lock, no transaction), so a retry replays it
+        like any stored answer and a flash sale's retry storm never queues in the sold-out
+        product's lane; a key already stored replays its first answer instead."""
+        shard = zlib.crc32(idem.key.encode()) % REFUSAL_SHARDS
+        stored = await self.refusals.submit(shard, (idem.scope, idem.key, idem.digest,
+                                                    *idem.render(refusal)))  # fmt: skip
+        if stored is None:
+            raise refusal
+        return _answer(_from_record(stored, idem))
+
+    async def _store_refusals(
+        self, _: int, batch: Sequence[_Refusal]
+    ) -> list[IdempotencyRecord | None]:
+        """Store a batch of refusals; a key used again in the batch is answered like a
+        repeat that arrived just after its first use."""
+        first: dict[tuple[str, str], _Refusal] = {}
+        for refusal in batch:
+            first.setdefault(refusal[:2], refusal)
+        taken = await self.store.store_refusals(list(first.values()))
+        out: list[IdempotencyRecord | None] = []
+        for refusal in batch:
+            earlier = first[refusal[:2]]
+            if refusal[:2] in taken:
+                out.append(taken[refusal[:2]])
+            elif earlier is refusal:
+                out.append(None)
+            else:
+                out.append(IdempotencyRecord(earlier[2], earlier[3], earlier[4]))
+        return out
 
     async def _wait(self, member: _Member) -> Reservation | Replay:
         """The waiting path of a member whose rows were busy, until its deadline."""

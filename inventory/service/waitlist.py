@@ -24,12 +24,14 @@ Policy:
   correctness, only the poll's cost (one indexed query) per process.
 - An entry whose offer would break the customer's purchase limit is ``cancelled`` (it
   could never be served, and would block everyone behind it).
-- A join tries the product's offers at once, so an entry that fits when nobody waits is
-  answered ``offered``, but waits at most ``JOIN_OFFER_WAIT`` (0.5 s) for stock rows
-  another transaction holds: then it answers the entry as it stands (``waiting``) and
-  leaves the offer to the offerer, which waits for the rows in its product's task. A
-  join never waits for a lock up to the database timeout, and never answers 503 for an
-  entry it has written.
+- A join tries the product's offers at once (unless the engine saw the product sold out
+  in the last ``sold_out_ttl``: a flash sale's joins then cost no offer pass, and stock
+  returned meanwhile by another process is the offerer's, within its poll), so an entry
+  that fits when nobody waits is answered ``offered``, but waits at most
+  ``JOIN_OFFER_WAIT`` (0.5 s) for stock rows another transaction holds: then it answers
+  the entry as it stands (``waiting``) and leaves the offer to the offerer, which waits
+  for the rows in its product's task. A join never waits for a lock up to the database
+  timeout, and never answers 503 for an entry it has written.
 """
 
 from __future__ import annotations
@@ -81,6 +83,38 @@ log = logging.getLogger("inventory.waitlist")
 
 #: Seconds a join waits for rows held elsewhere when it tries the offers (module doc).
 JOIN_OFFER_WAIT = 0.5
+
+# A join: the rules read and the entry inserted only if they all hold, in one statement.
+# $1 product, $2 warehouse, $3 customer, $4 id, $5 quantity, $6 hold seconds,
+# $7-$9 the Idempotency-Key's scope, key and body hash (or nulls).
+_JOIN = """
+WITH v AS (
+    SELECT EXISTS (SELECT 1 FROM stock_levels WHERE product_id = $1) AS has_rows,
+           p.product_id IS NOT NULL AS has_settings,
+           p.components IS NOT NULL AS is_kit, p.max_per_customer,
+           $2::text IS NULL OR EXISTS (SELECT 1 FROM warehouses WHERE id = $2) AS warehouse_ok,
+           CASE WHEN p.max_per_customer IS NOT NULL THEN (
+               SELECT coalesce(sum(l.quantity), 0)::bigint
+               FROM reservations r JOIN reservation_lines l ON l.reservation_id = r.id
+               WHERE r.customer_id = $3 AND l.product_id = $1
+                 AND (r.status = 'committed'
+                      OR (r.status = 'active' AND r.expires_at > clock_timestamp())))
+           END AS held
+    FROM (SELECT 1) one LEFT JOIN products p ON p.product_id = $1
+), ins AS (
+    INSERT INTO waitlist (id, product_id, customer_id, quantity, hold_seconds, warehouse_id,
+                          status, idem_scope, idem_key, body_hash)
+    SELECT $4, $1, $3, $5, $6, $2, 'waiting', $7, $8, $9 FROM v
+    WHERE (v.has_rows OR v.has_settings) AND v.warehouse_ok AND NOT v.is_kit
+      AND (v.max_per_customer IS NULL OR v.held + $5 <= v.max_per_customer)
+    RETURNING id, seq, created_at
+)
+SELECT v.*, ins.id IS NOT NULL AS inserted, ins.seq, ins.created_at,
+       CASE WHEN ins.id IS NOT NULL THEN (
+           SELECT count(*) + 1 FROM waitlist e WHERE e.product_id = $1 AND e.status = 'waiting')
+       END AS position
+FROM v LEFT JOIN ins ON true
+"""
 
 _COLS = """w.id, w.product_id, w.customer_id, w.quantity, w.status, w.reservation_id,
            w.created_at, w.seq, w.idem_scope, w.body_hash,
@@ -149,30 +183,17 @@ class Waitlist:
         """
         entry_id = uuid.uuid4()
         with _translated():
-            async with self.store.transaction() as conn:
-                if req.idempotency is not None:
+            if req.idempotency is None:  # one statement, no transaction
+                async with self.store.connection() as conn:
+                    entry = await self._insert(conn, entry_id, req)
+            else:
+                async with self.store.transaction() as conn:
                     found = await self._by_key(conn, req.idempotency)
                     if found is not None:
                         return found, True
-                await self._validate(conn, req)
-                try:
-                    async with conn.transaction():  # a savepoint: a unique violation is ours
-                        await conn.execute(
-                            """INSERT INTO waitlist (id, product_id, customer_id, quantity,
-                                   hold_seconds, warehouse_id, status, idem_scope, idem_key,
-                                   body_hash)
-                               VALUES ($1, $2, $3, $4, $5, $6, 'waiting', $7, $8, $9)""",
-                            entry_id, req.product_id, req.customer_id, req.quantity,
-                            req.hold_seconds, req.warehouse_id,
-                            *(req.idempotency or (None, None, None)),
-                        )  # fmt: skip
-                except asyncpg.UniqueViolationError as exc:
-                    if exc.constraint_name == "waitlist_one_waiting":
-                        raise AlreadyWaiting(
-                            f"{req.customer_id} already waits for {req.product_id}",
-                            {"product_id": req.product_id, "customer_id": req.customer_id},
-                        ) from None
-                    raise  # a racing request with the same key: the retry replays it
+                    entry = await self._insert(conn, entry_id, req)
+        if self.service.engine.sold_out(req.product_id):
+            return entry, False
         try:
             await self.offer_heads(req.product_id, wait=JOIN_OFFER_WAIT)
         except (Contention, Unavailable):  # rows held elsewhere: the offerer goes on
@@ -193,18 +214,28 @@ class Waitlist:
             )
         return _entry(row)
 
-    async def _validate(self, conn: Conn, req: JoinRequest) -> None:
-        row = await conn.fetchrow(
-            """SELECT EXISTS (SELECT 1 FROM stock_levels WHERE product_id = $1) AS has_rows,
-                      p.product_id IS NOT NULL AS has_settings,
-                      p.components IS NOT NULL AS is_kit, p.max_per_customer,
-                      $2::text IS NULL OR EXISTS (SELECT 1 FROM warehouses WHERE id = $2)
-                          AS warehouse_ok
-               FROM (SELECT 1) one LEFT JOIN products p ON p.product_id = $1""",
-            req.product_id,
-            req.warehouse_id,
-        )
+    async def _insert(self, conn: Conn, entry_id: UUID, req: JoinRequest) -> Entry:
+        """Validate and insert the entry in one statement; raise the first rule it breaks
+        (product, warehouse, kit, purchase limit, then a second waiting entry). The entry's
+        position counts the waiting entries its statement saw."""
+        try:
+            row = await conn.fetchrow(
+                _JOIN, req.product_id, req.warehouse_id, req.customer_id, entry_id,
+                req.quantity, req.hold_seconds, *(req.idempotency or (None, None, None)),
+            )  # fmt: skip
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "waitlist_one_waiting":
+                raise AlreadyWaiting(
+                    f"{req.customer_id} already waits for {req.product_id}",
+                    {"product_id": req.product_id, "customer_id": req.customer_id},
+                ) from None
+            raise  # a racing request with the same key: the retry replays it
         assert row is not None
+        if row["inserted"]:
+            return Entry(
+                entry_id, req.product_id, req.customer_id, req.quantity, "waiting",
+                row["position"], None, row["created_at"], row["seq"],
+            )  # fmt: skip
         if not row["has_rows"] and not row["has_settings"]:
             raise NotFound(f"product {req.product_id} not found", {"product_id": req.product_id})
         if not row["warehouse_ok"]:
@@ -216,22 +247,11 @@ class Waitlist:
                 f"{req.product_id} is a kit; wait for its components",
                 {"product_id": req.product_id},
             )
-        limit = row["max_per_customer"]
-        if limit is not None:
-            held = await conn.fetchval(
-                """SELECT coalesce(sum(l.quantity), 0)::bigint
-                   FROM reservations r JOIN reservation_lines l ON l.reservation_id = r.id
-                   WHERE r.customer_id = $1 AND l.product_id = $2
-                     AND (r.status = 'committed'
-                          OR (r.status = 'active' AND r.expires_at > clock_timestamp()))""",
-                req.customer_id,
-                req.product_id,
-            )
-            if held + req.quantity > limit:
-                raise PurchaseLimitExceeded(
-                    f"customer {req.customer_id} may hold at most {limit} of {req.product_id}",
-                    {"product_id": req.product_id, "limit": limit, "held": held},
-                )
+        limit, held = row["max_per_customer"], row["held"]
+        raise PurchaseLimitExceeded(
+            f"customer {req.customer_id} may hold at most {limit} of {req.product_id}",
+            {"product_id": req.product_id, "limit": limit, "held": held},
+        )
 
     async def get(self, entry_id: UUID) -> Entry:
         with _translated():

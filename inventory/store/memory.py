@@ -374,6 +374,18 @@ class MemoryStore(InventoryStore):
                 record, at = keys[(scope, key)]
                 keys[(scope, key)] = (replace(record, status_code=status, response=body), at)
 
+    async def store_refusals(
+        self, answers: Sequence[tuple[str, str, bytes, int, bytes]]
+    ) -> dict[tuple[str, str], IdempotencyRecord]:
+        async with self._in(None):
+            keys, taken = self._state.keys, {}
+            for scope, key, digest, status, body in answers:
+                if (found := keys.get((scope, key))) is not None:
+                    taken[(scope, key)] = found[0]
+                else:
+                    keys[(scope, key)] = (IdempotencyRecord(digest, status, body), self.now)
+            return taken
+
     async def drop_idempotency_keys(self, conn: _Tx, keys: Sequence[tuple[str, str]]) -> None:
         async with self._in(conn):
             for key in keys:

@@ -237,6 +237,14 @@ class InventoryStore(Protocol):
         """Store ``(scope, key, status, body)`` answers of keys claimed in ``conn``."""
         ...
 
+    async def store_refusals(
+        self, answers: Sequence[tuple[str, str, bytes, int, bytes]]
+    ) -> dict[tuple[str, str], IdempotencyRecord]:
+        """Claim ``(scope, key, body hash, status, body)`` keys with their answers at once,
+        outside any transaction (refusals that needed no row); returns the records of
+        those someone already had (a claim in flight is waited for)."""
+        ...
+
     async def drop_idempotency_keys(self, conn: Tx, keys: Sequence[tuple[str, str]]) -> None:
         """Forget keys claimed in this transaction whose answer is not stored."""
         ...
