@@ -13,6 +13,11 @@
    p50/p99 per case, from sending the write (so including its commit; at most 1,000
    writes per case) to the message (the goal: p99 < 100 ms with a foreign transaction
    open).
+3. The same cases end to end (``--to-client``): an ``inventory serve`` process on the
+   database, 40 adjustments/s through its HTTP API, a ``websockets`` library client
+   subscribed to the products; latency from sending the adjustment to the client
+   receiving its ``stock`` message (matched by product and version), with the foreign
+   transaction open for the whole case (S seconds; the issue's probe: 60).
 """
 
 from __future__ import annotations
@@ -20,17 +25,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import secrets
 import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from websockets.asyncio.client import connect
 
-from bench.stack import backing_servers, scratch_databases
+from bench.loadgen import Client
+from bench.stack import ServerProcess, backing_servers, scratch_databases
 from inventory.store.feed import PgOutbox
 from realtime.relay import Relay
 
@@ -163,6 +172,69 @@ async def _latency(url: str, redis_url: str, seconds: float, foreign: object) ->
     }
 
 
+async def _to_client(port: int, seconds: float, foreign: object) -> dict[str, float]:
+    """Adjustments through HTTP at 40/s while ``foreign`` is open; send -> WebSocket."""
+    products = [f"p{i}" for i in range(500)]
+    sent: dict[tuple[str, int], float] = {}  # (product, version it will get) -> sent at
+    version: dict[str, int] = {}
+    lags: list[float] = []
+    async with connect(f"ws://127.0.0.1:{port}/v1/ws", max_size=2**20) as ws:
+        await ws.send(orjson.dumps({"op": "subscribe", "product_ids": products}).decode())
+        while len(version) < len(products):
+            message = orjson.loads(await ws.recv())
+            if message["type"] == "snapshot":
+                version[message["product_id"]] = message["levels"][0]["version"]
+
+        async def listen() -> None:
+            async for frame in ws:
+                message = orjson.loads(frame)
+                if message["type"] == "stock":
+                    at = sent.get((message["product_id"], message["version"]))
+                    if at is not None:
+                        lags.append(time.monotonic() - at)
+
+        listener = asyncio.create_task(listen())
+        http = Client("127.0.0.1", port)
+        body = orjson.dumps({"delta": 1})
+        try:
+            assert isinstance(foreign, contextlib.AbstractAsyncContextManager)
+            async with foreign:
+                stop, i = time.monotonic() + seconds, 0
+                while time.monotonic() < stop:
+                    product = products[i % len(products)]
+                    version[product] += 1
+                    sent[(product, version[product])] = time.monotonic()
+                    path = f"/v1/products/{product}/stock/w/adjustments".encode()
+                    status, _ = await http.request(b"POST", path, body)
+                    assert status == 200, status
+                    i += 1
+                    await asyncio.sleep(1 / 40)
+                await asyncio.sleep(0.5)  # the last messages, inside the foreign transaction
+        finally:
+            http.close()
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+    lags.sort()
+    return {
+        "messages": len(lags),
+        "sent": len(sent),
+        "p50_ms": 1000 * lags[len(lags) // 2] if lags else float("nan"),
+        "p99_ms": 1000 * lags[int(len(lags) * 0.99)] if lags else float("nan"),
+        "max_ms": 1000 * lags[-1] if lags else float("nan"),
+    }
+
+
+def _cases(dbs: Any) -> dict[str, contextlib.AbstractAsyncContextManager[None]]:
+    return {
+        "no foreign transaction": contextlib.nullcontext(),
+        "open in another database": _open_transaction(dbs.pgbench, None),
+        "open in this database, unrelated table": _open_transaction(
+            dbs.http, "INSERT INTO unrelated_to_ledger VALUES (1)"
+        ),
+    }
+
+
 async def _main(args: argparse.Namespace) -> int:
     with backing_servers() as backing:
         async with scratch_databases(backing.pg_url) as dbs:
@@ -170,16 +242,23 @@ async def _main(args: argparse.Namespace) -> int:
             await seed.execute(_SEED)
             await seed.execute("CREATE TABLE unrelated_to_ledger (x int)")
             await seed.close()
+            if args.to_client:
+                env = {**os.environ, "INVENTORY_DATABASE_URL": dbs.http,
+                       "INVENTORY_REDIS_URL": backing.redis_url,
+                       "INVENTORY_REDIS_PREFIX": f"bench-{secrets.token_hex(4)}",
+                       "INVENTORY_LOG_LEVEL": "warning"}  # fmt: skip
+                server = ServerProcess.inventory(env, 1)
+                await asyncio.to_thread(server.start)
+                try:
+                    for name, foreign in _cases(dbs).items():
+                        result = await _to_client(server.port, args.seconds, foreign)
+                        print(f"to client, {name}: {result}", flush=True)
+                finally:
+                    server.stop()
+                return 0
             cost = await _writer_cost(dbs.http, args.seconds, args.rounds)
             print(f"writer cost: {cost}", flush=True)
-            cases = {
-                "no foreign transaction": contextlib.nullcontext(),
-                "open in another database": _open_transaction(dbs.pgbench, None),
-                "open in this database, unrelated table": _open_transaction(
-                    dbs.http, "INSERT INTO unrelated_to_ledger VALUES (1)"
-                ),
-            }
-            for name, foreign in cases.items():
+            for name, foreign in _cases(dbs).items():
                 result = await _latency(dbs.http, backing.redis_url, args.seconds, foreign)
                 print(f"{name}: {result}", flush=True)
     return 0
@@ -189,6 +268,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.relay_order", description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--to-client", action="store_true", help="end to end through a server (case 3)"
+    )
     return asyncio.run(_main(parser.parse_args(argv)))
 
 
