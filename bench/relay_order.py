@@ -4,8 +4,11 @@
 
 1. Writer cost. 16 concurrent sessions commit transactions that each write one stock
    row and its ledger row (the shape of every ledger write), for S seconds, with the
-   commit-ticket trigger enabled and then disabled (the ceiling: the same SQL without
-   it), alternating, R rounds each. Reported: transactions/s and the ratio (median).
+   commit-ticket trigger, with the alternative it was chosen over (an "xid marker": a
+   statement trigger taking a shared advisory lock, the relay's horizon read from
+   pg_locks), and with neither (the ceiling), interleaved, R rounds each. Reported:
+   transactions/s, the ratio to the ceiling (medians), and the mean time of the relay's
+   own statement (the fence, or the pg_locks horizon query) run beside the writers.
 2. Latency past foreign transactions. The relay runs in-process; 40 changes/s are
    committed for S seconds while (a) nothing else, (b) a transaction in another
    database of the same server, (c) a transaction in this database writing only an
@@ -41,6 +44,8 @@ from websockets.asyncio.client import connect
 from bench.loadgen import Client
 from bench.stack import ServerProcess, backing_servers, scratch_databases
 from inventory.store.feed import PgOutbox
+from realtime.feed import StockData, decode
+from realtime.keys import RedisKeys
 from realtime.relay import Relay
 
 _WRITE = """
@@ -63,9 +68,14 @@ SELECT 'p' || g, 'w', 'adjusted', 0, 0, 0, 0, 1 FROM generate_series(0, 999) g;
 """
 
 
-async def _writers(url: str, seconds: float, sessions: int = 16) -> float:
+async def _writers(
+    url: str, seconds: float, probe: str | None = None, sessions: int = 16
+) -> tuple[float, float]:
+    """Ledger writers for ``seconds``: (transactions/s, mean ms of the relay-side
+    ``probe`` statement run back to back beside them, or nan)."""
     pool = await asyncpg.create_pool(url, min_size=sessions, max_size=sessions)
     done = 0
+    probes: list[float] = []
     stop = time.monotonic() + seconds
 
     async def loop(n: int) -> None:
@@ -77,30 +87,80 @@ async def _writers(url: str, seconds: float, sessions: int = 16) -> float:
                 done += 1
                 i += sessions
 
+    async def probing() -> None:
+        if probe is None:
+            return
+        conn = await asyncpg.connect(url)
+        try:
+            while time.monotonic() < stop:
+                began = time.monotonic()
+                await conn.fetchval(probe)
+                probes.append(time.monotonic() - began)
+                await asyncio.sleep(0.005)  # the relay's pace under load
+        finally:
+            await conn.close()
+
     started = time.monotonic()
-    await asyncio.gather(*(loop(n) for n in range(sessions)))
+    await asyncio.gather(probing(), *(loop(n) for n in range(sessions)))
     elapsed = time.monotonic() - started
     await pool.close()
-    return done / elapsed
+    return done / elapsed, 1000 * statistics.mean(probes) if probes else float("nan")
 
 
-async def _writer_cost(url: str, seconds: float, rounds: int) -> dict[str, float]:
+# The alternative the commit ticket was chosen over: writers mark themselves with a shared
+# advisory lock (a statement trigger, no sequence, no insert) and the relay publishes
+# ledger rows below the oldest xid among the marked transactions of this database, found
+# in pg_locks.
+_MARKER = """
+CREATE FUNCTION bench_ledger_marker() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_advisory_xact_lock_shared(24303, 2); RETURN NULL; END $$;
+CREATE TRIGGER movements_writer_marker AFTER INSERT ON movements
+FOR EACH STATEMENT EXECUTE FUNCTION bench_ledger_marker();
+"""
+_HORIZON = """
+SELECT min(a.backend_xid::text::bigint)
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.classid = 24303 AND l.objid = 2 AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+_FENCE = "SELECT ledger_commit_fence(0)"
+
+# variant -> (triggers enabled, relay-side statement)
+_VARIANTS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "none": ((), None),
+    "commit ticket": (("movements_commit_ticket",), _FENCE),
+    "xid marker": (("movements_writer_marker",), _HORIZON),
+}
+
+
+async def _writer_cost(url: str, seconds: float, rounds: int) -> dict[str, Any]:
+    """Writers' transactions/s per variant (interleaved rounds, medians) and the mean time
+    of the relay's statement beside them; ratios against no ordering aid at all."""
     admin = await asyncpg.connect(url)
-    on: list[float] = []
-    off: list[float] = []
+    await admin.execute(_MARKER)
+    triggers = ("movements_commit_ticket", "movements_writer_marker")
+    tps: dict[str, list[float]] = {name: [] for name in _VARIANTS}
+    probe_ms: dict[str, list[float]] = {name: [] for name in _VARIANTS}
     try:
         for _ in range(rounds):
-            await admin.execute("ALTER TABLE movements ENABLE TRIGGER movements_commit_ticket")
-            on.append(await _writers(url, seconds))
-            await admin.execute("ALTER TABLE movements DISABLE TRIGGER movements_commit_ticket")
-            off.append(await _writers(url, seconds))
+            for name, (enabled, probe) in _VARIANTS.items():
+                for trigger in triggers:
+                    state = "ENABLE" if trigger in enabled else "DISABLE"
+                    await admin.execute(f"ALTER TABLE movements {state} TRIGGER {trigger}")
+                rate, ms = await _writers(url, seconds, probe)
+                tps[name].append(rate)
+                probe_ms[name].append(ms)
     finally:
         await admin.execute("ALTER TABLE movements ENABLE TRIGGER movements_commit_ticket")
+        await admin.execute("DROP TRIGGER movements_writer_marker ON movements")
         await admin.close()
     return {
-        "with_ticket_tps": statistics.median(on),
-        "without_ticket_tps": statistics.median(off),
-        "ratio": statistics.median(a / b for a, b in zip(on, off, strict=True)),
+        name: {
+            "tps": statistics.median(tps[name]),
+            "ratio": statistics.median(a / b for a, b in zip(tps[name], tps["none"], strict=True)),
+            "relay_statement_ms": statistics.median(probe_ms[name]),
+        }
+        for name in _VARIANTS
     }
 
 
@@ -124,7 +184,8 @@ async def _latency(url: str, redis_url: str, seconds: float, foreign: object) ->
     redis = aioredis.Redis.from_url(redis_url)
     relay = Relay(PgOutbox(pool), redis, prefix=prefix)
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.psubscribe(f"{prefix}:stock:*")
+    keys = RedisKeys(prefix)
+    await pubsub.psubscribe(keys.stock_pattern)
     # product -> when its write was sent (each product is written once per case): the
     # message may arrive before the writer has read its own commit's reply.
     committed: dict[str, float] = {}
@@ -132,8 +193,9 @@ async def _latency(url: str, redis_url: str, seconds: float, foreign: object) ->
 
     async def listen() -> None:
         async for message in pubsub.listen():
-            body = orjson.loads(message["data"])
-            sent = committed.get(body["product_id"])
+            product = keys.product_of_channel(message["channel"])
+            data = decode(message["data"])
+            sent = committed.get(product) if product and isinstance(data, StockData) else None
             if sent is not None:
                 lags.append(time.monotonic() - sent)
 
