@@ -19,6 +19,8 @@ import argparse
 import asyncio
 import io
 import json
+import os
+import resource
 import secrets
 import statistics
 import sys
@@ -61,14 +63,24 @@ async def _copy(url: str, path: Path, table: str) -> float:
         await conn.close()
 
 
-def _import(base_url: str, path: Path, concurrency: int) -> float:
+def _rss_mib() -> float:
+    """This process's resident memory now (Linux ``/proc``)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _import(base_url: str, path: Path, concurrency: int) -> tuple[float, float]:
+    """Seconds the import took, and the importing process's peak memory growth (MiB:
+    its peak RSS after the import minus its RSS before; an upper bound, the peak being
+    process-wide)."""
+    before = _rss_mib()
     with Client(base_url, timeout=120) as client:
         started = time.perf_counter()
         summary = import_file(client, path, stderr=io.StringIO(), concurrency=concurrency)
         elapsed = time.perf_counter() - started
     if summary.failed or summary.imported != summary.rows:
         raise RuntimeError(f"the import failed rows: {summary}")
-    return elapsed
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return elapsed, peak - before
 
 
 async def run(rows: int, rounds: int, concurrency: int = 4) -> dict[str, Any]:
@@ -86,9 +98,11 @@ async def run(rows: int, rounds: int, concurrency: int = 4) -> dict[str, Any]:
                 for r in range(rounds):
                     path = Path(tmp) / f"round{r}.csv"
                     _write_csv(path, rows, f"r{r}-{secrets.token_hex(3)}")
-                    imported = await asyncio.to_thread(_import, base_url, path, concurrency)
+                    imported, grew = await asyncio.to_thread(_import, base_url, path, concurrency)
                     copied = await _copy(dbs.pgbench, path, f"copy_round_{r}")
-                    results.append({"import_s": imported, "copy_s": copied})
+                    results.append(
+                        {"import_s": imported, "copy_s": copied, "peak_growth_mib": grew}
+                    )
                     print(
                         f"round {r + 1}: import {rows / imported:,.0f} rows/s, "
                         f"COPY {rows / copied:,.0f} rows/s",
@@ -105,6 +119,7 @@ async def run(rows: int, rounds: int, concurrency: int = 4) -> dict[str, Any]:
         "import_rows_per_s": round(import_rate),
         "copy_rows_per_s": round(copy_rate),
         "ratio": round(import_rate / copy_rate, 3),
+        "importer_peak_growth_mib": round(max(x["peak_growth_mib"] for x in results), 1),
         "raw": results,
     }
 
