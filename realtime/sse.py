@@ -17,7 +17,10 @@ Policy:
   ``EventSource`` reconnects to the same URL by itself; with a ticket (single use) that
   reconnect is refused, so a browser client gets a new ticket and opens a new stream.
 * Handshake: the connection cap (503), then ``authenticate`` (401/403), then the
-  products (422), before the response starts; the same checks as the WebSocket's.
+  products (422), before the response starts; the same checks as the WebSocket's. The
+  products are validated first but their 422 is answered only once the credential is
+  known good, and without spending a ticket (:class:`realtime.ws.Authenticate`): a client
+  that fixes its URL can still use the ticket it got.
 * Writes go through the ASGI ``send`` of the HTTP server (chunked body), from the
   session's writer task, one event per send: the server's flow control makes a send
   wait while the client does not read, and meanwhile the session's bounded buffer keeps
@@ -81,16 +84,15 @@ class _StreamEndpoint(StreamEndpoint):
         hub = self.hub()
         request = Request(scope, receive)
         denial = None
+        raw = request.query_params.get("product_ids", "")
+        try:
+            product_ids = validate_product_ids(raw.split(",") if raw else None)
+        except ProtocolError as error:
+            denial = refusal(422, "validation_error", f"product_ids: {error.message}")
         if hub.full:
             denial = capacity_refusal(hub)
-        elif self._authenticate is not None:
-            denial = await self._authenticate(request)
-        if denial is None:  # who asks first, then what: 401/403 before 422
-            raw = request.query_params.get("product_ids", "")
-            try:
-                product_ids = validate_product_ids(raw.split(",") if raw else None)
-            except ProtocolError as error:
-                denial = refusal(422, "validation_error", f"product_ids: {error.message}")
+        elif self._authenticate is not None:  # 401/403 before the 422; a ticket kept
+            denial = await self._authenticate(request, denial)
         del request
         transport = _SseTransport(receive, send)
         session: Session | None = None

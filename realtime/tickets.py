@@ -17,6 +17,9 @@ Policy:
   ``""`` when authentication is off), so a stream opened with a ticket runs as that
   token.
 * Malformed tickets are refused without a Redis round trip.
+* :meth:`TicketStore.known` looks a ticket up without spending it, for a handshake refused
+  for another reason once its credential is known good (the SSE route's 422): the client
+  corrects its request and uses the ticket then.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class Ticket:
 class TicketStore:
     """Issues and redeems tickets in Redis (see the module docstring).
 
-    Redis errors propagate (``redis.RedisError`` or ``OSError``): the caller answers 503.
+    Redis errors propagate (whatever redis-py raises): the caller answers 503
+    (``inventory.http.redis_errors``).
     """
 
     __slots__ = ("_keys", "_redis", "_ttl_ms")
@@ -74,3 +78,9 @@ class TicketStore:
         if identity is None:
             return None
         return identity.decode() if isinstance(identity, bytes) else identity
+
+    async def known(self, ticket: str) -> bool:
+        """Whether :meth:`redeem` would accept ``ticket`` now; it stays unspent."""
+        if _TICKET_RE.fullmatch(ticket) is None:
+            return False
+        return bool(await self._redis.exists(self._key(ticket)))

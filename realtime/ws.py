@@ -33,6 +33,7 @@ ASGI reader covers other settings).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import orjson
 from starlette.requests import HTTPConnection
@@ -62,9 +63,19 @@ __all__ = [
     "websocket_route",
 ]
 
-Authenticate = Callable[[HTTPConnection], Awaitable[Response | None]]
-"""Called before a stream handshake (WebSocket or SSE) is accepted; a returned response
-denies it (401/403/503)."""
+
+class Authenticate(Protocol):
+    """Called before a stream handshake (WebSocket or SSE) is accepted."""
+
+    def __call__(
+        self, connection: HTTPConnection, refusal: Response | None = None, /
+    ) -> Awaitable[Response | None]:
+        """``None`` accepts the handshake; a response denies it: 401/403/503 when the
+        credential fails, else ``refusal``. ``refusal`` is the handshake's own answer to
+        bad parameters (the SSE route's 422): it is answered only once the credential is
+        known good (who asks first, then what), and the credential is not spent then: a
+        single-use ticket stays valid for the corrected request."""
+        ...
 
 
 def refusal(

@@ -3,9 +3,11 @@
 Loopback mode (no tokens): foreign ``Host`` and cross-site writes -> 403
 ``forbidden_origin``; bodies need ``application/json`` (415); JSON deeper than 32 levels
 -> 422; on-hand past 1,000,000,000 -> 422; 405 carries ``Allow``; OPTIONS is answered;
-CORS for exactly the configured origins. Database failures become 503 ``unavailable``
-with ``Retry-After`` and never carry PostgreSQL's text. The WebSocket handshake, header
-limits and logs need a real server: tests/test_hostile.py.
+CORS for exactly the configured origins. Database and Redis failures become 503
+``unavailable`` with ``Retry-After`` and never carry PostgreSQL's or Redis's text (every
+Redis failure class, injected at the client on each request path that awaits Redis).
+The WebSocket and SSE handshakes, header limits and logs need a real server:
+tests/test_hostile.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import httpx
 import orjson
 import pytest
 from msgspec.structs import replace
+from redis import exceptions as rx
 
 from inventory.config import ConfigError, Settings, parse_tokens
 from inventory.domain.model import MAX_ON_HAND, InventoryError, Unavailable, ValidationFailed
@@ -347,3 +350,177 @@ def test_database_text_never_reaches_a_body(exc: Exception, status: int) -> None
     assert response.status_code == status
     assert b"secret_name" not in response.body
     assert b"constraint" not in response.body
+
+
+# --- Redis errors ---------------------------------------------------------------------------
+
+REDIS_TEXT = "SECRET-redis-text"
+REDIS_NODE = "10.9.8.7"  # an address Redis names in MOVED/ASK; never to reach a body
+REDIS_ERRORS = [
+    rx.ConnectionError(f"Error 111 connecting to {REDIS_NODE}:6379. Refused. {REDIS_TEXT}"),
+    rx.TimeoutError(f"Timeout reading from {REDIS_NODE}:6379 {REDIS_TEXT}"),
+    rx.BusyLoadingError(f"Redis is loading the dataset in memory {REDIS_TEXT}"),
+    rx.AuthenticationError(f"invalid username-password pair {REDIS_TEXT}"),
+    rx.MaxConnectionsError(f"Too many connections {REDIS_TEXT}"),
+    rx.MaxClientsReachedError(f"max number of clients reached {REDIS_TEXT}"),
+    rx.ReadOnlyError(f"You can't write against a read only replica. {REDIS_TEXT}"),
+    rx.TryAgainError(f"Multiple keys request during rehashing of slot {REDIS_TEXT}"),
+    rx.MovedError(f"3999 {REDIS_NODE}:6381"),
+    rx.AskError(f"3999 {REDIS_NODE}:6381"),
+    rx.ClusterDownError(f"The cluster is down {REDIS_TEXT}"),
+    rx.MasterDownError(f"Link with MASTER is down {REDIS_TEXT}"),
+    rx.ClusterError(f"TTL exhausted. {REDIS_TEXT}"),  # a MOVED/ASK loop
+    rx.RedisClusterUnreachableError(f"Redis Cluster cannot be connected. {REDIS_TEXT}"),
+    rx.SlotNotCoveredError(f"slot 3999 is not covered by the cluster {REDIS_TEXT}"),
+    rx.OutOfMemoryError(f"command not allowed when used memory > 'maxmemory' {REDIS_TEXT}"),
+    rx.ResponseError(f"WRONGTYPE Operation against a key holding the wrong kind {REDIS_TEXT}"),
+    rx.NoPermissionError(f"this user has no permissions to run the command {REDIS_TEXT}"),
+    rx.DataError(f"Invalid input of type: 'NoneType' {REDIS_TEXT}"),
+    rx.InvalidResponse(f"Protocol Error: {REDIS_TEXT}"),
+    TimeoutError(REDIS_TEXT),
+    ConnectionResetError(104, f"Connection reset by peer {REDIS_TEXT}"),
+]
+
+
+def _class_name(exc: BaseException) -> str:
+    name = type(exc).__name__
+    return name if type(exc).__module__ == "builtins" else f"redis.{name}"
+
+
+def assert_redis_unavailable(r: httpx.Response, code: str = "unavailable") -> None:
+    """503 with ``Retry-After``, in the spec's shape, with none of Redis's text."""
+    error_of(r, 503, code)
+    assert int(r.headers["retry-after"]) >= 1
+    assert REDIS_TEXT not in r.text
+    assert REDIS_NODE not in r.text
+
+
+def test_every_redis_exception_class_is_in_the_table() -> None:
+    """Whatever redis-py defines (its cluster errors are not ``RedisError``s) is answered;
+    a class a new redis-py release adds fails this until it is placed."""
+    from inventory.http.redis_errors import REDIS_FAILURES
+
+    # Raised only by the synchronous client after a fork, and by a bad cluster
+    # configuration at construction: never by an awaited command.
+    never_awaited = {rx.ChildDeadlockedError, rx.IncorrectPolicyType}
+    defined = {
+        value
+        for value in vars(rx).values()
+        if isinstance(value, type) and issubclass(value, Exception)
+    }
+    assert len(defined) > 30
+    unplaced = {c.__name__ for c in defined - never_awaited if not issubclass(c, REDIS_FAILURES)}
+    assert unplaced == set()
+
+
+@pytest.mark.parametrize("exc", REDIS_ERRORS, ids=_class_name)
+def test_redis_failure_is_503_with_retry_after(exc: Exception) -> None:
+    from inventory.http.errors import error_response
+    from inventory.http.redis_errors import redis_translated
+
+    with pytest.raises(Unavailable) as caught, redis_translated("x is away right now; retry"):
+        raise exc
+    response = error_response(caught.value)
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) >= 1
+    body = orjson.loads(response.body)
+    assert body["error"] == {
+        "code": "unavailable",
+        "message": "x is away right now; retry",
+        "details": None,
+    }
+
+
+@pytest.fixture(scope="module")
+async def lock_app(settings: Settings) -> AsyncIterator[Any]:
+    """The app with ``INVENTORY_RESERVE_STRATEGY=lock``: every request path that awaits
+    Redis (tickets, product locks) in one process."""
+    app = create_app(replace(settings, reserve_strategy="lock"))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture(scope="module")
+async def lock_client(lock_app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=lock_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+        yield c
+
+
+def fail_redis(
+    monkeypatch: pytest.MonkeyPatch, app: Any, method: str, key_part: str | None, exc: Exception
+) -> None:
+    """The app's Redis client raises ``exc`` from ``method`` for keys containing
+    ``key_part`` (the hub and relay, sharing the client, go on undisturbed), or always."""
+    redis = app.state.runtime.redis
+    real = getattr(redis, method)
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        if key_part is None or any(key_part in str(arg) for arg in args):
+            raise exc
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(redis, method, failing)
+
+
+WELL_FORMED_TICKET = "T" * 43
+
+
+@pytest.mark.parametrize("exc", REDIS_ERRORS, ids=_class_name)
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [
+        ("getdel", f"/v1/stream?product_ids=p1&ticket={WELL_FORMED_TICKET}"),  # redeemed
+        ("exists", f"/v1/stream?product_ids=bad%20id&ticket={WELL_FORMED_TICKET}"),  # looked up
+    ],
+    ids=["redeem", "look-up"],
+)
+async def test_stream_ticket_check_redis_failure(
+    lock_app: Any,
+    lock_client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    exc: Exception,
+    method: str,
+    url: str,
+) -> None:
+    fail_redis(monkeypatch, lock_app, method, ":stream-ticket:", exc)
+    assert_redis_unavailable(await lock_client.get(url))
+
+
+@pytest.mark.parametrize("exc", REDIS_ERRORS, ids=_class_name)
+async def test_stream_ticket_issue_redis_failure(
+    lock_app: Any, lock_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    fail_redis(monkeypatch, lock_app, "set", ":stream-ticket:", exc)
+    assert_redis_unavailable(await lock_client.post("/v1/stream-tickets"))
+
+
+@pytest.mark.parametrize("exc", REDIS_ERRORS, ids=_class_name)
+async def test_lock_strategy_reserve_redis_failure(
+    lock_app: Any,
+    lock_client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    make_stock: MakeStock,
+    exc: Exception,
+) -> None:
+    products = [(await make_stock(5))[0] for _ in range(2)]
+    body = {"lines": [{"product_id": p, "quantity": 1} for p in products]}
+    fail_redis(monkeypatch, lock_app, "evalsha", ":lock:", exc)
+    # The lock's attempt is bounded by an asyncio timeout: a builtin TimeoutError from
+    # it is the lock wait running out, answered 503 ``contention``.
+    code = "contention" if type(exc) is TimeoutError else "unavailable"
+    assert_redis_unavailable(await lock_client.post("/v1/reservations", json=body), code)
+    monkeypatch.undo()
+    r = await lock_client.post("/v1/reservations", json=body)  # nothing was left held
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("exc", REDIS_ERRORS, ids=_class_name)
+async def test_readiness_reports_any_redis_failure(
+    lock_app: Any, lock_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    fail_redis(monkeypatch, lock_app, "ping", None, exc)
+    r = await lock_client.get("/ready")
+    assert r.status_code == 503, r.text
+    assert r.json()["checks"]["redis"] is False
+    assert REDIS_TEXT not in r.text

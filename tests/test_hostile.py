@@ -7,7 +7,8 @@ loopback mode, secrets).
 - Slowloris (headers dribbled), idle connections that never send a byte: answered 408 or
   closed after ``INVENTORY_HEADER_TIMEOUT``; a normal client keeps its answers meanwhile.
 - Loopback mode on the wire: a foreign ``Host`` or a foreign ``Origin`` on the WebSocket
-  handshake -> 403 ``forbidden_origin``.
+  or SSE handshake, or on ``POST /v1/stream-tickets`` -> 403 ``forbidden_origin``; an
+  origin of ``INVENTORY_CORS_ORIGINS`` streams.
 - No credential ever reaches the log, at debug level, uvicorn's lines included.
 
 Every wait has a deadline; the normal client's latency is asserted, not slept on.
@@ -30,6 +31,7 @@ from websockets.exceptions import InvalidStatus
 from inventory.http.limits import MAX_HEAD, LimitedHttpToolsProtocol, check_compatible
 
 from .conftest import ServerFactory, ServerProcess
+from .test_streams import SseClient
 
 KiB = 1024
 PROBE_DEADLINE = 2.0  # a normal request must be answered within this while under attack
@@ -268,6 +270,43 @@ async def test_websocket_handshake_origin_and_host(server_factory: ServerFactory
         server.port, request("/v1/warehouses").replace(b"localhost", b"rebind.evil.example")
     )
     assert status == 403
+
+
+async def test_sse_handshake_and_ticket_route_origin_and_host(
+    server_factory: ServerFactory,
+) -> None:
+    """The SSE handshake is guarded like the WebSocket's: own origin, no origin and a
+    configured ``INVENTORY_CORS_ORIGINS`` origin stream; a foreign origin or ``Host`` is
+    403 ``forbidden_origin``. ``POST /v1/stream-tickets`` (state-changing) likewise."""
+    shop = "https://shop.example"
+    server = await server_factory({"INVENTORY_CORS_ORIGINS": shop})
+    own = f"http://127.0.0.1:{server.port}"
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
+        for origin in (own, None, shop):
+            headers = {"Origin": origin} if origin else {}
+            async with SseClient.open(http, "origin-p", headers=headers) as stream:
+                assert stream.response.status_code == 200, origin
+                assert (await stream.recv())["type"] == "snapshot"
+                if origin == shop:
+                    assert stream.response.headers["access-control-allow-origin"] == shop
+            answer = await http.post("/v1/stream-tickets", headers=headers)
+            assert answer.status_code == 201, (origin, answer.text)
+        for origin in ("http://evil.example", f"http://127.0.0.1:{server.port + 1}"):
+            answer = await http.get(
+                "/v1/stream", params={"product_ids": "origin-p"}, headers={"Origin": origin}
+            )
+            assert answer.status_code == 403, (origin, answer.text)
+            assert code_of(answer.json()) == "forbidden_origin"
+            answer = await http.post("/v1/stream-tickets", headers={"Origin": origin})
+            assert answer.status_code == 403, (origin, answer.text)
+            assert code_of(answer.json()) == "forbidden_origin"
+    for path in ("/v1/stream?product_ids=origin-p", "/v1/stream-tickets"):
+        head = request(path).replace(b"localhost", b"rebind.evil.example")
+        if path.endswith("tickets"):
+            head = head.replace(b"GET ", b"POST ", 1)
+        status, body = await exchange(server.port, head)
+        assert status == 403, path
+        assert code_of(body) == "forbidden_origin"
 
 
 # --- secrets ------------------------------------------------------------------------------------

@@ -952,10 +952,12 @@ async def test_handshake_is_refused_without_a_valid_token(
 ) -> None:
     hub = Hub(no_redis(tmp_path), levels, prefix="t")
 
-    async def authenticate(websocket: WebSocket) -> Response | None:
+    async def authenticate(
+        websocket: WebSocket, refusal: Response | None = None
+    ) -> Response | None:
         token = websocket.query_params.get("token")
         if token == "reader":
-            return None
+            return refusal
         return JSONResponse({"error": {"code": "x"}}, 401 if token is None else 403)
 
     async with served(hub, authenticate) as url:

@@ -176,6 +176,36 @@ async def test_ticket_scopes_and_bad_credentials(server_factory: Any) -> None:
     assert await ws_status(f"{url}?token={READER}", additional_headers=bearer(READER)) == 401
 
 
+async def test_refused_sse_request_keeps_its_ticket(server_factory: Any) -> None:
+    """Who asks is checked before what is asked (401/403 before 422), but a stream refused
+    for its products (422) does not spend the ticket: the corrected URL opens with it."""
+    server = await server_factory(SECURED)
+    issued = await ticket(server)
+    bad, good = "bad id", unique("kept")  # a space is no part of a product id
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
+
+        async def refused(
+            with_ticket: str | None = None, headers: dict[str, str] | None = None
+        ) -> tuple[int, str]:
+            params = {"product_ids": bad, **({"ticket": with_ticket} if with_ticket else {})}
+            answer = await http.get("/v1/stream", params=params, headers=headers)
+            return answer.status_code, answer.json()["error"]["code"]
+
+        assert await refused(issued) == (422, "validation_error")
+        assert await refused(issued) == (422, "validation_error")
+        assert await refused() == (401, "unauthorized")
+        assert await refused("A" * 43) == (401, "unauthorized")  # well-formed, unknown
+        assert await refused("short") == (401, "unauthorized")
+        assert await refused(headers=bearer(RESERVER)) == (403, "forbidden")
+        assert await refused(headers=bearer(READER)) == (422, "validation_error")
+        async with SseClient.open(http, good, params={"ticket": issued}) as stream:
+            assert stream.response.status_code == 200
+            assert (await stream.recv())["type"] == "snapshot"
+        assert await refused(issued) == (401, "unauthorized")  # spent
+        async with SseClient.open(http, good, params={"ticket": issued}) as stream:
+            assert stream.response.status_code == 401
+
+
 async def test_ticket_expires_and_is_stored_hashed(redis_url: str, redis_prefix: str) -> None:
     redis = aioredis.Redis.from_url(redis_url)
     prefix = f"{redis_prefix}-{unique('tickets')}"
@@ -192,8 +222,11 @@ async def test_ticket_expires_and_is_stored_hashed(redis_url: str, redis_prefix:
         await wait_until(expired, 5, "the ticket key to expire")
         assert await store.redeem(kept.value) is None
         fresh = await store.issue("who")
+        assert await store.known(fresh.value)  # looked up, not spent
         assert await store.redeem(fresh.value) == "who"
+        assert not await store.known(fresh.value)
         assert await store.redeem(fresh.value) is None
+        assert not await store.known("not a ticket")
         assert await TicketStore(redis, prefix=prefix).redeem("x" * 43) is None
         default = await TicketStore(redis, prefix=prefix).issue("who")
         key = next(iter([k async for k in redis.scan_iter(f"{prefix}:*")]))

@@ -184,7 +184,8 @@ class IdempotencyKeyReused(InventoryError):
 
 
 class Unavailable(InventoryError):
-    """PostgreSQL (or, for the lock strategy, Redis) cannot be reached right now."""
+    """PostgreSQL (or, for stream tickets and the lock strategy, Redis) cannot be reached
+    right now."""
 
     code = "unavailable"
     status = 503

@@ -118,7 +118,9 @@ def _ops_routes(ops: OpsHandlers) -> list[Row]:
             description="The WebSocket's server messages as `data:` events (one JSON "
             "message each, schemas in `x-messages`): snapshots first, then changes, with "
             "the same ordering, conflation and slow-client rules. A reconnect starts with "
-            "fresh snapshots. For clients and proxies where WebSocket is not an option.",
+            "fresh snapshots. The credential is checked before the products (401/403 "
+            "before 422); a request refused with 422 leaves its `ticket` unspent. For "
+            "clients and proxies where WebSocket is not an option.",
         )),
         ("/v1/stream-tickets", "POST", ops.create_ticket, RouteDoc(
             "A single-use ticket for a browser's live stream", STREAM_SCOPE, None,

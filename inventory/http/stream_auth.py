@@ -12,26 +12,29 @@ still redacted from the logs: :mod:`inventory.logs`.)
 
 With authentication off, a stream without credentials is accepted; a ticket, when given,
 must still be valid (the dashboard always asks for one).
+
+Who asks comes before what is asked (401/403 before the SSE route's 422, as on every
+route), but a ticket is spent only on a handshake that is accepted: when the handshake's
+own checks already refused it, the ticket is only looked up (``EXISTS``), so the client
+can correct its request and still use it. A Redis failure at any step is 503
+``unavailable`` (:mod:`.redis_errors`).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from realtime.tickets import TicketStore
 
-from ..domain.model import InventoryError, Unavailable
+from ..domain.model import InventoryError
 from .auth import TokenAuth, bearer
 from .errors import Unauthorized, error_response, json_response
+from .redis_errors import redis_translated
 
 __all__ = ["STREAM_SCOPE", "StreamAuth"]
-
-log = logging.getLogger("inventory.stream_auth")
 
 _URL_TOKEN_PARAMS = ("token", "access_token")
 STREAM_SCOPE = "read"
@@ -47,15 +50,19 @@ class StreamAuth:
         self._auth = auth
         self._tickets = tickets  # created in the lifespan, after the routes
 
-    async def authenticate(self, connection: HTTPConnection) -> Response | None:
-        """``None`` to accept the handshake, else the denial (401, 403 or 503)."""
+    async def authenticate(
+        self, connection: HTTPConnection, refusal: Response | None = None
+    ) -> Response | None:
+        """``None`` to accept the handshake, else the denial: 401, 403 or 503 when the
+        credential fails, else ``refusal`` (the handshake's own, e.g. the SSE route's 422),
+        which leaves a ticket unspent (:class:`realtime.ws.Authenticate`)."""
         try:
-            await self._check(connection)
+            await self._check(connection, spend=refusal is None)
         except InventoryError as exc:
             return error_response(exc)
-        return None
+        return refusal
 
-    async def _check(self, connection: HTTPConnection) -> None:
+    async def _check(self, connection: HTTPConnection, *, spend: bool) -> None:
         params = connection.query_params
         if any(name in params for name in _URL_TOKEN_PARAMS):
             raise Unauthorized(
@@ -66,22 +73,21 @@ class StreamAuth:
         if ticket is None or bearer(connection.headers) is not None:
             self._auth.require(connection, STREAM_SCOPE)
             return
-        try:
-            identity = await self._tickets().redeem(ticket)
-        except (aioredis.RedisError, OSError) as exc:
-            log.warning("stream ticket not checked: Redis failed (%s)", type(exc).__name__)
-            raise Unavailable("stream tickets cannot be checked right now; retry") from None
-        if identity is None:
+        tickets = self._tickets()
+        with redis_translated("stream tickets cannot be checked right now; retry"):
+            if spend:
+                valid = await tickets.redeem(ticket) is not None
+            else:
+                valid = await tickets.known(ticket)
+        if not valid:
             raise Unauthorized("the ticket is unknown, already used or expired")
 
     async def create_ticket(self, request: Request) -> Response:
         """``POST /v1/stream-tickets`` -> 201 ``{ticket, expires_at}`` (the route declares
         :data:`STREAM_SCOPE`: a ticket carries that scope check)."""
-        try:
-            ticket = await self._tickets().issue(request.user.identity)
-        except (aioredis.RedisError, OSError) as exc:
-            log.warning("stream ticket not issued: Redis failed (%s)", type(exc).__name__)
-            raise Unavailable("stream tickets cannot be issued right now; retry") from None
+        tickets = self._tickets()
+        with redis_translated("stream tickets cannot be issued right now; retry"):
+            ticket = await tickets.issue(request.user.identity)
         return json_response(
             {"ticket": ticket.value, "expires_at": ticket.expires_at},
             201,

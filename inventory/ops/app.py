@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -43,6 +42,7 @@ from ..http.errors import json_response
 from ..http.guards import Cors, LoopbackGuard
 from ..http.middleware import RequestMiddleware
 from ..http.openapi import openapi_document
+from ..http.redis_errors import REDIS_FAILURES, redis_translated
 from ..http.routing import EXCEPTION_HANDLERS, build_routes, route_docs
 from ..http.stream_auth import StreamAuth
 from ..service.alerts import install as install_alerts
@@ -141,6 +141,7 @@ def _lock_factory(redis: RedisClient, settings: Settings) -> Any:
     from ..domain.model import Contention
 
     names = RedisKeys(settings.redis_prefix)
+    lock_failures: tuple[type[Exception], ...] = (LockError, *REDIS_FAILURES)
 
     @contextlib.asynccontextmanager
     async def lock_products(products: Sequence[str]) -> AsyncIterator[None]:
@@ -154,21 +155,22 @@ def _lock_factory(redis: RedisClient, settings: Settings) -> Any:
         metrics.LOCK_WAITS.inc()
         lock = acquire_many(redis, keys, ttl=settings.lock_ttl, timeout=settings.lock_wait)
         try:
-            await lock.__aenter__()
+            with redis_translated("the product locks cannot be taken right now; retry"):
+                await lock.__aenter__()
         except LockNotAcquired:
             metrics.LOCK_TIMEOUTS.inc()
             raise Contention("timed out waiting for the product lock; retry", 1.0) from None
-        except (LockError, OSError, aioredis.RedisError) as exc:
+        except LockError as exc:
             raise Unavailable(f"lock service unavailable: {type(exc).__name__}") from None
         try:
             yield
         except BaseException:
-            with contextlib.suppress(LockError, OSError, aioredis.RedisError):
+            with contextlib.suppress(*lock_failures):
                 await lock.__aexit__(*sys.exc_info())
             raise
         try:
             await lock.__aexit__(None, None, None)
-        except (LockError, OSError, aioredis.RedisError) as exc:
+        except lock_failures as exc:
             log.warning("product lock lost before release (write was fenced): %r", exc)
 
     return lock_products
@@ -193,11 +195,11 @@ def create_app(settings: Settings) -> Starlette:
                 await asyncio.wait_for(runtime.store.ping(), 2)
                 checks["postgres"] = True
         if runtime.redis is not None:
-            with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await asyncio.wait_for(runtime.redis.ping(), 2)
                 checks["redis"] = True
         if runtime.relay is not None:  # some process leads the relay for this redis
-            with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 checks["relay"] = await asyncio.wait_for(runtime.relay.lease_held(), 2)
         ok = all(checks.values())
         return json_response(
