@@ -5,7 +5,10 @@ and a webhook signature verifier. Core dependencies only (httpx, msgspec, websoc
 The two classes are typed facades over one core: every route is built once
 (``_Calls``: method, path, body, how the answer decodes), and the retry policy
 (``_Retries``) and the stream's resume policy (``_Resume``) are shared; a class only
-does the I/O, blocking or awaited.
+does the I/O, blocking or awaited. Every operation of ``/openapi.json`` has a method in
+both (``tests/test_client.py`` maps each ``operationId`` to one and walks them all
+against a server). The models mirror the server's answers field for field; the client
+imports nothing of the server, so this file can be copied into another program alone.
 
 Policy on retries (both classes):
 
@@ -13,10 +16,13 @@ Policy on retries (both classes):
   by ``max_retry_wait``), up to ``retries`` times: the server wrote nothing;
 - a request that never reached the server (connection refused, DNS) is retried the same
   way; one that may have reached it (a read timeout, a dropped connection) is retried
-  only when repeating it is harmless: reads, PUTs, commit, release, extend, and
-  reservations, which always carry an ``Idempotency-Key`` (one is generated per call
-  when none is given, and the same key is sent on every attempt, so a retried
-  reservation can never reserve twice; a replay is marked ``replayed``);
+  only when repeating it is harmless: reads, PUTs, commit, release, extend, stream
+  tickets, and reservations and waitlist joins, which always carry an
+  ``Idempotency-Key`` (one is generated per call when none is given, and the same key is
+  sent on every attempt, so a retry can never reserve or queue twice; a replay is marked
+  ``replayed``). Adjustments and bulk changes (not idempotent) and deletes and waitlist
+  cancels (a repeat would answer 404/409 for what succeeded) are not;
+- ``ready()`` returns the readiness body for a 503 too (it says which check failed);
 - anything else raises :class:`ApiError` with the server's ``code``, ``message`` and
   ``details``.
 
@@ -74,23 +80,37 @@ __all__ = [
     "BulkResult",
     "Client",
     "Component",
+    "Delivery",
     "KitComponentStock",
     "Level",
     "Line",
     "Movement",
+    "Page",
     "Product",
     "ProductStock",
+    "Readiness",
+    "ReadyChecks",
     "Reservation",
     "SignatureError",
     "StreamMessage",
+    "StreamTicket",
     "StreamTransport",
+    "WaitlistEntry",
+    "WaitlistLength",
     "Warehouse",
+    "Webhook",
+    "WebhookEvent",
     "verify_signature",
 ]
 
 T = TypeVar("T")
 
 StreamTransport = Literal["auto", "websocket", "sse"]
+WebhookEvent = Literal[
+    "stock.changed", "stock.low", "stock.out", "stock.back", "reservation.created",
+    "reservation.committed", "reservation.released", "reservation.expired",
+    "waitlist.offered",
+]  # fmt: skip
 
 # --- models -----------------------------------------------------------------------------
 
@@ -121,6 +141,7 @@ class ProductStock(Struct):
     available: int = 0
     reservable: int = 0
     levels: list[Level] = []
+    low_stock: bool = False  # reservable <= the product's low_stock_threshold
     kit: bool = False
     components: list[KitComponentStock] | None = None
 
@@ -147,11 +168,13 @@ class Product(Struct):
 
 
 class Line(Struct, omit_defaults=True):
-    """A reservation line; ``warehouse_id`` None lets the server allocate."""
+    """A reservation line; ``warehouse_id`` None lets the server allocate. In answers,
+    ``kit_id`` names the kit a line was expanded from (never sent)."""
 
     product_id: str
     quantity: int
     warehouse_id: str | None = None
+    kit_id: str | None = None
 
 
 class Reservation(Struct):
@@ -162,6 +185,68 @@ class Reservation(Struct):
     created_at: datetime
     expires_at: datetime
     replayed: bool = False  # answered from a stored Idempotency-Key record
+
+
+class WaitlistEntry(Struct):
+    """A waitlist entry: ``waiting`` (``position`` 1 is the head), ``offered`` (its
+    reservation is ``reservation_id``) or ``cancelled``."""
+
+    id: str
+    product_id: str
+    customer_id: str
+    quantity: int
+    status: str
+    position: int | None
+    reservation_id: str | None
+    created_at: datetime
+    replayed: bool = False  # answered from a stored Idempotency-Key record
+
+
+class WaitlistLength(Struct):
+    product_id: str
+    waiting: int  # entries waiting
+    units: int  # their quantities added up: what new reservations cannot take
+
+
+class Webhook(Struct):
+    """A registered webhook (its secret is write-only: never in an answer)."""
+
+    id: str
+    url: str
+    events: list[str]
+    active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class Delivery(Struct):
+    """One delivery attempt of the log; ``next_retry_at`` None: no retry follows."""
+
+    id: int
+    event_id: str
+    type: str
+    attempt: int
+    status_code: int | None
+    error: str | None
+    at: datetime
+    next_retry_at: datetime | None
+
+
+class StreamTicket(Struct):
+    """A single-use credential for a browser's stream (``?ticket=``), valid 30 s."""
+
+    ticket: str
+    expires_at: datetime
+
+
+class ReadyChecks(Struct):
+    postgres: bool
+    redis: bool
+
+
+class Readiness(Struct):
+    status: str  # "ready" or "unavailable"
+    checks: ReadyChecks
 
 
 class Movement(Struct):
@@ -231,6 +316,24 @@ class _Bulk(Struct):
     results: list[BulkResult]
 
 
+class _Waitlist(Struct):
+    entries: list[WaitlistEntry]
+    next_after: int | None
+
+
+class _WaitlistLengths(Struct):
+    waitlists: list[WaitlistLength]
+
+
+class _Webhooks(Struct):
+    webhooks: list[Webhook]
+
+
+class _Deliveries(Struct):
+    deliveries: list[Delivery]
+    next_after: str | None
+
+
 class _Error(Struct):
     error: ErrorBody
 
@@ -274,7 +377,12 @@ class StreamMessage(Struct):
 @dataclass(frozen=True, slots=True)
 class _Call(Generic[T]):
     """What one API method sends and how its answer decodes (``decode``, then ``pick``
-    for the part the method returns); run by either client's ``_run``."""
+    for the part the method returns); run by either client's ``_run``.
+
+    ``decode`` is the JSON body's type, ``str`` for a text body, or ``None`` for no
+    body (204). ``answer_503``: a 503 is this route's answer (readiness), not a
+    refusal to retry.
+    """
 
     method: str
     path: str
@@ -284,6 +392,7 @@ class _Call(Generic[T]):
     headers: Mapping[str, str] = field(default_factory=dict)
     retry_unsent_only: bool = False  # not harmless to repeat once it may have arrived
     pick: Callable[[Any], T] | None = None
+    answer_503: bool = False
 
     def request(self) -> dict[str, Any]:
         """The arguments of ``http.request``."""
@@ -296,10 +405,16 @@ class _Call(Generic[T]):
         }
 
     def result(self, response: httpx.Response) -> T:
-        if response.status_code >= 400:
+        if response.status_code >= 400 and not (self.answer_503 and response.status_code == 503):
             raise _api_error(response)
-        value = msgspec.json.decode(response.content, type=self.decode or Any)
-        if isinstance(value, Reservation) and response.headers.get("idempotent-replayed"):
+        if self.decode is None:
+            return cast(T, None)
+        if self.decode is str:
+            return cast(T, response.text)
+        value = msgspec.json.decode(response.content, type=self.decode)
+        if isinstance(value, Reservation | WaitlistEntry) and response.headers.get(
+            "idempotent-replayed"
+        ):
             value.replayed = True
         return cast(T, value if self.pick is None else self.pick(value))
 
@@ -318,6 +433,12 @@ def _p(value: str) -> str:
 
 def _params(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
+
+
+def _idempotency(key: str | None) -> dict[str, str]:
+    """The ``Idempotency-Key`` header: the caller's key, or a new one for this call (the
+    same on each of its attempts, so a retry can never act twice)."""
+    return {"Idempotency-Key": key or f"client-{uuid.uuid4()}"}
 
 
 class _Calls:
@@ -424,8 +545,9 @@ class _Calls:
             reference=reference,
             customer_id=customer_id,
         )
-        key = idempotency_key or f"client-{uuid.uuid4()}"
-        return _Call("POST", "/v1/reservations", Reservation, body, None, {"Idempotency-Key": key})
+        return _Call(
+            "POST", "/v1/reservations", Reservation, body, None, _idempotency(idempotency_key)
+        )
 
     @staticmethod
     def get_reservation(reservation_id: str) -> _Call[Reservation]:
@@ -447,6 +569,97 @@ class _Calls:
             "GET", "/v1/reservations", _Reservations, params=params,
             pick=lambda r: Page(r.reservations, r.next_after),
         )  # fmt: skip
+
+    @staticmethod
+    def join_waitlist(
+        product_id: str,
+        customer_id: str,
+        quantity: int,
+        hold_seconds: int | None,
+        warehouse_id: str | None,
+        idempotency_key: str | None,
+    ) -> _Call[WaitlistEntry]:
+        body = _params(
+            customer_id=customer_id,
+            quantity=quantity,
+            hold_seconds=hold_seconds,
+            warehouse_id=warehouse_id,
+        )
+        path = f"/v1/products/{_p(product_id)}/waitlist"
+        return _Call("POST", path, WaitlistEntry, body, None, _idempotency(idempotency_key))
+
+    @staticmethod
+    def get_waitlist_entry(entry_id: str) -> _Call[WaitlistEntry]:
+        return _Call("GET", f"/v1/waitlist/{_p(entry_id)}", WaitlistEntry)
+
+    @staticmethod
+    def cancel_waitlist_entry(entry_id: str) -> _Call[WaitlistEntry]:
+        # A repeat after a lost answer would be 409 invalid_state for what did succeed.
+        path = f"/v1/waitlist/{_p(entry_id)}"
+        return _Call("DELETE", path, WaitlistEntry, retry_unsent_only=True)
+
+    @staticmethod
+    def list_waitlist(product_id: str, after: int, limit: int) -> _Call[Page[WaitlistEntry]]:
+        return _Call(
+            "GET", f"/v1/products/{_p(product_id)}/waitlist", _Waitlist,
+            params={"after": after, "limit": limit},
+            pick=lambda w: Page(w.entries, w.next_after),
+        )  # fmt: skip
+
+    @staticmethod
+    def waitlist_lengths(product_ids: Sequence[str]) -> _Call[list[WaitlistLength]]:
+        params = {"product_ids": ",".join(product_ids)}
+        return _Call(
+            "GET", "/v1/waitlists", _WaitlistLengths, params=params, pick=lambda w: w.waitlists
+        )
+
+    @staticmethod
+    def put_webhook(
+        webhook_id: str, url: str, events: Sequence[WebhookEvent], secret: str, active: bool
+    ) -> _Call[Webhook]:
+        body = {"url": url, "events": list(events), "secret": secret, "active": active}
+        return _Call("PUT", f"/v1/webhooks/{_p(webhook_id)}", Webhook, body)
+
+    @staticmethod
+    def get_webhook(webhook_id: str) -> _Call[Webhook]:
+        return _Call("GET", f"/v1/webhooks/{_p(webhook_id)}", Webhook)
+
+    @staticmethod
+    def list_webhooks() -> _Call[list[Webhook]]:
+        return _Call("GET", "/v1/webhooks", _Webhooks, pick=lambda w: w.webhooks)
+
+    @staticmethod
+    def delete_webhook(webhook_id: str) -> _Call[None]:
+        # A repeat after a lost answer would be 404 for what did succeed.
+        path = f"/v1/webhooks/{_p(webhook_id)}"
+        return _Call("DELETE", path, None, retry_unsent_only=True)
+
+    @staticmethod
+    def list_webhook_deliveries(
+        webhook_id: str, after: str | None, limit: int
+    ) -> _Call[Page[Delivery]]:
+        return _Call(
+            "GET", f"/v1/webhooks/{_p(webhook_id)}/deliveries", _Deliveries,
+            params=_params(after=after, limit=limit),
+            pick=lambda d: Page(d.deliveries, d.next_after),
+        )  # fmt: skip
+
+    @staticmethod
+    def create_stream_ticket() -> _Call[StreamTicket]:
+        # Repeating it is harmless: an unused ticket lapses after 30 s.
+        return _Call("POST", "/v1/stream-tickets", StreamTicket)
+
+    @staticmethod
+    def ready() -> _Call[Readiness]:
+        return _Call("GET", "/ready", Readiness, answer_503=True)
+
+    @staticmethod
+    def metrics() -> _Call[str]:
+        return _Call("GET", "/metrics", str)
+
+    @staticmethod
+    def openapi() -> _Call[dict[str, Any]]:
+        return _Call("GET", "/openapi.json", dict[str, Any])
 
 
 class _Retries:
@@ -473,7 +686,7 @@ class _Retries:
     def after(self, response: httpx.Response) -> float | None:
         """The wait before retrying a 503, or ``None``: ``response`` is the answer."""
         attempt, self._attempt = self._attempt, self._attempt + 1
-        if response.status_code != 503 or attempt == self._retries:
+        if response.status_code != 503 or self._call.answer_503 or attempt == self._retries:
             return None
         raw = response.headers.get("retry-after", "")
         return min(self._cap, float(raw)) if raw.isdigit() else _backoff(attempt, self._cap)
@@ -793,9 +1006,80 @@ class Client(_Base):
         filters = {"reference": reference, "customer_id": customer_id, "status": status}
         return self._run(_Calls.list_reservations(**filters, after=after, limit=limit))
 
+    # waitlist
+    def join_waitlist(
+        self,
+        product_id: str,
+        customer_id: str,
+        quantity: int,
+        *,
+        hold_seconds: int | None = None,
+        warehouse_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> WaitlistEntry:
+        call = _Calls.join_waitlist(
+            product_id, customer_id, quantity, hold_seconds, warehouse_id, idempotency_key
+        )
+        return self._run(call)
+
+    def get_waitlist_entry(self, entry_id: str) -> WaitlistEntry:
+        return self._run(_Calls.get_waitlist_entry(entry_id))
+
+    def cancel_waitlist_entry(self, entry_id: str) -> WaitlistEntry:
+        return self._run(_Calls.cancel_waitlist_entry(entry_id))
+
+    def list_waitlist(
+        self, product_id: str, after: int = 0, limit: int = 100
+    ) -> Page[WaitlistEntry]:
+        return self._run(_Calls.list_waitlist(product_id, after, limit))
+
+    def waitlist_lengths(self, product_ids: Sequence[str]) -> list[WaitlistLength]:
+        return self._run(_Calls.waitlist_lengths(product_ids))
+
+    # webhooks
+    def put_webhook(
+        self,
+        webhook_id: str,
+        url: str,
+        events: Sequence[WebhookEvent],
+        secret: str,
+        *,
+        active: bool = True,
+    ) -> Webhook:
+        return self._run(_Calls.put_webhook(webhook_id, url, events, secret, active))
+
+    def get_webhook(self, webhook_id: str) -> Webhook:
+        return self._run(_Calls.get_webhook(webhook_id))
+
+    def list_webhooks(self) -> list[Webhook]:
+        return self._run(_Calls.list_webhooks())
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self._run(_Calls.delete_webhook(webhook_id))
+
+    def list_webhook_deliveries(
+        self, webhook_id: str, after: str | None = None, limit: int = 100
+    ) -> Page[Delivery]:
+        return self._run(_Calls.list_webhook_deliveries(webhook_id, after, limit))
+
     # operations
     def health(self) -> bool:
         return self.http.get("/health").status_code == 200
+
+    def ready(self) -> Readiness:
+        """Readiness (``status`` "unavailable" says which check failed; not an error)."""
+        return self._run(_Calls.ready())
+
+    def metrics(self) -> str:
+        return self._run(_Calls.metrics())
+
+    def openapi(self) -> dict[str, Any]:
+        return self._run(_Calls.openapi())
+
+    def create_stream_ticket(self) -> StreamTicket:
+        """A ticket for a browser's stream (``?ticket=``); this client's own
+        :meth:`stream` sends its token instead."""
+        return self._run(_Calls.create_stream_ticket())
 
     def stream(
         self,
@@ -976,9 +1260,80 @@ class AsyncClient(_Base):
         filters = {"reference": reference, "customer_id": customer_id, "status": status}
         return await self._run(_Calls.list_reservations(**filters, after=after, limit=limit))
 
+    # waitlist
+    async def join_waitlist(
+        self,
+        product_id: str,
+        customer_id: str,
+        quantity: int,
+        *,
+        hold_seconds: int | None = None,
+        warehouse_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> WaitlistEntry:
+        call = _Calls.join_waitlist(
+            product_id, customer_id, quantity, hold_seconds, warehouse_id, idempotency_key
+        )
+        return await self._run(call)
+
+    async def get_waitlist_entry(self, entry_id: str) -> WaitlistEntry:
+        return await self._run(_Calls.get_waitlist_entry(entry_id))
+
+    async def cancel_waitlist_entry(self, entry_id: str) -> WaitlistEntry:
+        return await self._run(_Calls.cancel_waitlist_entry(entry_id))
+
+    async def list_waitlist(
+        self, product_id: str, after: int = 0, limit: int = 100
+    ) -> Page[WaitlistEntry]:
+        return await self._run(_Calls.list_waitlist(product_id, after, limit))
+
+    async def waitlist_lengths(self, product_ids: Sequence[str]) -> list[WaitlistLength]:
+        return await self._run(_Calls.waitlist_lengths(product_ids))
+
+    # webhooks
+    async def put_webhook(
+        self,
+        webhook_id: str,
+        url: str,
+        events: Sequence[WebhookEvent],
+        secret: str,
+        *,
+        active: bool = True,
+    ) -> Webhook:
+        return await self._run(_Calls.put_webhook(webhook_id, url, events, secret, active))
+
+    async def get_webhook(self, webhook_id: str) -> Webhook:
+        return await self._run(_Calls.get_webhook(webhook_id))
+
+    async def list_webhooks(self) -> list[Webhook]:
+        return await self._run(_Calls.list_webhooks())
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        await self._run(_Calls.delete_webhook(webhook_id))
+
+    async def list_webhook_deliveries(
+        self, webhook_id: str, after: str | None = None, limit: int = 100
+    ) -> Page[Delivery]:
+        return await self._run(_Calls.list_webhook_deliveries(webhook_id, after, limit))
+
     # operations
     async def health(self) -> bool:
         return (await self.http.get("/health")).status_code == 200
+
+    async def ready(self) -> Readiness:
+        """Readiness (``status`` "unavailable" says which check failed; not an error)."""
+        return await self._run(_Calls.ready())
+
+    async def metrics(self) -> str:
+        return await self._run(_Calls.metrics())
+
+    async def openapi(self) -> dict[str, Any]:
+        return await self._run(_Calls.openapi())
+
+    async def create_stream_ticket(self) -> StreamTicket:
+        """A ticket for a browser's stream (``?ticket=``); this client's own
+        :meth:`stream` sends its token instead."""
+        return await self._run(_Calls.create_stream_ticket())
 
     async def stream(
         self,

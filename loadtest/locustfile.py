@@ -23,7 +23,12 @@ Users (weights give the mix; ``AdminUser`` is always exactly one):
 * ``AdminUser``: restocks a hot product every few seconds (``POST .../adjustments``).
 
 Guard rails: only loopback hosts are accepted, and a headless run needs ``--run-time``.
-The catalogue is seeded on ``test_start`` (:mod:`loadtest.seed`) unless ``--no-seed``.
+The catalogue is seeded on ``test_start`` (:mod:`loadtest.seed`, through
+:mod:`inventory.client`) unless ``--no-seed``. The HTTP users send their requests
+with Locust's ``HttpUser`` client, not :mod:`inventory.client`, on purpose: Locust's
+statistics (rates, percentiles, failures per request name) are fed by that client's
+request events, and a user must see every 409 and 503 as it came (the typed client would
+retry a 503 and raise on a 409 without Locust recording either).
 Locust runs on gevent; the WebSocket client is ``websockets.sync.client``, whose
 background reader thread becomes a greenlet under Locust's monkey-patching.
 """

@@ -213,6 +213,46 @@ async def test_list_reservations(
         assert (r.status_code, err(r)) == (422, "validation_error"), bad
 
 
+async def test_list_reservations_by_customer(
+    client: httpx.AsyncClient, make_stock: MakeStock, new_id: NewId
+) -> None:
+    """``customer_id`` selects that customer's reservations only (oldest first, paged,
+    with the other filters); one never named is an empty list, not an error."""
+    pid, _ = await make_stock(100)
+    alice, bob = new_id("alice"), new_id("bob")
+    made: dict[str, list[str]] = {alice: [], bob: []}
+    for customer in (alice, bob, alice, alice, bob):
+        r = await client.post(
+            "/v1/reservations",
+            json={"lines": [{"product_id": pid, "quantity": 1}], "customer_id": customer},
+        )
+        assert r.status_code == 201, r.text
+        made[customer].append(r.json()["id"])
+    await client.post(f"/v1/reservations/{made[alice][1]}/release")
+
+    async def listed(**params: str) -> list[str]:
+        got: list[str] = []
+        after: str | None = None
+        while True:
+            page = {"limit": "2", **params, **({"after": after} if after else {})}
+            r = await client.get("/v1/reservations", params=page)
+            assert r.status_code == 200, r.text
+            got += [x["id"] for x in r.json()["reservations"]]
+            after = r.json()["next_after"]
+            if after is None:
+                return got
+
+    assert await listed(customer_id=alice) == made[alice]
+    assert await listed(customer_id=bob) == made[bob]
+    assert await listed(customer_id=alice, status="released") == [made[alice][1]]
+    assert await listed(customer_id=alice, status="active") == [made[alice][0], made[alice][2]]
+    assert await listed(customer_id=new_id("nobody")) == []
+    for bad in ("", "x" * 129):
+        r = await client.get("/v1/reservations", params={"customer_id": bad})
+        assert (r.status_code, err(r)) == (422, "validation_error"), bad
+        assert r.json()["error"]["details"] == {"field": "customer_id"}
+
+
 async def test_bulk_per_item_results(
     client: httpx.AsyncClient,
     make_stock: MakeStock,

@@ -4,27 +4,136 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
+import inspect
 import json
+import re
 import time
 import uuid
+from collections.abc import AsyncGenerator, Generator
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import httpx
+import msgspec
 import pytest
 
+from inventory import client as cl
 from inventory.client import (
     ApiError,
     AsyncClient,
     BulkItem,
     Client,
+    Component,
     Line,
+    ReadyChecks,
     SignatureError,
     StreamMessage,
+    StreamTransport,
     verify_signature,
 )
+from inventory.http import catalog, doc_schemas, schemas, waitlist, webhooks
+from inventory.http.app_routes import api_document
+from inventory.store.webhooks import Delivery
 
 from .conftest import ServerFactory, ServerProcess, wait_until
+from .test_webhooks import Receiver
+
+SECRET = "whsec-client-0123456789-abcdef"
+
+#: Every operation of ``/openapi.json`` and the method of both clients that calls it.
+CLIENT_METHODS = {
+    "getHealth": "health",
+    "getReadiness": "ready",
+    "getMetrics": "metrics",
+    "getOpenApi": "openapi",
+    "listWarehouses": "list_warehouses",
+    "getWarehouse": "get_warehouse",
+    "putWarehouse": "put_warehouse",
+    "listStock": "get_stocks",
+    "getProductStock": "get_stock",
+    "adjustStock": "adjust",
+    "setStock": "set_quantity",
+    "listMovements": "movements",
+    "bulkChangeStock": "bulk",
+    "createReservation": "reserve",
+    "getReservation": "get_reservation",
+    "commitReservation": "commit",
+    "releaseReservation": "release",
+    "extendReservation": "extend",
+    "listReservations": "list_reservations",
+    "listProducts": "list_products",
+    "getProduct": "get_product",
+    "putProduct": "put_product",
+    "joinWaitlist": "join_waitlist",
+    "listWaitlist": "list_waitlist",
+    "listWaitlistLengths": "waitlist_lengths",
+    "getWaitlistEntry": "get_waitlist_entry",
+    "cancelWaitlistEntry": "cancel_waitlist_entry",
+    "putWebhook": "put_webhook",
+    "getWebhook": "get_webhook",
+    "listWebhooks": "list_webhooks",
+    "deleteWebhook": "delete_webhook",
+    "listWebhookDeliveries": "list_webhook_deliveries",
+    "createStreamTicket": "create_stream_ticket",
+    "openStockWebSocket": "stream",
+    "streamStock": "stream",  # transport="sse", or the fallback
+}
+
+#: Each client model and the server's wire types it decodes (its fields are theirs).
+MIRRORS: list[tuple[type[Any], tuple[type[Any], ...]]] = [
+    (cl.Warehouse, (schemas.WarehouseOut,)),
+    (cl.Level, (schemas.LevelOut,)),
+    (cl.ProductStock, (schemas.ProductStockOut, schemas.KitStockOut)),  # a kit's too
+    (cl.KitComponentStock, (schemas.KitComponentStockOut,)),
+    (cl.Component, (catalog.ComponentOut,)),
+    (cl.Product, (catalog.ProductOut,)),
+    (cl.Line, (schemas.ReservationLineOut,)),
+    (cl.Reservation, (schemas.ReservationOut,)),
+    (cl.Movement, (schemas.MovementOut,)),
+    (cl.BulkItem, (catalog.BulkItemIn,)),
+    (cl.BulkResult, (catalog.BulkResultOut,)),
+    (cl.ErrorBody, (schemas.ErrorBody,)),
+    (cl.WaitlistEntry, (waitlist.WaitlistEntryOut,)),
+    (cl.WaitlistLength, (waitlist.WaitlistLengthOut,)),
+    (cl.Webhook, (webhooks.WebhookOut,)),
+    (cl.Delivery, (Delivery,)),
+    (cl.StreamTicket, (doc_schemas.StreamTicketOut,)),
+    (cl.Readiness, (doc_schemas.ReadyOut,)),
+    (cl.ReadyChecks, (doc_schemas.ReadyChecks,)),
+]
+CLIENT_ONLY = {"replayed"}  # set from the Idempotent-Replayed header
+
+
+def _operation_ids(document: dict[str, Any]) -> set[str]:
+    return {op["operationId"] for item in document["paths"].values() for op in item.values()}
+
+
+def test_every_operation_has_a_method_in_both_clients() -> None:
+    """The mapping covers the document exactly, and the two facades agree on every
+    method's parameters (a method added to one class only, or with other defaults,
+    fails here)."""
+    assert _operation_ids(api_document()) == set(CLIENT_METHODS)
+    for name in sorted(set(CLIENT_METHODS.values())):
+        blocking, awaited = getattr(Client, name), getattr(AsyncClient, name)
+        params = inspect.signature(blocking).parameters
+        assert params == inspect.signature(awaited).parameters, name
+        assert inspect.iscoroutinefunction(awaited) or inspect.isasyncgenfunction(awaited), name
+
+
+def _field_names(cls: type[Any]) -> set[str]:
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    return {f.name for f in msgspec.structs.fields(cls)}
+
+
+@pytest.mark.parametrize(("model", "wire"), MIRRORS, ids=[m.__name__ for m, _ in MIRRORS])
+def test_client_models_mirror_the_wire_types(model: type[Any], wire: tuple[type[Any], ...]) -> None:
+    """A field the server adds to an answer must reach the client's model (msgspec
+    would otherwise drop it without a word)."""
+    assert _field_names(model) - CLIENT_ONLY == set().union(*map(_field_names, wire))
 
 
 def _ids() -> tuple[str, str]:
@@ -32,80 +141,234 @@ def _ids() -> tuple[str, str]:
     return f"cl-{tag}", f"clw-{tag}"
 
 
-async def test_every_route(server_factory: ServerFactory) -> None:
-    server = await server_factory()
-    product, wh = _ids()
+class _Sent:
+    """The operations of the requests an httpx client sent (an event hook), matched on
+    the OpenAPI document's paths and methods."""
 
-    def sync_part() -> None:
-        with Client(server.base_url) as c:
-            assert c.health()
-            assert c.put_warehouse(wh, "Main", location="Here").location == "Here"
-            assert c.get_warehouse(wh).name == "Main"
-            assert wh in [w.id for w in c.list_warehouses()]
-            level = c.adjust(product, wh, 10, reason="receive")
-            assert (level.quantity, level.version) == (10, 1)
-            assert c.set_quantity(product, wh, 12, expected_version=1).version == 2
-            with pytest.raises(ApiError) as info:
-                c.set_quantity(product, wh, 1, expected_version=1)
-            assert (info.value.status, info.value.code) == (409, "version_conflict")
-            assert info.value.details == {"current_version": 2}
-            assert c.get_stock(product).available == 12
-            assert [s.product_id for s in c.get_stocks([product])] == [product]
-            page = c.movements(product)
-            assert [m.version for m in page.items] == [1, 2]
-            r = c.reserve([Line(product, 2)], ttl_seconds=60, reference="order-1")
-            assert (r.status, r.lines[0].warehouse_id, r.replayed) == ("active", wh, False)
-            assert c.get_reservation(r.id).reference == "order-1"
-            assert c.extend(r.id, 120).status == "active"
-            assert c.commit(r.id).status == "committed"
-            assert c.commit(r.id).status == "committed"  # repeating answers 200
-            r2 = c.reserve([{"product_id": product, "quantity": 1}], idempotency_key="k-" + wh)
-            again = c.reserve([{"product_id": product, "quantity": 1}], idempotency_key="k-" + wh)
-            assert (again.id, again.replayed) == (r2.id, True)
-            assert c.release(r2.id).status == "released"
-            listed = c.list_reservations(reference="order-1")
-            assert [x.id for x in listed.items] == [r.id]
-            kit = c.put_product(product + "-kit", components=[{"product_id": product,
-                                                               "quantity": 2}])  # fmt: skip
-            assert kit.components is not None
-            assert kit.components[0].quantity == 2
-            assert kit.stock is not None  # a kit's stock body
-            assert (kit.stock.kit, kit.stock.reservable, kit.stock.levels) == (True, 5, [])
-            assert kit.stock.components is not None
-            part = kit.stock.components[0]
-            assert (part.product_id, part.quantity) == (product, 2)
-            assert part.stock is not None
-            assert part.stock.available == 10
-            assert c.get_stock(product + "-kit") == kit.stock
-            assert c.put_product(product, name="Tee", safety_stock=1).stock is not None
-            assert c.get_product(product).name == "Tee"
-            ids = [
-                p.product_id for p in c.iter_products(limit=2) if p.product_id.startswith(product)
-            ]
-            assert ids == [product, product + "-kit"]
-            results = c.bulk([BulkItem(product, wh, delta=1), BulkItem(product, wh, delta=-999)])
-            assert [x.status for x in results] == [200, 409]
-            assert results[1].error is not None
-            assert results[1].error.code == "insufficient_stock"
-            with pytest.raises(ApiError) as info:
-                c.get_stock("no-such-" + product)
-            assert info.value.status == 404
+    def __init__(self) -> None:
+        self.operations: set[str] = set()
+        self._routes = [
+            (method.upper(), re.compile(_path_pattern(path)), op["operationId"])
+            for path, item in api_document()["paths"].items()
+            for method, op in item.items()
+        ]
 
-    await asyncio.to_thread(sync_part)
+    def hook(self, request: httpx.Request) -> None:
+        found = [
+            op
+            for method, pattern, op in self._routes
+            if method == request.method and pattern.fullmatch(request.url.path)
+        ]
+        assert len(found) == 1, (request.method, request.url.path, found)
+        self.operations.add(found[0])
 
-    async with AsyncClient(server.base_url) as c:
-        assert await c.health()
-        assert (await c.get_warehouse(wh)).id == wh
-        assert (await c.adjust(product, wh, 5)).quantity == 16
-        r = await c.reserve([Line(product, 1, wh)])
-        assert (await c.get_reservation(r.id)).status == "active"
-        assert (await c.release(r.id)).status == "released"
-        assert (await c.list_reservations(status="released", reference=None)).items
-        assert (await c.get_product(product)).safety_stock == 1
-        assert [p.product_id async for p in c.iter_products()]
-        first = await c.movements(product, after=0, limit=1)
-        assert first.next_after == first.items[0].id
-        assert first.items[0].quantity == 10
+    async def async_hook(self, request: httpx.Request) -> None:
+        self.hook(request)
+
+
+def _path_pattern(path: str) -> str:
+    return "/".join("[^/]+" if s.startswith("{") else re.escape(s) for s in path.split("/"))
+
+
+class _Awaiting:
+    """A :class:`Client` behind the :class:`AsyncClient` API: each call, and each step
+    of a generator, runs in a worker thread, so one async walk drives both facades."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if inspect.isgeneratorfunction(method):
+            return lambda *args, **kw: _stepped(method(*args, **kw))
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            return await asyncio.to_thread(method, *args, **kw)
+
+        return call
+
+
+async def _stepped(steps: Generator[Any]) -> AsyncGenerator[Any]:
+    """A generator as an async generator, each step in a worker thread."""
+    end = object()
+    try:
+        while (item := await asyncio.to_thread(next, steps, end)) is not end:
+            yield item
+    finally:
+        await asyncio.to_thread(steps.close)
+
+
+async def _walk(c: AsyncClient, hook_url: str) -> None:
+    """Every operation through ``c`` (the WebSocket too), checking the typed answers."""
+    tag = uuid.uuid4().hex[:8]
+    product, wh, queued, kit = f"cl-{tag}", f"clw-{tag}", f"clq-{tag}", f"cl-{tag}-kit"
+
+    assert await c.health()
+    ready = await c.ready()
+    assert (ready.status, ready.checks) == ("ready", ReadyChecks(postgres=True, redis=True))
+    assert _operation_ids(await c.openapi()) == set(CLIENT_METHODS)
+
+    assert (await c.put_warehouse(wh, "Main", location="Here")).location == "Here"
+    assert (await c.get_warehouse(wh)).name == "Main"
+    assert wh in [w.id for w in await c.list_warehouses()]
+
+    level = await c.adjust(product, wh, 10, reason="receive")
+    assert (level.quantity, level.version) == (10, 1)
+    assert (await c.set_quantity(product, wh, 12, expected_version=1)).version == 2
+    with pytest.raises(ApiError) as info:
+        await c.set_quantity(product, wh, 1, expected_version=1)
+    assert (info.value.status, info.value.code) == (409, "version_conflict")
+    assert info.value.details == {"current_version": 2}
+    assert (await c.get_stock(product)).available == 12
+    assert [s.product_id for s in await c.get_stocks([product])] == [product]
+    first = await c.movements(product, limit=1)
+    assert ([m.version for m in first.items], first.next_after) == ([1], first.items[0].id)
+    assert [m.quantity for m in (await c.movements(product, after=first.items[0].id)).items] == [12]
+    results = await c.bulk([BulkItem(product, wh, delta=1), BulkItem(product, wh, delta=-999)])
+    assert [x.status for x in results] == [200, 409]
+    assert results[1].error is not None
+    assert results[1].error.code == "insufficient_stock"
+    with pytest.raises(ApiError) as info:
+        await c.get_stock("no-such-" + product)
+    assert info.value.status == 404
+
+    # 13 on hand
+    customer = "cust-" + tag
+    r = await c.reserve(
+        [Line(product, 2)], ttl_seconds=60, reference="order-" + tag, customer_id=customer
+    )
+    assert (r.status, r.lines[0].warehouse_id, r.replayed) == ("active", wh, False)
+    assert (await c.get_reservation(r.id)).reference == "order-" + tag
+    assert (await c.extend(r.id, 120)).status == "active"
+    assert (await c.commit(r.id)).status == "committed"
+    assert (await c.commit(r.id)).status == "committed"  # repeating answers 200
+    one = [{"product_id": product, "quantity": 1, "warehouse_id": wh}]
+    r2 = await c.reserve(one, reference="again-" + tag, idempotency_key="k-" + tag)
+    again = await c.reserve(one, reference="again-" + tag, idempotency_key="k-" + tag)
+    assert (again.id, again.replayed) == (r2.id, True)
+    assert (await c.release(r2.id)).status == "released"
+    assert [x.id for x in (await c.list_reservations(customer_id=customer)).items] == [r.id]
+    listed = await c.list_reservations(reference="again-" + tag, status="released")
+    assert ([x.id for x in listed.items], listed.next_after) == ([r2.id], None)
+    assert "inventory_http_requests_total{" in await c.metrics()
+
+    # 11 on hand
+    made = await c.put_product(kit, components=[Component(product, 2)])
+    assert made.components == [Component(product, 2)]
+    assert made.stock is not None
+    assert (made.stock.kit, made.stock.reservable, made.stock.levels) == (True, 5, [])
+    assert made.stock.components is not None
+    part = made.stock.components[0]
+    assert (part.product_id, part.quantity) == (product, 2)
+    assert part.stock is not None
+    assert part.stock.available == 11
+    assert await c.get_stock(kit) == made.stock
+    assert (await c.put_product(product, name="Tee", safety_stock=1)).stock is not None
+    assert (await c.get_product(product)).name == "Tee"
+    ids = [p.product_id async for p in c.iter_products(limit=2) if p.product_id.startswith(product)]
+    assert ids == [product, kit]
+
+    await c.adjust(queued, wh, 1)
+    head = await c.join_waitlist(queued, "c1-" + tag, 2, idempotency_key="w-" + tag)
+    assert (head.status, head.position, head.reservation_id, head.replayed) == (
+        "waiting", 1, None, False,
+    )  # fmt: skip
+    repeated = await c.join_waitlist(queued, "c1-" + tag, 2, idempotency_key="w-" + tag)
+    assert (repeated.id, repeated.replayed) == (head.id, True)
+    behind = await c.join_waitlist(queued, "c2-" + tag, 1, hold_seconds=60, warehouse_id=wh)
+    assert (behind.status, behind.position) == ("waiting", 2)
+    page = await c.list_waitlist(queued, limit=1)
+    assert [e.id for e in page.items] == [head.id]
+    assert page.next_after is not None
+    assert [e.id for e in (await c.list_waitlist(queued, after=page.next_after)).items] == [
+        behind.id
+    ]
+    lengths = await c.waitlist_lengths([queued, "none-" + tag])
+    assert [(x.product_id, x.waiting, x.units) for x in lengths] == [
+        (queued, 2, 3), ("none-" + tag, 0, 0),
+    ]  # fmt: skip
+    assert (await c.get_waitlist_entry(behind.id)).position == 2
+    assert (await c.cancel_waitlist_entry(behind.id)).status == "cancelled"
+    with pytest.raises(ApiError) as info:
+        await c.cancel_waitlist_entry(behind.id)
+    assert (info.value.status, info.value.code) == (409, "invalid_state")
+
+    wid = "clwh-" + tag
+    hook = await c.put_webhook(wid, hook_url, ["stock.changed"], SECRET)
+    assert (hook.id, hook.url, hook.events, hook.active) == (wid, hook_url, ["stock.changed"], True)
+    assert wid in [w.id for w in await c.list_webhooks()]
+    assert await c.get_webhook(wid) == hook
+    await c.adjust(product, wh, 1)
+    await c.adjust(product, wh, 1)
+
+    async def logged() -> bool:
+        return len((await c.list_webhook_deliveries(wid)).items) == 2
+
+    await wait_until(logged, 15, "two deliveries in the log")
+    newest = await c.list_webhook_deliveries(wid, limit=1)
+    assert newest.next_after is not None
+    older = await c.list_webhook_deliveries(wid, after=newest.next_after)
+    log = newest.items + older.items
+    assert [(d.type, d.attempt, d.status_code, d.error, d.next_retry_at) for d in log] == [
+        ("stock.changed", 1, 200, None, None)
+    ] * 2
+    assert len({d.event_id for d in log}) == 2
+    await c.delete_webhook(wid)
+    with pytest.raises(ApiError) as info:
+        await c.get_webhook(wid)
+    assert info.value.status == 404
+
+    ticket = await c.create_stream_ticket()
+    assert ticket.ticket
+    assert ticket.expires_at > datetime.now(UTC)
+    transports: tuple[StreamTransport, ...] = ("websocket", "sse")
+    for transport in transports:  # no fallback: each is the operation it names
+        opened = c.stream([product], transport=transport, reconnect=False)
+        stream = cast("AsyncGenerator[StreamMessage]", opened)
+        seen: dict[str, StreamMessage] = {}
+        async with asyncio.timeout(15), contextlib.aclosing(stream):
+            async for message in stream:
+                seen[message.type] = message
+                if {"snapshot", "subscribed"} <= set(seen):
+                    break
+        levels = seen["snapshot"].data["levels"]
+        assert [(x["warehouse_id"], x["quantity"]) for x in levels] == [(wh, 13)], transport
+
+
+async def test_every_route_through_both_clients(
+    server_factory: ServerFactory, scratch_database: str
+) -> None:
+    """The walk through the async client, then through the sync one (each call in a
+    worker thread), against a real server; the requests each client sent are matched to
+    operations, which must be all of the document's."""
+    receiver = Receiver()
+    await receiver.start()
+    server = await server_factory(
+        env={
+            # a database of the test's own: no other server of the session delivers its
+            # webhooks (to a loopback receiver they would refuse)
+            "INVENTORY_DATABASE_URL": scratch_database,
+            "INVENTORY_REDIS_PREFIX": f"inventory-cl-{uuid.uuid4().hex[:8]}",
+            "INVENTORY_WEBHOOK_ALLOW_PRIVATE": "true",
+            "INVENTORY_WEBHOOK_RETRY_BASE": "0.2",
+        }
+    )
+    # The WebSocket handshake is no httpx request; the walk checked the stream over it.
+    over_http = set(CLIENT_METHODS) - {"openStockWebSocket"}
+    try:
+        async with AsyncClient(server.base_url) as c:
+            sent = _Sent()
+            c.http.event_hooks["request"].append(sent.async_hook)
+            await _walk(c, receiver.url)
+        assert sent.operations == over_http
+        with Client(server.base_url) as s:
+            sent = _Sent()
+            s.http.event_hooks["request"].append(sent.hook)
+            await _walk(cast(AsyncClient, _Awaiting(s)), receiver.url)
+        assert sent.operations == over_http
+        assert len(receiver.distinct()) == 4  # two changes per walk
+    finally:
+        await receiver.stop()
 
 
 def _scripted(*outcomes: int | type[httpx.TransportError]) -> tuple[list[str], httpx.MockTransport]:

@@ -12,12 +12,15 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 import venv
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+
+from inventory.client import AsyncClient
 
 from .conftest import ROOT, ServerFactory, wait_until
 
@@ -177,3 +180,38 @@ async def test_access_log_is_off_by_default_and_redacts_nothing_it_should_not_lo
     assert entry["logger"] == "uvicorn.access"
     assert entry["ts"].endswith("Z")
     assert "zz-access" not in quiet.log.read_text()
+
+
+async def test_access_log_redacts_credentials(server_factory: ServerFactory) -> None:
+    """With authentication on, the token sent in ``Authorization`` never reaches the log,
+    nor one put in a URL (refused), nor a stream ticket in ``?ticket=``: their access
+    lines show ``[redacted]`` in its place."""
+    token = "tok-" + uuid.uuid4().hex
+    server = await server_factory(
+        env={"INVENTORY_TOKENS": json.dumps({token: ["read"]})}, args=["--access-log"]
+    )
+    async with AsyncClient(server.base_url, token) as c:
+        await c.list_warehouses()
+        ticket = (await c.create_stream_ticket()).ticket
+    async with httpx.AsyncClient(base_url=server.base_url) as http:  # no Authorization
+        stream = {"product_ids": "zz-ticket"}
+        async with http.stream("GET", "/v1/stream", params={**stream, "ticket": ticket}) as r:
+            assert r.status_code == 200  # the ticket was good: this is its own access line
+        r = await http.get("/v1/stream", params={**stream, "token": token})
+        assert r.status_code == 401  # a token in a URL is refused, and not logged either
+        r = await http.get("/v1/warehouses", params={"marker": "zz-done"})
+        assert r.status_code == 401
+
+    await wait_until(lambda: "zz-done" in server.log.read_text(), 10, "the last access line")
+    text = server.log.read_text()
+    assert token not in text
+    assert ticket not in text
+    entries = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+    access = [x["msg"] for x in entries if x["logger"] == "uvicorn.access"]
+    assert any('"GET /v1/warehouses HTTP/1.1" 200' in x for x in access), access
+    streams = [x for x in access if "zz-ticket" in x]
+    assert len(streams) == 2, streams
+    assert "ticket=[redacted]" in streams[0]
+    assert streams[0].endswith(" 200")
+    assert "token=[redacted]" in streams[1]
+    assert streams[1].endswith(" 401")

@@ -10,9 +10,16 @@ Waits are conditions with deadlines; ordering and isolation are checked by count
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
+import re
+import shutil
+import subprocess
+import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,12 +30,13 @@ import httpx
 import orjson
 import pytest
 from msgspec.structs import replace
+from prometheus_client.parser import text_string_to_metric_families
 
 from inventory.config import Settings
 from inventory.ops.app import create_app
 from inventory.service.webhooks.signing import signature_header, verify
 from inventory.store.webhooks import WebhookStore
-from tests.conftest import ServerProcess, wait_until
+from tests.conftest import ROOT, ServerProcess, wait_until
 
 SECRET = "whsec-0123456789-abcdefghij-TOPSECRET"
 
@@ -504,17 +512,7 @@ async def test_kill_9_mid_delivery_loses_nothing_and_keeps_order(
         return 200
 
     receiver = await receivers(slow)
-    env = {
-        **os.environ,
-        "INVENTORY_DATABASE_URL": scratch_database,
-        "INVENTORY_REDIS_URL": redis_url,
-        "INVENTORY_REDIS_PREFIX": f"inventory-wh-{uuid.uuid4().hex[:8]}",
-        "INVENTORY_TOKENS": "",
-        "INVENTORY_WEBHOOK_ALLOW_PRIVATE": "true",
-        "INVENTORY_WEBHOOK_RETRY_BASE": "0.2",
-        "INVENTORY_WEBHOOK_CONCURRENCY": "4",
-        "INVENTORY_LOG_LEVEL": "debug",
-    }
+    env = _process_env(scratch_database, redis_url)
     first, second = ServerProcess(env), ServerProcess(env)
     try:
         await asyncio.to_thread(first.start)
@@ -550,8 +548,110 @@ async def test_kill_9_mid_delivery_loses_nothing_and_keeps_order(
             server.log.unlink(missing_ok=True)
 
 
-async def delivery_log(client: httpx.AsyncClient, wid: str) -> list[dict[str, Any]]:
-    r = await client.get(f"/v1/webhooks/{wid}/deliveries")
+def _process_env(database_url: str, redis_url: str) -> dict[str, str]:
+    """The environment of delivering server processes on the test's own database (and
+    Redis prefix), with short retries and 4 requests in flight per endpoint."""
+    return {
+        **os.environ,
+        "INVENTORY_DATABASE_URL": database_url,
+        "INVENTORY_REDIS_URL": redis_url,
+        "INVENTORY_REDIS_PREFIX": f"inventory-wh-{uuid.uuid4().hex[:8]}",
+        "INVENTORY_TOKENS": "",
+        "INVENTORY_WEBHOOK_ALLOW_PRIVATE": "true",
+        "INVENTORY_WEBHOOK_RETRY_BASE": "0.2",
+        "INVENTORY_WEBHOOK_CONCURRENCY": "4",
+        "INVENTORY_LOG_LEVEL": "debug",
+    }
+
+
+async def _attempts(server: ServerProcess, webhook_id: str) -> int:
+    """The delivery attempts for ``webhook_id`` that ``server``'s process made."""
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as http:
+        text = (await http.get("/metrics")).text
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "inventory_webhook_attempts_total"
+            and sample.labels.get("webhook_id") == webhook_id
+        )
+    )
+
+
+async def test_two_processes_deliver_through_one_deliverer_at_a_time(
+    scratch_database: str, redis_url: str, receivers: Callable[..., Awaitable[Receiver]]
+) -> None:
+    """Two server processes up at once, changes written through both: every event is
+    delivered once, by the one process holding the endpoint's lease, and a product's
+    next event is never sent while its previous one is in flight. When that process
+    stops, the other takes over and carries on in order."""
+    in_flight: Counter[str] = Counter()
+    overlaps: list[tuple[str, int]] = []
+
+    async def exclusive(r: Received) -> int:
+        data = r.payload["data"]
+        in_flight[data["product_id"]] += 1
+        if in_flight[data["product_id"]] > 1:
+            overlaps.append((data["product_id"], data["version"]))
+        await asyncio.sleep(0.02)  # a slow endpoint: attempts overlap if anything lets them
+        in_flight[data["product_id"]] -= 1
+        return 200
+
+    receiver = await receivers(exclusive)
+    env = _process_env(scratch_database, redis_url)
+    servers = [ServerProcess(env), ServerProcess(env)]
+    products = [f"sku-t{p}" for p in range(6)]
+
+    async def write(rounds: range, via: list[ServerProcess]) -> None:
+        """Set every product to each ``q`` of ``rounds``, the rounds alternating between
+        ``via``'s processes (products in parallel, a product's rounds in order)."""
+        for q in rounds:
+            async with httpx.AsyncClient(base_url=via[q % len(via)].base_url, timeout=10) as c:
+                await asyncio.gather(*(stock(c, p, "w1", q) for p in products))
+
+    try:
+        for server in servers:
+            await asyncio.to_thread(server.start)
+        async with httpx.AsyncClient(base_url=servers[0].base_url, timeout=10) as client:
+            await put_webhook(client, receiver.url, ["stock.changed"], "both")
+            await warehouse(client)
+            await write(range(1, 9), servers)
+            # recorded, not only answered: nothing is left for a takeover to send again
+            await wait_until(
+                lambda: _has(delivery_log(client, "both", 1000), 48), 30, "48 attempts logged"
+            )
+        by_process = [await _attempts(s, "both") for s in servers]
+        assert sorted(by_process) == [0, 48], by_process  # one process made every attempt
+        holder, other = servers if by_process[0] else servers[::-1]
+
+        await asyncio.to_thread(holder.stop)
+        await write(range(9, 11), [other])
+        await wait_until(lambda: len(receiver.distinct()) >= 60, 30, "the rounds after the stop")
+
+        got = receiver.distinct()
+        assert len(got) == 60
+        for p in products:
+            data = [r.payload["data"] for r in got]
+            assert [d["version"] for d in data if d["product_id"] == p] == list(range(1, 11)), p
+        assert overlaps == []
+
+        async def taken_over() -> bool:  # counted just after the answer arrives
+            return await _attempts(other, "both") >= 12
+
+        await wait_until(taken_over, 10, "the other process's 12 attempts")
+        assert await _attempts(other, "both") == 12
+        assert len(receiver.requests) == 60  # nothing failed, so nothing was sent twice
+    finally:
+        for server in servers:
+            await asyncio.to_thread(server.stop)
+            server.log.unlink(missing_ok=True)
+
+
+async def delivery_log(
+    client: httpx.AsyncClient, wid: str, limit: int = 100
+) -> list[dict[str, Any]]:
+    r = await client.get(f"/v1/webhooks/{wid}/deliveries", params={"limit": limit})
     deliveries: list[dict[str, Any]] = r.json()["deliveries"]
     return deliveries
 
@@ -569,3 +669,72 @@ def test_signature_header_round_trip() -> None:
     assert not verify(SECRET, body + b" ", header, now=1_700_000_010)
     assert not verify(SECRET, body, "t=1700000000", now=1_700_000_010)
     assert not verify(SECRET, body, "garbage", now=1_700_000_010)
+
+
+# --- the verification code of docs/webhooks.md ----------------------------------------------
+
+# Appended to the JavaScript snippet: verify each case of a JSON array on standard input
+# ({secret, body: base64, header}) and print the results as a JSON array.
+_JS_CASES = """
+const cases = JSON.parse(require("node:fs").readFileSync(0, "utf8"));
+process.stdout.write(JSON.stringify(
+  cases.map((c) => verify(c.secret, Buffer.from(c.body, "base64"), c.header))));
+"""
+
+
+def _documented(language: str) -> str:
+    """The one ``language`` code block of docs/webhooks.md's "Verifying the signature"."""
+    text = (ROOT / "docs" / "webhooks.md").read_text()
+    section = text[text.index("## Verifying the signature") :]
+    section = section[: section.find("\n## ", 1)]
+    blocks = re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
+    assert len(blocks) == 1, (language, len(blocks))
+    return str(blocks[0])
+
+
+@pytest.mark.parametrize("language", ["python", "js"])
+async def test_documented_verifiers_accept_a_real_delivery_and_refuse_forgeries(
+    webhook_settings: Settings, receivers: Callable[..., Awaitable[Receiver]], language: str
+) -> None:
+    """The Python and JavaScript snippets of docs/webhooks.md, run as written, accept the
+    signature of a delivery the server made (a body with non-ASCII bytes, so the raw
+    body must be what is signed) and refuse a tampered body, another secret and a
+    replayed old signature."""
+    node = shutil.which("node")
+    if language == "js" and node is None:
+        pytest.skip("node is not installed")
+    receiver = await receivers()
+    async with running(webhook_settings) as client:
+        await put_webhook(client, receiver.url, ["reservation.created"])
+        await stock(client, "sku-doc", await warehouse(client), 3)
+        lines = [{"product_id": "sku-doc", "quantity": 1}]
+        r = await client.post("/v1/reservations", json={"lines": lines, "reference": "été-✓"})
+        assert r.status_code == 201, r.text
+        await wait_until(lambda: len(receiver.acked) >= 1, 15, "the delivery")
+    body, header = receiver.acked[0].body, receiver.acked[0].headers["inventory-signature"]
+    assert "été-✓".encode() in body  # raw UTF-8, as sent
+    cases = [
+        (SECRET, body, header),
+        (SECRET, body.replace("été".encode(), b"ete"), header),
+        ("another-secret-0123456789", body, header),
+        (SECRET, body, signature_header(SECRET, body, int(time.time()) - 3600)),
+    ]
+    code = _documented(language)
+    if language == "python":
+        namespace: dict[str, Any] = {}
+        exec(compile(code, "docs/webhooks.md", "exec"), namespace)
+        results = [namespace["verify"](secret, raw, signed) for secret, raw, signed in cases]
+    else:
+        assert node is not None
+        given = [
+            {"secret": secret, "body": base64.b64encode(raw).decode(), "header": signed}
+            for secret, raw, signed in cases
+        ]
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [node, "-e", code + _JS_CASES],
+            input=json.dumps(given), capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        results = json.loads(done.stdout)
+    assert results == [True, False, False, False]
