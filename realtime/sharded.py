@@ -20,7 +20,10 @@ answers ``MOVED``, unsubscribes a channel on its own (its slot migrated) or cann
 reached (failover), the slot map is re-read (at most every ``refresh_interval``),
 channels whose owner changed are moved to the new owner, and once it confirmed them the
 hub is told as after a reconnect, so it re-reads every subscribed product: whatever was
-published during the move is recovered from PostgreSQL.
+published during the move is recovered from PostgreSQL. That refresh loop runs under
+:func:`realtime.tasks.supervise` (task ``realtime-cluster-map``): if an error escapes it
+(the hub's callback, a flush), it is restarted and counted, and a resync still owed to
+the hub is made by the next run.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 
 from realtime.subscriber import ChannelSubscriber, SubscriberListener
-from realtime.tasks import cancel_and_wait
+from realtime.tasks import cancel_and_wait, spawn
 
 __all__ = [
     "RedisClient",
@@ -169,6 +172,7 @@ class ShardedSubscriber:
         self._route: dict[str, str] = {}  # wanted channel -> node name
         self._forward = _Relay(self)
         self._refresh_wanted = asyncio.Event()
+        self._resync_owed = False  # channels moved; the hub has not been told yet
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -177,7 +181,7 @@ class ShardedSubscriber:
         await self._redis.initialize()
         for node in self._redis.get_primaries():
             await self._node(node).start()
-        self._task = asyncio.create_task(self._refresh_loop(), name="realtime-cluster-map")
+        self._task = spawn("realtime-cluster-map", self._refresh_loop)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -226,19 +230,29 @@ class ShardedSubscriber:
         return sub
 
     async def _refresh_loop(self) -> None:
+        """Re-read the slot map when a node subscriber asks (at most every
+        ``refresh_interval``); after channels moved, resync the hub once they are
+        confirmed on their new nodes. One run of the supervised task."""
+        if self._resync_owed:
+            self._refresh_wanted.set()  # a run that failed left the hub's resync undone
         while True:
             await self._refresh_wanted.wait()
             self._refresh_wanted.clear()
             try:
-                moved = await self._reroute()
+                self._resync_owed |= await self._reroute() > 0
             except Exception as exc:
                 log.warning("cannot re-read the redis cluster slot map (%s); retrying", exc)
                 self._refresh_wanted.set()
             else:
-                if moved:
-                    # Confirmed on their new nodes: resync whatever the move lost.
-                    if await (await self.flush()):
+                # Every channel is (re)subscribed where the map says: those that moved,
+                # and one a node dropped while the map read was still stale (a node
+                # updated a moment later): that node answers MOVED, which asks for
+                # another refresh, instead of the channel waiting for a health probe.
+                confirmed = await (await self.flush())
+                if self._resync_owed:
+                    if confirmed:  # on their new nodes: resync whatever the move lost
                         self.listener.on_connected(True)
+                        self._resync_owed = False
                     else:
                         self._refresh_wanted.set()  # not confirmed: try again
             await asyncio.sleep(self._refresh_interval)

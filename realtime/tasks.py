@@ -1,8 +1,9 @@
 """Background tasks: supervision, and stopping them for good.
 
 Supervision: every long-running loop of a server process (the relay, the pub/sub
-subscriber, the hub's resync and reaper loops, the expiry sweeper, the idempotency purge)
-runs under :func:`supervise`. Each loop already catches its own errors and carries on;
+subscriber, the Redis Cluster slot-map refresh, the hub's resync and reaper loops, the
+expiry sweeper, the idempotency purge, the webhook dispatcher) runs under
+:func:`supervise`. Each loop already catches its own errors and carries on;
 the supervisor is the second line: if a loop ends anyway (a bug, an error escaping a
 ``finally``), it is logged, counted (:func:`set_restart_hook`, exported as the
 ``inventory_task_restarts_total`` metric by the app) and started again after a short,

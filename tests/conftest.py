@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 import httpx
@@ -30,6 +30,10 @@ from bench.stack import scratch_database, stop_process
 from inventory.config import Settings
 from inventory.ops.app import create_app
 from inventory.ops.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
+from inventory.store.migrate import migrate
+
+if TYPE_CHECKING:
+    from tests.cluster import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVE = [sys.executable, "-m", "inventory.ops.cli", "serve"]
@@ -80,25 +84,85 @@ async def scratch_database(server_urls: tuple[str, str]) -> AsyncIterator[str]:
         yield url
 
 
+@dataclass
+class PrivatePostgres:
+    """An embedded PostgreSQL of one test's own (``private_postgres``), which the test
+    may stop and start again: same data directory, same port, so ``url`` (its
+    ``postgres`` database, migrated) stays valid across restarts."""
+
+    server: EmbeddedPostgres
+    url: str
+
+    async def stop(self, mode: Literal["fast", "immediate"] = "fast") -> None:
+        """Shut it down: ``fast`` as a clean restart does, ``immediate`` as a crash."""
+        await asyncio.to_thread(self.server.stop, mode)
+
+    async def start(self) -> None:
+        """Start it again (a no-op while it runs)."""
+        await asyncio.to_thread(self.server.start)
+
+
+@pytest.fixture
+async def private_postgres() -> AsyncIterator[PrivatePostgres]:
+    """A PostgreSQL server for this test alone, whatever ``INVENTORY_DATABASE_URL`` says:
+    restarting the session's (or the machine's) server would break every other test.
+    Thrown away with its data at the end."""
+    base = Path(tempfile.mkdtemp(prefix="inventory-test-private-pg-"))
+    server = EmbeddedPostgres(base / "postgres", max_connections=100)
+    try:
+        url = await asyncio.to_thread(server.start)
+        await migrate(url)
+        yield PrivatePostgres(server, url)
+    finally:
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def redis_url(server_urls: tuple[str, str]) -> str:
     return server_urls[1]
 
 
-@pytest.fixture(scope="session")
-def redis_cluster_url() -> Iterator[str]:
-    """``redis+cluster://`` URL of a local 3-master Redis Cluster started for the session
-    (``tests/cluster.py``); skips only when no server binary can run one."""
+REQUIRE_CLUSTER = "INVENTORY_REQUIRE_CLUSTER"
+
+
+def start_cluster() -> LocalCluster:
+    """A running local 3-master Redis Cluster (``tests/cluster.py``; stop it after).
+
+    Skips the test only when no server binary can run one, and with
+    ``INVENTORY_REQUIRE_CLUSTER=1`` (set by ``.ci/run``) fails it instead: there the
+    cluster suite must run, never be skipped unnoticed.
+    """
     from tests.cluster import ClusterUnavailable, LocalCluster
 
     try:
-        cluster = LocalCluster(3).__enter__()
+        return LocalCluster(3).__enter__()
     except ClusterUnavailable as exc:
+        if os.environ.get(REQUIRE_CLUSTER) == "1":
+            pytest.fail(f"no Redis Cluster available although {REQUIRE_CLUSTER}=1: {exc}")
         pytest.skip(f"no Redis Cluster available: {exc}")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """``redis+cluster://`` URL of a local Redis Cluster started for the session
+    (:func:`start_cluster`)."""
+    cluster = start_cluster()
     try:
         yield cluster.url
     finally:
         cluster.stop()
+
+
+@pytest.fixture
+async def private_cluster() -> AsyncIterator[LocalCluster]:
+    """A local Redis Cluster of this test's own (:func:`start_cluster`), which it may
+    reshard without disturbing other tests."""
+    cluster = await asyncio.to_thread(start_cluster)
+    try:
+        yield cluster
+    finally:
+        await asyncio.to_thread(cluster.stop)
 
 
 @pytest.fixture(params=["single", "cluster"])

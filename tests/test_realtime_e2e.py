@@ -38,8 +38,10 @@ from inventory.store.feed import PgOutbox
 from realtime import feed
 from realtime.keys import RedisKeys
 from realtime.relay import Relay
-from realtime.sharded import redis_from_url
+from realtime.sharded import ShardedSubscriber, publish_all, redis_from_url
+from realtime.tasks import restarts
 from tests.cluster import LocalCluster
+from tests.conftest import wait_until
 
 Levels = dict[tuple[str, str], int]
 
@@ -133,7 +135,7 @@ async def adjust(http: httpx.AsyncClient, product_id: str, warehouse_id: str, de
     return version
 
 
-async def truth(pool: asyncpg.Pool, product_ids: Sequence[str]) -> Levels:
+async def truth(pool: asyncpg.Pool | asyncpg.Connection, product_ids: Sequence[str]) -> Levels:
     rows = await pool.fetch(
         "SELECT product_id, warehouse_id, version FROM stock_levels WHERE product_id = ANY($1)",
         list(product_ids),
@@ -280,27 +282,78 @@ def move_slot(cluster: LocalCluster, channel: str) -> None:
 
 
 @pytest.mark.parametrize("any_redis_url", ["cluster"], indirect=True)
-async def test_stream_follows_a_slot_migration(server_factory: Any, db_pool: asyncpg.Pool) -> None:
+async def test_stream_follows_a_slot_migration(
+    server_factory: Any, db_pool: asyncpg.Pool, private_cluster: LocalCluster
+) -> None:
     """A product's channel slot moves to another shard while a client is subscribed
     (server-side SUNSUBSCRIBE on the old owner): the hub re-reads the slot map,
     subscribes on the new owner and resyncs, so later updates still arrive."""
-    cluster = await asyncio.to_thread(LocalCluster(3).__enter__)
+    namespace = unique("rt-move")
+    server = await server_factory(
+        env={"INVENTORY_REDIS_URL": private_cluster.url, "INVENTORY_REDIS_PREFIX": namespace}
+    )
+    product, warehouse = unique("rt-sku"), unique("rt-wh")
+    async with http_client(server.base_url) as http, WsClient.open(server.ws_url) as client:
+        await put_warehouse(http, warehouse)
+        await adjust(http, product, warehouse, 5)
+        await client.subscribe([product])
+        channel = RedisKeys(namespace).stock_channel(product)
+        await asyncio.to_thread(move_slot, private_cluster, channel)
+        for _ in range(3):
+            await adjust(http, product, warehouse, 1)
+            await client.converge(await truth(db_pool, [product]), timeout=5.0)
+
+
+class _ResyncBug:
+    """A hub whose first resync after a slot move raises (a bug in its callback)."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.failed = self.resyncs = 0
+
+    def on_message(self, channel: bytes, data: bytes) -> None:
+        self.messages.append(data)
+
+    def on_connected(self, reconnect: bool) -> None:
+        if not reconnect:
+            return
+        if not self.failed:
+            self.failed += 1
+            raise RuntimeError("resync bug")
+        self.resyncs += 1
+
+
+async def test_cluster_map_refresh_is_restarted_and_still_resyncs(
+    private_cluster: LocalCluster,
+) -> None:
+    """The sharded subscriber's slot-map refresh runs supervised: when an error escapes
+    it (the hub's resync callback, after a slot migration) it is restarted and counted,
+    the resync the hub is owed is made by the restarted task, and messages arrive from
+    the channel's new owner."""
+    client = redis_from_url(private_cluster.url)
+    hub = _ResyncBug()
+    subscriber = ShardedSubscriber(client, hub, refresh_interval=0.05)
+    channel = unique("rt-map")
+    before = restarts["realtime-cluster-map"]
     try:
-        namespace = unique("rt-move")
-        server = await server_factory(
-            env={"INVENTORY_REDIS_URL": cluster.url, "INVENTORY_REDIS_PREFIX": namespace}
+        await subscriber.start()
+        subscriber.want([channel])
+
+        async def subscribed() -> bool:  # false until the node subscribers are connected
+            return await (await subscriber.flush())
+
+        await wait_until(subscribed, 5, "the channel subscribed")
+        await asyncio.to_thread(move_slot, private_cluster, channel)
+        await wait_until(
+            lambda: restarts["realtime-cluster-map"] == before + 1, 5, "the refresh restarted"
         )
-        product, warehouse = unique("rt-sku"), unique("rt-wh")
-        async with http_client(server.base_url) as http, WsClient.open(server.ws_url) as client:
-            await put_warehouse(http, warehouse)
-            await adjust(http, product, warehouse, 5)
-            await client.subscribe([product])
-            await asyncio.to_thread(move_slot, cluster, RedisKeys(namespace).stock_channel(product))
-            for _ in range(3):
-                await adjust(http, product, warehouse, 1)
-                await client.converge(await truth(db_pool, [product]), timeout=5.0)
+        await wait_until(lambda: hub.resyncs == 1, 5, "the owed resync, by the new run")
+        assert hub.failed == 1
+        await publish_all(client, [(channel, b"after the move")])
+        await wait_until(lambda: b"after the move" in hub.messages, 5, "a message after it")
     finally:
-        await asyncio.to_thread(cluster.stop)
+        await subscriber.stop()
+        await client.aclose()
 
 
 async def test_bad_input_answers_error_and_keeps_the_connection(server_factory: Any) -> None:

@@ -33,9 +33,12 @@ from msgspec.structs import replace
 from prometheus_client.parser import text_string_to_metric_families
 
 from inventory.config import Settings
+from inventory.ops import app as app_module
 from inventory.ops.app import create_app
+from inventory.service.webhooks.delivery import Dispatcher
 from inventory.service.webhooks.signing import signature_header, verify
 from inventory.store.webhooks import WebhookStore
+from realtime.tasks import restarts
 from tests.conftest import ROOT, ServerProcess, wait_until
 
 SECRET = "whsec-0123456789-abcdefghij-TOPSECRET"
@@ -499,6 +502,63 @@ async def test_a_dead_endpoint_does_not_delay_another(
         assert dead.acked == []
         assert len({r.event_id for r in dead.requests}) <= 5
         assert {r.payload["data"]["version"] for r in dead.requests} == {1}
+
+
+# --- supervision ----------------------------------------------------------------------------
+
+
+class _BrokenCleanup(Dispatcher):
+    """A dispatcher whose first cleanup after losing its lease session raises once it
+    has cleaned up (a bug): the error escapes its loop and ends the task."""
+
+    failed = 0
+
+    async def _release_all(self) -> None:
+        held = self._session is not None
+        await super()._release_all()
+        if held and not self.failed:
+            type(self).failed += 1
+            raise asyncpg.InterfaceError("cleanup bug")
+
+
+KILL_LEASE_HOLDERS = """
+SELECT coalesce(array_agg(pg_terminate_backend(pid)), '{}') FROM pg_locks
+WHERE locktype = 'advisory' AND classid = 16048 AND objsubid = 2 AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""  # the sessions holding webhook leases (lock class 0x3EB0) of this database
+
+
+async def test_dispatcher_is_restarted_and_counted_when_its_loop_ends(
+    webhook_settings: Settings,
+    receivers: Callable[..., Awaitable[Receiver]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The webhook dispatcher runs supervised: when an error escapes its loop (here its
+    cleanup after its lease session was killed) it is restarted, counted in
+    ``inventory_task_restarts_total``, takes the lease again and delivers on."""
+    monkeypatch.setattr(app_module, "Dispatcher", _BrokenCleanup)
+    monkeypatch.setattr(_BrokenCleanup, "failed", 0)
+    receiver = await receivers()
+    before = restarts["webhook-dispatcher"]
+    async with running(webhook_settings) as client:
+        await put_webhook(client, receiver.url, ["stock.changed"])
+        wh = await warehouse(client)
+        await stock(client, "sku-s", wh, 1)
+        await wait_until(lambda: len(receiver.distinct()) == 1, 10, "the first delivery")
+        admin = await asyncpg.connect(webhook_settings.database_url)
+        try:
+            assert await admin.fetchval(KILL_LEASE_HOLDERS) == [True]
+        finally:
+            await admin.close()
+        await wait_until(lambda: _BrokenCleanup.failed == 1, 10, "the loop to fail")
+        await wait_until(
+            lambda: restarts["webhook-dispatcher"] == before + 1, 5, "the dispatcher restarted"
+        )
+        await stock(client, "sku-s", wh, 2)
+        await wait_until(lambda: len(receiver.distinct()) == 2, 10, "a delivery after it")
+        assert [r.payload["data"]["version"] for r in receiver.distinct()] == [1, 2]
+        metrics = (await client.get("/metrics")).text
+        assert 'inventory_task_restarts_total{task="webhook-dispatcher"}' in metrics
 
 
 # --- crash recovery with real server processes ---------------------------------------------

