@@ -50,11 +50,11 @@ Sold-out refusal: after a batch leaves a product with nothing reservable, unpinn
 single-line requests are refused from memory for ``sold_out_ttl`` seconds (default
 0.2 s) instead of queueing behind the database. A request with an ``Idempotency-Key``
 has its 409 stored under the key (or the key's first answer found) by a batch of such
-refusals (two autocommit statements, no row lock) instead of a place in the product's
-batches: a flash sale's retrying clients would
-otherwise queue there behind each other, several round trips per batch. A restock or
-release through this process clears the memory at once; one through another process is
-seen after at most ``sold_out_ttl``. A refusal is never an oversell.
+refusals (one autocommit statement, no row lock) instead of taking a place in the
+product's batches, where a flash sale's retrying clients would queue behind each other
+at several round trips per batch. A restock or release through this process clears the
+memory at once; one through another process is seen after at most ``sold_out_ttl``. A
+refusal is never an oversell.
 
 :class:`BatchState` is the batch's running state (rows as allocated so far, the planned
 reservations and their ledger rows): per-batch rules (safety stock, per-customer totals,
@@ -482,9 +482,9 @@ class ReservationEngine:
     ) -> Reservation | Replay:
         """Refuse a keyed request from memory: its 409 is stored under the key with the
         other refusals that arrived meanwhile, outside the product's batches (no row
-        lock, no transaction), so a retry replays it
-        like any stored answer and a flash sale's retry storm never queues in the sold-out
-        product's lane; a key already stored replays its first answer instead."""
+        lock, no transaction), so a retry replays it like any stored answer and a flash
+        sale's retry storm never queues in the sold-out product's lane; a key already
+        stored replays its first answer instead."""
         shard = zlib.crc32(idem.key.encode()) % REFUSAL_SHARDS
         stored = await self.refusals.submit(shard, (idem.scope, idem.key, idem.digest,
                                                     *idem.render(refusal)))  # fmt: skip
