@@ -225,13 +225,7 @@ async def _latency(url: str, redis_url: str, seconds: float, foreign: object) ->
         await pubsub.aclose()
         await redis.aclose()
         await pool.close()
-    lags.sort()
-    return {
-        "messages": len(lags),
-        "committed": len(committed),
-        "p50_ms": 1000 * lags[len(lags) // 2] if lags else float("nan"),
-        "p99_ms": 1000 * lags[int(len(lags) * 0.99)] if lags else float("nan"),
-    }
+    return {**_lag_summary(lags), "committed": len(committed)}
 
 
 async def _to_client(port: int, seconds: float, foreign: object) -> dict[str, float]:
@@ -277,13 +271,18 @@ async def _to_client(port: int, seconds: float, foreign: object) -> dict[str, fl
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
-    lags.sort()
+    return {**_lag_summary(lags), "sent": len(sent)}
+
+
+def _lag_summary(lags: list[float]) -> dict[str, float]:
+    """Count, p50, p99 and max (ms) of latencies in seconds (nan when there are none)."""
+    lags = sorted(lags)
+    nan = float("nan")
     return {
         "messages": len(lags),
-        "sent": len(sent),
-        "p50_ms": 1000 * lags[len(lags) // 2] if lags else float("nan"),
-        "p99_ms": 1000 * lags[int(len(lags) * 0.99)] if lags else float("nan"),
-        "max_ms": 1000 * lags[-1] if lags else float("nan"),
+        "p50_ms": 1000 * lags[len(lags) // 2] if lags else nan,
+        "p99_ms": 1000 * lags[int(len(lags) * 0.99)] if lags else nan,
+        "max_ms": 1000 * lags[-1] if lags else nan,
     }
 
 

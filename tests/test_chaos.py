@@ -63,6 +63,21 @@ async def adjust_when_possible(http: httpx.AsyncClient, product: str, warehouse:
     await retried(partial(http.post, url, json={"delta": 1}))
 
 
+async def http_clients(
+    stack: contextlib.AsyncExitStack, nodes: list[Any], warehouse: str, stock: dict[str, int]
+) -> list[httpx.AsyncClient]:
+    """An HTTP client per node (closed with ``stack``); the warehouse and the products'
+    on-hand set up through the first."""
+    https = [
+        await stack.enter_async_context(httpx.AsyncClient(base_url=n.base_url, timeout=10))
+        for n in nodes
+    ]
+    await put_warehouse(https[0], warehouse)
+    for product, quantity in stock.items():
+        await adjust(https[0], product, warehouse, quantity)
+    return https
+
+
 @pytest.mark.slow
 async def test_updates_resume_after_every_session_is_killed_twice(
     server_factory: Any, scratch_database: str
@@ -76,12 +91,7 @@ async def test_updates_resume_after_every_session_is_killed_twice(
     lags = []
     try:
         async with contextlib.AsyncExitStack() as stack:
-            https = [
-                await stack.enter_async_context(httpx.AsyncClient(base_url=n.base_url, timeout=10))
-                for n in nodes
-            ]
-            await put_warehouse(https[0], warehouse)
-            await adjust(https[0], product, warehouse, 5)
+            https = await http_clients(stack, nodes, warehouse, {product: 5})
             clients = [await stack.enter_async_context(WsClient.open(n.ws_url)) for n in nodes]
             for client in clients:
                 await client.subscribe([product])
@@ -218,13 +228,7 @@ async def test_updates_resume_after_every_postgresql_restart(
     lags: list[float] = []
     try:
         async with contextlib.AsyncExitStack() as stack:
-            https = [
-                await stack.enter_async_context(httpx.AsyncClient(base_url=n.base_url, timeout=10))
-                for n in nodes
-            ]
-            await put_warehouse(https[0], warehouse)
-            await adjust(https[0], probe, warehouse, 5)
-            await adjust(https[0], busy, warehouse, 100)
+            https = await http_clients(stack, nodes, warehouse, {probe: 5, busy: 100})
             readers = []
             for node in nodes:
                 client = await stack.enter_async_context(WsClient.open(node.ws_url))
